@@ -1,0 +1,145 @@
+"""Architectures described as data: where the decoder layers, norms and linears of a model are.
+
+This is the only module that knows attribute names inside a transformers model. A new family
+is a new `ArchSpec` entry, not new code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UserError
+
+ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears that read the same tensor, and the module that produces it.
+
+    `source` is a norm (whose weight can absorb a smoothing scale or be folded into the linears)
+    or a linear (up -> down, v -> o)."""
+
+    source: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attention: str = "self_attn"
+    linears: tuple[str, ...] = ATTN_LINEARS + MLP_LINEARS
+    input_groups: tuple[InputGroup, ...] = (
+        InputGroup("input_layernorm", ATTN_LINEARS[:3]),
+        InputGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+        InputGroup("post_attention_layernorm", MLP_LINEARS[:2]),
+        InputGroup("mlp.up_proj", ("mlp.down_proj",)),
+    )
+    # RMSNorm computes x * (offset + weight): 0 for Llama-style, 1 for Gemma.
+    norm_weight_offset: float = 0.0
+    # per-head RMSNorm on queries and keys after projection (Qwen3, Gemma 3)
+    qk_norm: bool = False
+    # norms applied to a block's output before the residual add (Gemma 2/3 "sandwich" norms)
+    post_norms: tuple[str, ...] = ()
+
+
+_GEMMA_GROUPS = (
+    InputGroup("input_layernorm", ATTN_LINEARS[:3]),
+    InputGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+    InputGroup("pre_feedforward_layernorm", MLP_LINEARS[:2]),
+    InputGroup("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama",)),
+    ArchSpec("mistral", ("mistral",)),
+    ArchSpec("qwen2", ("qwen2",)),
+    ArchSpec("qwen3", ("qwen3",), qk_norm=True),
+    ArchSpec(
+        "gemma2",
+        ("gemma2",),
+        input_groups=_GEMMA_GROUPS,
+        norm_weight_offset=1.0,
+        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    ),
+    ArchSpec(
+        "gemma3",
+        ("gemma3_text",),
+        input_groups=_GEMMA_GROUPS,
+        norm_weight_offset=1.0,
+        qk_norm=True,
+        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in ARCHITECTURES for t in spec.model_types)
+
+
+def arch_for_model_type(model_type: str) -> ArchSpec:
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    raise UserError(
+        f"unsupported architecture {model_type!r}; lowbit supports model_type "
+        f"{', '.join(supported_model_types())}"
+    )
+
+
+def get_arch(model: nn.Module) -> ArchSpec:
+    """The spec for a transformers causal LM, checked against the model's actual modules."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UserError("expected a transformers causal LM (a model with a .config.model_type)")
+    spec = arch_for_model_type(model_type)
+    layers = decoder_layers(model, spec)
+    missing = [name for name in spec.linears if not _has(layers[0], name)]
+    if missing:
+        raise UserError(f"{type(model).__name__} ({model_type}) has no {', '.join(missing)}; its layout is not supported")
+    return spec
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_module(root, parent) if parent else root, name, new)
+
+
+def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    try:
+        return get_module(model, spec.layers)
+    except AttributeError:
+        raise UserError(f"{type(model).__name__} has no {spec.layers}; expected a *ForCausalLM model") from None
+
+
+def layer_linears(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """The quantizable linears of one decoder layer, by their path inside the layer."""
+    return {name: get_module(layer, name) for name in spec.linears}
+
+
+def attention_modules(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
+    return [get_module(layer, spec.attention) for layer in decoder_layers(model, spec)]
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        get_module(module, path)
+        return True
+    except AttributeError:
+        return False

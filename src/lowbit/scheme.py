@@ -1,0 +1,255 @@
+"""Quantization settings: `QuantArgs` for one tensor kind and a `Scheme` for W, A, K and V.
+
+Scheme names follow the W-A-KV convention of the literature: ``W4A8KV4``, ``W8A8``, ``W4A16``.
+Each bit width may carry suffixes that refine it:
+
+    g<N>   group size N along the input / channel dimension   (W4g64, A8g64)
+    a      asymmetric MinMax instead of symmetric              (W4g64a, KV4a)
+    t      per-tensor instead of per-channel / per-token       (W8t, A8t)
+    s      static (calibrated) instead of dynamic; implies t   (A8s)
+
+16 (or a missing part) means "not quantized". ``K4V8`` sets keys and values separately.
+Defaults follow LLM-QAT: per-channel symmetric weights, per-token dynamic activations and
+per-token (per-head) keys and values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from .errors import UserError
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+class Granularity(str, Enum):
+    """What shares one scale. CHANNEL (weights) and TOKEN (activations, KV) both mean one scale per
+    row of the last dimension; GROUP splits that row into groups of `group_size`."""
+
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+    TOKEN = "token"
+    GROUP = "group"
+
+
+class Observer(str, Enum):
+    """How the range is chosen: plain MinMax (times `clip_ratio`) or a per-row MSE search."""
+
+    MINMAX = "minmax"
+    MSE = "mse"
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """How one kind of tensor is quantized."""
+
+    bits: int
+    symmetric: bool = True
+    granularity: Granularity = Granularity.CHANNEL
+    group_size: int | None = None
+    clip_ratio: float = 1.0
+    observer: Observer = Observer.MINMAX
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "granularity", _enum(Granularity, self.granularity, "granularity"))
+        object.__setattr__(self, "observer", _enum(Observer, self.observer, "observer"))
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise UserError(
+                f"bits must be an integer from {MIN_BITS} to {MAX_BITS} (use 16 in a scheme name, or no "
+                f"QuantArgs, to leave a tensor unquantized); got {self.bits!r}"
+            )
+        if self.granularity is Granularity.GROUP:
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise UserError(f"group_size must be a positive integer for per-group quantization; got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise UserError(f"group_size={self.group_size} is only valid with granularity 'group', not '{self.granularity.value}'")
+        if not 0.0 < float(self.clip_ratio) <= 1.0:
+            raise UserError(f"clip_ratio must be in (0, 1]; got {self.clip_ratio!r}")
+        if not self.dynamic and self.granularity is not Granularity.TENSOR:
+            raise UserError(
+                "static (calibrated) quantization needs granularity 'tensor': per-token or per-group scales "
+                f"depend on the input; got static with '{self.granularity.value}'"
+            )
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code: 2^(N-1)-1 for symmetric, 2^N-1 for asymmetric."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    def name(self) -> str:
+        """Suffix form used in scheme names (inverse of the parser)."""
+        s = str(self.bits)
+        if self.granularity is Granularity.GROUP:
+            s += f"g{self.group_size}"
+        if not self.symmetric:
+            s += "a"
+        if not self.dynamic:
+            s += "s"
+        elif self.granularity is Granularity.TENSOR:
+            s += "t"
+        return s
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Quantization of weights, input activations of linear layers, keys and values.
+    `None` means the tensor stays in full precision."""
+
+    weights: QuantArgs | None = None
+    inputs: QuantArgs | None = None
+    keys: QuantArgs | None = None
+    values: QuantArgs | None = None
+    quantize_lm_head: bool = False
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def w_bits(self) -> int:
+        return self.weights.bits if self.weights else 16
+
+    @property
+    def a_bits(self) -> int:
+        return self.inputs.bits if self.inputs else 16
+
+    @property
+    def k_bits(self) -> int:
+        return self.keys.bits if self.keys else 16
+
+    @property
+    def v_bits(self) -> int:
+        return self.values.bits if self.values else 16
+
+    @property
+    def is_noop(self) -> bool:
+        return not (self.weights or self.inputs or self.keys or self.values)
+
+    @property
+    def name(self) -> str:
+        w = self.weights.name() if self.weights else "16"
+        a = self.inputs.name() if self.inputs else "16"
+        k = self.keys.name() if self.keys else "16"
+        v = self.values.name() if self.values else "16"
+        kv = f"KV{k}" if k == v else f"K{k}V{v}"
+        return f"W{w}A{a}{kv}"
+
+    def to_dict(self) -> dict:
+        def one(q: QuantArgs | None) -> dict | None:
+            if q is None:
+                return None
+            return {
+                "bits": q.bits,
+                "symmetric": q.symmetric,
+                "granularity": q.granularity.value,
+                "group_size": q.group_size,
+                "clip_ratio": q.clip_ratio,
+                "observer": q.observer.value,
+                "dynamic": q.dynamic,
+            }
+
+        return {
+            "name": self.name,
+            "weights": one(self.weights),
+            "inputs": one(self.inputs),
+            "keys": one(self.keys),
+            "values": one(self.values),
+            "quantize_lm_head": self.quantize_lm_head,
+        }
+
+
+_PART = re.compile(r"(W|A|KV|K|V)(\d+)([a-z0-9]*)")
+_SUFFIX = re.compile(r"g(\d+)|a|t|s")
+
+
+def parse_scheme(name: str) -> Scheme:
+    """Parse a W-A-KV scheme name such as ``W4A8KV4`` or ``W4g64aA8KV8``."""
+    if isinstance(name, Scheme):
+        return name
+    text = str(name).strip()
+    if not text:
+        raise UserError("empty scheme name; expected something like W4A8KV4")
+    parts: dict[str, QuantArgs | None] = {}
+    pos = 0
+    compact = text.replace("-", "").replace("_", "")
+    for m in _PART.finditer(compact):
+        if m.start() != pos:
+            break
+        kind, bits, suffix = m.group(1), int(m.group(2)), m.group(3)
+        pos = m.end()
+        if kind in parts or (kind == "KV" and ("K" in parts or "V" in parts)) or (kind in "KV" and "KV" in parts):
+            raise UserError(f"scheme {text!r} sets {kind} twice")
+        parts[kind] = _parse_part(text, kind, bits, suffix)
+    if pos != len(compact) or not parts:
+        raise UserError(
+            f"cannot parse scheme {text!r}: expected W<bits>A<bits>KV<bits> with optional suffixes "
+            "g<N> (group size), a (asymmetric), t (per-tensor), s (static), e.g. W4A8KV4 or W4g64A16"
+        )
+    kv = parts.pop("KV", None)
+    return Scheme(
+        weights=parts.get("W"),
+        inputs=parts.get("A"),
+        keys=parts.get("K", kv),
+        values=parts.get("V", kv),
+    )
+
+
+def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | None:
+    field_name = {"W": "weight", "A": "activation", "KV": "KV", "K": "key", "V": "value"}[kind]
+    if bits == 16:
+        if suffix:
+            raise UserError(f"scheme {text!r}: {kind}16 means unquantized and takes no suffix {suffix!r}")
+        return None
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise UserError(
+            f"scheme {text!r}: {field_name} bits must be {MIN_BITS}-{MAX_BITS} or 16 (unquantized); got {bits}"
+        )
+    group = None
+    symmetric, per_tensor, static = True, False, False
+    pos = 0
+    for m in _SUFFIX.finditer(suffix):
+        if m.start() != pos:
+            break
+        pos = m.end()
+        if m.group(1) is not None:
+            group = int(m.group(1))
+        elif m.group(0) == "a":
+            symmetric = False
+        elif m.group(0) == "t":
+            per_tensor = True
+        else:
+            static = True
+    if pos != len(suffix):
+        raise UserError(f"scheme {text!r}: unknown suffix {suffix[pos:]!r} after {kind}{bits}; use g<N>, a, t or s")
+    if static and kind == "W":
+        raise UserError(f"scheme {text!r}: weights are always quantized once; 's' (static) applies to A, K and V")
+    if group is not None and (per_tensor or static):
+        raise UserError(f"scheme {text!r}: {kind}{bits} cannot be both per-group and per-tensor/static")
+    if group is not None and group < 1:
+        raise UserError(f"scheme {text!r}: group size must be positive; got {group}")
+    if group is not None:
+        granularity = Granularity.GROUP
+    elif per_tensor or static:
+        granularity = Granularity.TENSOR
+    else:
+        granularity = Granularity.CHANNEL if kind == "W" else Granularity.TOKEN
+    return QuantArgs(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group, dynamic=not static)
+
+
+def with_weights(scheme: Scheme, **changes) -> Scheme:
+    """A copy of `scheme` with some weight-quantizer fields changed (e.g. observer='mse')."""
+    if scheme.weights is None:
+        return scheme
+    return replace(scheme, weights=replace(scheme.weights, **changes))
+
+
+def _enum(cls, value, what: str):
+    try:
+        return cls(value)
+    except ValueError:
+        options = ", ".join(m.value for m in cls)
+        raise UserError(f"{what} must be one of {options}; got {value!r}") from None
