@@ -92,3 +92,40 @@ def wikitext_path():
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model reads text and predicts the next word. "
+    "Quantization maps real numbers to a small set of integers, and the error it adds is measured. "
+) * 40
+
+
+def word_tokenizer(vocab_size: int = 512):
+    """A small word-level fast tokenizer, built in code (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(SAMPLE_TEXT.replace(".", " .").replace(",", " ,").split()))
+    vocab = {"[UNK]": 0, "[EOS]": 1}
+    for w in words[: vocab_size - 2]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny Llama with its tokenizer, loadable by lowbit as a local folder."""
+    model = tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def sample_text_file(tmp_path):
+    path = tmp_path / "sample.txt"
+    path.write_text(SAMPLE_TEXT)
+    return path

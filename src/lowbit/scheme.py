@@ -130,6 +130,11 @@ class Scheme:
         return not (self.weights or self.inputs or self.keys or self.values)
 
     @property
+    def needs_calibration(self) -> bool:
+        """Static activation or KV quantizers need ranges observed on calibration data."""
+        return any(a is not None and not a.dynamic for a in (self.inputs, self.keys, self.values))
+
+    @property
     def name(self) -> str:
         w = self.weights.name() if self.weights else "16"
         a = self.inputs.name() if self.inputs else "16"

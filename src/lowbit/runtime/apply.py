@@ -29,10 +29,11 @@ def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
     for name, linear in layer_linears(layer, spec).items():
         for what, args in (("weight", scheme.weights), ("activation", scheme.inputs)):
             if args is not None and args.granularity is Granularity.GROUP and linear.in_features % args.group_size:
-                divisors = [g for g in (32, 64, 128, 192, 256) if linear.in_features % g == 0]
+                divisors = [str(g) for g in (32, 64, 128, 192, 256) if linear.in_features % g == 0]
+                hint = " or ".join(divisors) if divisors else "per-channel"
                 raise UserError(
                     f"{what} group size {args.group_size} does not divide in_features={linear.in_features} of {name}; "
-                    f"use a group size that divides every layer's input (e.g. {divisors or 'per-channel'})"
+                    f"use a group size that divides every layer's input (e.g. {hint})"
                 )
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -66,8 +67,7 @@ def quantize_model(
     check_scheme(model, spec, scheme)
     if algorithm not in ALGORITHMS:
         raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
-    needs_calibration = any(a is not None and not a.dynamic for a in (scheme.inputs, scheme.keys, scheme.values))
-    if needs_calibration and calibration is None:
+    if scheme.needs_calibration and calibration is None:
         raise UserError("static (s) activation or KV quantization needs calibration data (--calib)")
     if not inplace:
         model = copy.deepcopy(model)
@@ -80,7 +80,7 @@ def quantize_model(
         if scheme.quantize_lm_head:
             set_module(model, spec.lm_head, _quant_linear(get_module(model, spec.lm_head), scheme.weights, scheme.inputs, quantize_weight))
     install_kv_quantizers(model, attention_modules(model, spec), scheme.keys, scheme.values)
-    if needs_calibration:
+    if scheme.needs_calibration:
         calibrate_static(model, calibration, progress=progress)
     model.lowbit_scheme = scheme
     return model

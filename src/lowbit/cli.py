@@ -1,0 +1,170 @@
+"""The `lowbit` command: a thin layer over `lowbit.jobs`.
+
+Exit status: 0 on success, 2 for a user error (one line on stderr), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import UserError
+from .models import DEFAULT_MODEL
+
+log = logging.getLogger("lowbit")
+
+DEFAULT_SCHEME = "W8A8KV8"
+DEFAULT_WINDOWS = 8
+
+
+def _windows(value: str) -> int | None:
+    if str(value).lower() in ("all", "0"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--windows must be a positive number or 'all'; got {value!r}") from None
+
+
+def _eval_options(f):
+    f = click.option("--seq-len", type=int, default=2048, show_default=True, help="Evaluation window length in tokens.")(f)
+    f = click.option(
+        "--windows",
+        default=str(DEFAULT_WINDOWS),
+        show_default=True,
+        help="Number of non-overlapping windows to evaluate ('all' for the whole text).",
+    )(f)
+    f = click.option(
+        "--data",
+        default=None,
+        help="Evaluation text: a file, 'enwiki-sample' (offline default, held-out half), 'wikitext2' or a hub dataset id.",
+    )(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lowbit")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
+    """lowbit: quantize weights, activations and KV cache of transformers causal LMs."""
+    ctx.obj = {"progress": not quiet}
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="lowbit: %(message)s", stream=sys.stderr)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
+@click.option("--scheme", default=None, help=f"W-A-KV scheme, e.g. W4A8KV4 or W4g64A16 [default: {DEFAULT_SCHEME}].")
+@click.option("--transform", default=None, help="Equivalent transformation: none.")
+@click.option("--algorithm", default=None, help="Weight quantization algorithm: rtn.")
+@click.option("--recipe", default=None, help="A named recipe or a recipe .yaml (scheme, transform, algorithm).")
+@click.option("--calib", default=None, help="Calibration text for static quantizers (same forms as --data).")
+@click.option("--calib-samples", type=int, default=32, show_default=True)
+@_eval_options
+@click.option("--out", default=None, help="Folder for report.json and report.md (refused if it exists).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
+@click.pass_context
+def quantize(ctx, model, scheme, transform, algorithm, recipe, calib, calib_samples, data, windows, seq_len, out, overwrite, seed, no_fp):
+    """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
+    from .jobs import quantize_job
+    from .recipes import Recipe, load_recipe
+    from .report import check_out_dir, report_files, report_markdown, write_run_dir
+    from .scheme import parse_scheme
+
+    if recipe:
+        base = load_recipe(recipe)
+        chosen = Recipe(
+            scheme=parse_scheme(scheme) if scheme else base.scheme,
+            transform=transform or base.transform,
+            algorithm=algorithm or base.algorithm,
+        )
+    else:
+        chosen = Recipe(scheme=parse_scheme(scheme or DEFAULT_SCHEME), transform=transform or "none", algorithm=algorithm or "rtn")
+    if calib_samples < 1:
+        raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
+    if calib and data and calib == data:
+        raise UserError("--calib and --data name the same text; never calibrate on the evaluation text")
+    if out:
+        check_out_dir(out, overwrite)
+    report = quantize_job(
+        model,
+        chosen,
+        data=data,
+        windows=_windows(windows),
+        seq_len=seq_len,
+        calib=calib,
+        calib_samples=calib_samples,
+        seed=seed,
+        evaluate_fp=not no_fp,
+        progress=ctx.obj["progress"],
+    )
+    if out:
+        write_run_dir(out, report_files(report))
+        log.info("wrote %s/report.json and report.md", out)
+    click.echo(report_markdown(report))
+
+
+@cli.command()
+@click.argument("model_or_run_dir", default=DEFAULT_MODEL)
+@_eval_options
+@click.option("--tasks", default=None, help="Zero-shot tasks (not available yet).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+@click.pass_context
+def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, as_json):
+    """Perplexity, size, OPs and KV-cache memory of a model."""
+    from pathlib import Path
+
+    from .jobs import evaluate_job
+    from .report import report_markdown
+
+    if tasks:
+        raise UserError("--tasks (zero-shot evaluation) is not available yet; perplexity only")
+    path = Path(model_or_run_dir)
+    if path.is_dir() and (path / "report.json").is_file() and not (path / "config.json").is_file():
+        raise UserError(f"{path} is a lowbit run folder without a saved model; evaluate a model name, folder or .gguf")
+    report = evaluate_job(model_or_run_dir, data=data, windows=_windows(windows), seq_len=seq_len, progress=ctx.obj["progress"])
+    click.echo(json.dumps(report, indent=2) if as_json else report_markdown(report))
+
+
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--scheme", default=None, help="Also show which linears this scheme quantizes and its size/OPs.")
+def info(model, scheme):
+    """Architecture, dimensions, parameter count and what a scheme touches."""
+    from .jobs import info_job
+    from .scheme import parse_scheme
+
+    click.echo(json.dumps(info_job(model, parse_scheme(scheme) if scheme else None), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="lowbit", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"lowbit: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("lowbit: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("lowbit: interrupted", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

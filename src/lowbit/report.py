@@ -1,0 +1,90 @@
+"""Run reports: `report.json` (machine-readable, DESIGN.md §5) and `report.md`, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless `overwrite`; called before any work starts."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output folder {out} exists; pass --overwrite to replace it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    return out
+
+
+def write_run_dir(out: str | Path, files: dict[str, str]) -> Path:
+    """Write `files` (name -> text) into a fresh folder and move it to `out` in one rename.
+
+    An existing `out` is replaced only after the new one is complete; a crash leaves either the
+    old folder or the new one, never a mix."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def report_files(report: dict) -> dict[str, str]:
+    return {"report.json": json.dumps(report, indent=2) + "\n", "report.md": report_markdown(report)}
+
+
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.3f} GB"
+
+
+def _gops(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e12:.2f} T"
+
+
+def report_markdown(report: dict) -> str:
+    ev = report.get("eval", {})
+    fp, q = report.get("fp", {}), report.get("quantized", {})
+    lines = [
+        f"# lowbit report: {report.get('model')} {report.get('scheme', '')}".rstrip(),
+        "",
+        f"- transform: {report.get('transform', 'none')}, algorithm: {report.get('algorithm', '-')}",
+    ]
+    if ev:
+        lines.append(
+            f"- evaluation: {ev.get('data')}, {ev.get('windows')} windows x {ev.get('seq_len')} tokens "
+            f"({ev.get('tokens')} predicted tokens), token-level perplexity"
+        )
+    lines += ["", "| | perplexity | size | OPs (per sequence) |", "|---|---|---|---|"]
+    for label, part in (("full precision", fp), ("quantized", q)):
+        if part:
+            ppl = part.get("ppl")
+            lines.append(
+                f"| {label} | {'-' if ppl is None else f'{ppl:.3f}'} | {_gb(part.get('size_bytes'))} | {_gops(part.get('ops'))} |"
+            )
+    kv = q.get("kv_cache_bytes") or fp.get("kv_cache_bytes")
+    if kv:
+        lines += ["", "KV cache per sequence: " + ", ".join(f"{ctx} tokens: {n / 1e6:.1f} MB" for ctx, n in kv.items())]
+    lines += [
+        "",
+        "Size counts quantized weights packed at their bit width plus fp16 scales, other tensors at 16 bits. "
+        "OPs = MACs x W_bits x A_bits (LLM-QAT), linears incl. lm_head plus attention matmuls at 16 x KV bits.",
+        "",
+        f"Wall time: {report.get('seconds', 0):.1f} s (lowbit {report.get('lowbit_version')})",
+        "",
+    ]
+    return "\n".join(lines)

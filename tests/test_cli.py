@@ -1,0 +1,123 @@
+"""The `lowbit` command: contract fields, exit codes, atomic outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import main
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def quantize_args(model_dir, text, *extra):
+    return ["-q", "quantize", "--model", str(model_dir), "--data", str(text), "--seq-len", "32", "--windows", "3", *extra]
+
+
+def test_quantize_writes_the_report(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(quantize_args(tiny_model_dir, sample_text_file, "--scheme", "W4A8KV4", "--out", str(out)), capsys)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("lowbit_version", "model", "scheme", "transform", "algorithm", "eval", "fp", "quantized", "seconds"):
+        assert key in report
+    assert report["scheme"] == "W4A8KV4" and report["transform"] == "none" and report["algorithm"] == "rtn"
+    assert report["eval"]["windows"] == 3 and report["eval"]["seq_len"] == 32 and report["eval"]["tokens"] == 3 * 31
+    assert report["quantized"]["ppl"] > 0 and report["fp"]["ppl"] > 0
+    assert report["quantized"]["size_bytes"] < report["fp"]["size_bytes"]
+    assert report["quantized"]["ops"] < report["fp"]["ops"]
+    assert "perplexity" in (out / "report.md").read_text() and "W4A8KV4" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sample.txt", "tiny-llama"]  # no temp leftovers
+
+
+def test_existing_out_is_refused_unless_overwrite(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, "--out", str(out)), capsys)
+    assert code == 2 and "exists; pass --overwrite" in err and err.count("\n") == 1
+    assert (out / "keep.txt").read_text() == "user data"
+    code, _, _ = run(quantize_args(tiny_model_dir, sample_text_file, "--out", str(out), "--overwrite"), capsys)
+    assert code == 0 and (out / "report.json").is_file() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scheme", "W17A16"], "weight bits must be 2-8"),
+        (["--scheme", "W0A16"], "weight bits must be 2-8"),
+        (["--scheme", "W1A16"], "weight bits must be 2-8"),
+        (["--scheme", "W4g48A16"], "group size 48 does not divide"),
+        (["--seq-len", "100000"], "fewer than one window"),
+        (["--windows", "x"], "--windows must be"),
+        (["--recipe", "nope"], "unknown recipe"),
+        (["--transform", "twist"], "unknown transform"),
+        (["--scheme", "W8A8s", "--calib", "missing.txt"], "text file not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tiny_model_dir, sample_text_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, "--out", str(out), *extra), capsys)
+    assert code == 2
+    assert message in err and err.startswith("lowbit: error:") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bad_model_and_data(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run(["-q", "quantize", "--model", "no-such-model"], capsys)
+    assert code == 2 and "unknown model" in err
+    code, _, err = run(["-q", "quantize", "--model", str(tiny_model_dir), "--data", str(tmp_path / "none.txt")], capsys)
+    assert code == 2 and "text file not found" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = run(["-q", "quantize", "--model", str(tiny_model_dir), "--data", str(empty)], capsys)
+    assert code == 2 and "empty" in err
+
+
+def test_static_scheme_with_calibration_file(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(sample_text_file.read_text()[::-1])
+    code, stdout, _ = run(
+        quantize_args(tiny_model_dir, sample_text_file, "--scheme", "W8A8sKV8s", "--calib", str(calib), "--calib-samples", "2"),
+        capsys,
+    )
+    assert code == 0 and "W8A8sKV8s" in stdout
+
+
+def test_recipe_file(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("scheme: W4g32A8\nalgorithm: rtn\n")
+    out = tmp_path / "run"
+    code, _, _ = run(quantize_args(tiny_model_dir, sample_text_file, "--recipe", str(recipe), "--out", str(out)), capsys)
+    assert code == 0 and json.loads((out / "report.json").read_text())["scheme"] == "W4g32A8KV16"
+    recipe.write_text("scheme: W4A8\ncolour: blue\n")
+    code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, "--recipe", str(recipe)), capsys)
+    assert code == 2 and "unknown keys colour" in err
+
+
+def test_evaluate_and_info(tiny_model_dir, sample_text_file, capsys):
+    code, out, _ = run(["-q", "evaluate", str(tiny_model_dir), "--data", str(sample_text_file), "--seq-len", "32", "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["fp"]["ppl"] > 0 and "quantized" not in report
+    code, out, _ = run(["-q", "info", "--model", str(tiny_model_dir), "--scheme", "W4A8KV4"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["family"] == "llama" and info["hidden_size"] == 64
+    assert info["quantized_linear_count"] == 14 and info["kv_quantized"]
+    assert "mlp.down_proj" in info["linears_per_layer"]
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOWBIT_CACHE": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit.cli", "-q", "info", "--model", "no-org/no-model"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "cannot load model 'no-org/no-model'" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+import lowbit
+from lowbit import UserError
+from lowbit.evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
+from lowbit.evaluation.perplexity import eval_windows
+
+
+@torch.no_grad()
+def test_perplexity_matches_a_direct_computation():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0))
+    result = perplexity(model, ids, seq_len=64, progress=False)
+    assert result.windows == 4 and result.tokens == 4 * 63
+    nll = []
+    for w in range(4):
+        window = ids[w * 64 : (w + 1) * 64]
+        logp = F.log_softmax(model(window[None]).logits[0], -1)
+        nll += [-logp[t, window[t + 1]].item() for t in range(63)]
+    assert result.ppl == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+
+
+def test_windows_are_capped_and_non_overlapping():
+    ids = torch.arange(1000)
+    w = eval_windows(ids, 100, windows=3)
+    assert w.shape == (3, 100) and torch.equal(w[1], torch.arange(100, 200))
+    assert eval_windows(ids, 100).shape == (10, 100)
+    assert eval_windows(ids, 300, windows=50).shape == (3, 300)
+
+
+def test_too_short_text_fails_clearly():
+    with pytest.raises(UserError, match="fewer than one window of 2048"):
+        eval_windows(torch.arange(100), 2048)
+    with pytest.raises(UserError, match="windows must be at least 1"):
+        eval_windows(torch.arange(100), 10, windows=0)
+
+
+def test_model_size_by_hand():
+    model = tiny_model("llama")  # hidden 64, inter 128, q 64, kv 32, 2 layers, vocab 512, untied
+    fp = model_size_bytes(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert fp == 2 * n_params
+    q = lowbit.quantize(model, "W4A8", progress=False)
+    linear_params = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3)
+    out_rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    expected = 2 * (n_params - linear_params) + linear_params // 2 + 2 * out_rows
+    assert model_size_bytes(q) == expected
+    g = lowbit.quantize(model, "W3g32aA16", progress=False)
+    groups = linear_params // 32
+    assert model_size_bytes(g) == 2 * (n_params - linear_params) + (linear_params * 3 + 7) // 8 + 4 * groups
+
+
+def test_tied_embeddings_counted_once():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    assert model_size_bytes(model) == 2 * sum(unique.values())
+
+
+def test_ops_by_hand():
+    model = tiny_model("llama")
+    L = 10
+    linear_macs = L * (2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3) + 64 * 512)
+    attn = 2 * 4 * 16 * L * (L + 1) // 2  # layers x heads x head_dim x causal pairs
+    fp = model_ops(model, None, L)
+    assert fp.macs == linear_macs + 2 * attn
+    assert fp.ops == fp.macs * 256
+    scheme = lowbit.parse_scheme("W4A8KV4")
+    q = model_ops(lowbit.quantize(model, scheme, progress=False), scheme, L)
+    lm_head = L * 64 * 512
+    assert q.ops == (linear_macs - lm_head) * 32 + lm_head * 256 + 2 * attn * 16 * 4
+
+
+def test_kv_cache_bytes_by_hand():
+    config = tiny_model("llama").config  # 2 layers, 2 kv heads, head_dim 16
+    vectors = 2 * 2 * 1000
+    assert kv_cache_bytes(config, None, 1000) == 2 * vectors * 16 * 2
+    scheme = lowbit.parse_scheme("W4A8KV4")
+    assert kv_cache_bytes(config, scheme, 1000) == 2 * (vectors * 16 // 2 + vectors * 2)
+    asym = lowbit.parse_scheme("W4A8K8aV4")
+    assert kv_cache_bytes(config, asym, 1000) == vectors * 16 + vectors * 4 + vectors * 8 + vectors * 2
