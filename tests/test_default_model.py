@@ -100,3 +100,25 @@ def test_input_model_untouched(model_and_tokenizer):
     lowbit.quantize(model, "W2A4KV4", progress=False)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
     assert model.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_gguf_file_path_converts_once_into_the_cache(tmp_path, monkeypatch, model_and_tokenizer):
+    from lowbit.models import packaged_gguf
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    model, tokenizer = lowbit.load_model(str(packaged_gguf("smollm2-135m")))
+    (folder,) = (tmp_path / "models").iterdir()  # one complete folder, no temporary leftovers
+    assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and (folder / "lowbit-source.json").is_file()
+    ref, ref_tokenizer = model_and_tokenizer
+    x = torch.tensor([ref_tokenizer("The history of the city begins in")["input_ids"]])
+    assert tokenizer("The history")["input_ids"] == ref_tokenizer("The history")["input_ids"]
+    assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_cache_is_not_modified_by_quantization(model_and_tokenizer):
+    folder = cache_dir() / "models" / "smollm2-135m"
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+    model, _ = model_and_tokenizer
+    lowbit.quantize(model, "W4A8KV4", progress=False)
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()} == before
