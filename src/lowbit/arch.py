@@ -49,6 +49,8 @@ class ArchSpec:
     qk_norm: bool = False
     # norms applied to a block's output before the residual add (Gemma 2/3 "sandwich" norms)
     post_norms: tuple[str, ...] = ()
+    # equivalent transformations known to preserve this family's function (tested)
+    transforms: tuple[str, ...] = ("smooth", "rotate", "smoothrot")
 
 
 _GEMMA_GROUPS = (

@@ -18,6 +18,7 @@ from ..algorithms import ALGORITHMS
 from ..arch import ArchSpec, attention_modules, decoder_layers, get_arch, get_module, layer_linears, set_module
 from ..errors import UserError
 from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
+from ..transforms.apply import TransformConfig, apply_transform, check_transform
 from .kv import install_kv_quantizers
 from .linear import QuantLinear
 from .quantizer import TensorQuantizer
@@ -53,6 +54,7 @@ def quantize_model(
     model: nn.Module,
     scheme: Scheme | str,
     *,
+    transform: TransformConfig | str = "none",
     algorithm: str = "rtn",
     calibration: Iterable[torch.Tensor] | None = None,
     inplace: bool = False,
@@ -60,17 +62,25 @@ def quantize_model(
 ) -> nn.Module:
     """A quantized copy of `model` (or `model` itself with `inplace=True`).
 
-    `calibration` (token-id batches) is needed only for static activation or KV quantizers.
+    `transform` (none, smooth, rotate, smoothrot, or a `TransformConfig`) is applied first;
+    `calibration` (token-id batches) is needed for smoothing and for static quantizers.
     """
     scheme = parse_scheme(scheme)
+    transform = transform if isinstance(transform, TransformConfig) else TransformConfig(kind=transform)
     spec = get_arch(model)
     check_scheme(model, spec, scheme)
+    check_transform(model, spec, transform)
+    if transform.needs_calibration and calibration is None:
+        raise UserError(f"transform {transform.kind!r} needs calibration data (--calib) for its smoothing scales")
     if algorithm not in ALGORITHMS:
         raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
     if scheme.needs_calibration and calibration is None:
         raise UserError("static (s) activation or KV quantization needs calibration data (--calib)")
     if not inplace:
         model = copy.deepcopy(model)
+    if calibration is not None:
+        calibration = list(calibration)
+    transform_info = apply_transform(model, spec, transform, scheme, calibration, progress)
     quantize_weight = ALGORITHMS[algorithm]
     layers = decoder_layers(model, spec)
     if scheme.weights is not None or scheme.inputs is not None:
@@ -83,16 +93,18 @@ def quantize_model(
     if scheme.needs_calibration:
         calibrate_static(model, calibration, progress=progress)
     model.lowbit_scheme = scheme
+    model.lowbit_transform = {"kind": transform.kind, **transform_info}
     return model
 
 
-def _quant_linear(linear: nn.Linear, w: QuantArgs | None, a: QuantArgs | None, quantize_weight) -> QuantLinear:
+def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, quantize_weight) -> QuantLinear:
+    """Quantize a linear (an nn.Linear, or a QuantLinear a transform made, keeping its rotation)."""
     weight = linear.weight.detach()
     if w is not None:
         weight = quantize_weight(weight.float(), w).to(weight.dtype)
     else:
         weight = weight.clone()
-    return QuantLinear(weight, linear.bias, w, a)
+    return QuantLinear(weight, linear.bias, w, a, getattr(linear, "input_rotation", None))
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from .quantizer import TensorQuantizer
 
 PREFIX = "lowbit_"
 KEY_QUANT, VALUE_QUANT = "lowbit_key_quant", "lowbit_value_quant"
+QK_ROTATION = "lowbit_qk_rotation"  # R3: an OnlineHadamard over head_dim for queries and keys
 
 
 def _base_attention(module: nn.Module, base: str):
@@ -35,6 +36,9 @@ def _base_attention(module: nn.Module, base: str):
 
 def _make_attention(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
+        qk_rotation = getattr(module, QK_ROTATION, None)
+        if qk_rotation is not None:  # q R (k R)^T = q k^T
+            query, key = qk_rotation(query), qk_rotation(key)
         key_quant = getattr(module, KEY_QUANT, None)
         value_quant = getattr(module, VALUE_QUANT, None)
         if key_quant is not None:
@@ -69,8 +73,10 @@ def set_attention_implementation(model: nn.Module, name: str) -> None:
 def install_kv_quantizers(
     model: nn.Module, attentions: list[nn.Module], keys: QuantArgs | None, values: QuantArgs | None
 ) -> None:
-    """Attach key/value quantizers to each attention module and switch the model to the wrapper."""
-    if keys is None and values is None:
+    """Attach key/value quantizers to each attention module and switch the model to the wrapper
+    (also needed, with no quantizers, when a transform rotated queries and keys)."""
+    rotated = any(getattr(a, QK_ROTATION, None) is not None for a in attentions)
+    if keys is None and values is None and not rotated:
         return
     base = model.config._attn_implementation or "eager"
     name = register_attention(base)

@@ -1,0 +1,1 @@
+"""Equivalent transformations: Hadamard rotation, smoothing, smooth rotation."""

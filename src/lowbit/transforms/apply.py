@@ -1,0 +1,231 @@
+"""Apply an equivalent transformation (smooth, rotate, smoothrot) to a stock transformers model.
+
+Every decoder layer is handled one input group at a time (DESIGN.md: norm -> q,k,v; v -> o;
+norm -> gate,up; up -> down). For a group reading X with weights W:
+
+- smooth:    X / s and W * s; 1/s is folded into the producer of X (the norm's gain, or the rows
+             of v_proj / up_proj), so smoothing costs nothing at run time.
+- rotate:    the norm's gain is folded into W, then X R and W R with a Hadamard R (QuaRot's R1 on
+             the residual-stream readers, R4 on down_proj, a full rotation on o_proj's input on
+             top of the per-head R2 fused into v_proj / o_proj), and R3 on queries and keys after
+             RoPE inside attention, so the KV cache is quantized in the rotated basis.
+- smoothrot: smoothing first, then rotation (seed 003), by default only where massive outliers
+             live (down_proj), optionally at every rotated input.
+
+R1 and R4 run online (an `OnlineHadamard` in front of the linear): that works unchanged on
+architectures whose sandwich norms (Gemma 2/3) forbid rotating the residual stream itself, and
+it quantizes exactly what QuaRot's fused R1 quantizes (the norm's output without its gain,
+rotated). R2 is fused into the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import ArchSpec, attention_modules, decoder_layers, get_module, set_module
+from ..errors import UserError
+from ..runtime.linear import QuantLinear
+from ..runtime.rotation import OnlineHadamard
+from ..scheme import Scheme
+from .hadamard import factor_order, hadamard_transform, random_signs
+from .rotate import (
+    norm_gain,
+    rotate_head_inputs,
+    rotate_head_outputs,
+    rotate_input_columns,
+    scale_input_columns,
+    scale_output_rows,
+    set_norm_gain,
+)
+from .smooth import check_alpha, search_alpha, smooth_scales
+
+TRANSFORMS = ("none", "smooth", "rotate", "smoothrot")
+SAMPLE_ROWS = 256  # calibration rows kept per group for the alpha search
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Which equivalent transformation, and its knobs. `alpha=None` searches alpha per layer."""
+
+    kind: str = "none"
+    alpha: float | None = 0.5
+    smooth_all: bool = False  # smoothrot: smooth every rotated input, not only down_proj
+    r1: bool = True  # rotate the inputs of q/k/v and gate/up
+    r2: bool = True  # per-head rotation of v/o and a full rotation of o_proj's input
+    r3: bool = True  # rotate queries and keys (after RoPE) inside attention
+    r4: bool = True  # rotate the input of down_proj
+    seed: int | None = None  # random-sign Hadamard if set
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRANSFORMS:
+            raise UserError(f"unknown transform {self.kind!r}; available: {', '.join(TRANSFORMS)}")
+        check_alpha(self.alpha)
+
+    @property
+    def rotates(self) -> bool:
+        return self.kind in ("rotate", "smoothrot")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kind in ("smooth", "smoothrot")
+
+
+@dataclass
+class _Group:
+    source: str
+    linears: tuple[str, ...]
+    role: str  # "qkv", "o", "gate_up" or "down"
+
+
+def _groups(spec: ArchSpec) -> list[_Group]:
+    roles = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.down_proj": "down"}
+    return [_Group(g.source, g.linears, roles[g.linears[0]]) for g in spec.input_groups]
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig) -> None:
+    if config.kind == "none":
+        return
+    if config.kind not in spec.transforms:
+        raise UserError(f"transform {config.kind!r} is not supported for {spec.family} yet; supported: {', '.join(spec.transforms)}")
+    if config.rotates:
+        layer = decoder_layers(model, spec)[0]
+        sizes = {get_module(layer, g.linears[0]).in_features for g in _groups(spec)} | {_head_dim(model.config)}
+        for n in sorted(sizes):
+            factor_order(n)  # raises a UserError that says why
+
+
+@torch.no_grad()
+def collect_input_stats(
+    model: nn.Module, spec: ArchSpec, batches: Iterable[torch.Tensor], keep_rows: int, progress: bool = True
+) -> dict[tuple[int, str], dict]:
+    """Per (layer, group role): channel max |X_j| over the calibration tokens, and a row sample."""
+    stats: dict[tuple[int, str], dict] = {}
+    gen = torch.Generator().manual_seed(0)
+    hooks = []
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        for group in _groups(spec):
+            key = (i, group.role)
+
+            def hook(module, args, key=key):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                entry = stats.setdefault(key, {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": []})
+                entry["absmax"] = torch.maximum(entry["absmax"], x.abs().amax(0))
+                if keep_rows:
+                    pick = torch.randperm(x.shape[0], generator=gen)[:keep_rows]
+                    entry["rows"].append(x[pick])
+
+            hooks.append(get_module(layer, group.linears[0]).register_forward_pre_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(list(batches), desc="calibration statistics", unit="sample", disable=not progress, leave=False):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    for entry in stats.values():
+        rows = torch.cat(entry["rows"]) if entry["rows"] else None
+        if rows is not None and rows.shape[0] > keep_rows:
+            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:keep_rows]]
+        entry["rows"] = rows
+    return stats
+
+
+def apply_transform(
+    model: nn.Module,
+    spec: ArchSpec,
+    config: TransformConfig,
+    scheme: Scheme,
+    calibration: Iterable[torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Edit `model` in place; returns what was done per layer (alphas), for the report."""
+    check_transform(model, spec, config)
+    if config.kind == "none":
+        return {}
+    stats = {}
+    if config.needs_calibration:
+        if calibration is None:
+            raise UserError(f"transform {config.kind!r} needs calibration data (--calib) for its smoothing scales")
+        stats = collect_input_stats(model, spec, calibration, SAMPLE_ROWS if config.alpha is None else 0, progress)
+    head_dim = _head_dim(model.config)
+    kv_groups = model.config.num_attention_heads // (getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads)
+    signs_cache: dict[int, torch.Tensor | None] = {}
+
+    def signs(n: int) -> torch.Tensor | None:
+        if config.seed is None:
+            return None
+        if n not in signs_cache:
+            signs_cache[n] = random_signs(n, config.seed + n)
+        return signs_cache[n]
+
+    alphas: dict[str, float] = {}
+    offset = spec.norm_weight_offset
+    for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)):
+        for group in _groups(spec):
+            linears = [get_module(layer, n) for n in group.linears]
+            rotate = config.rotates and {"qkv": config.r1, "gate_up": config.r1, "o": config.r2, "down": config.r4}[group.role]
+            smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.role == "down"))
+            source_is_norm = group.source not in spec.linears
+            entry = stats.get((i, group.role))
+            act_absmax = entry["absmax"] if entry else None
+            rows = entry["rows"] if entry else None
+            if rotate and source_is_norm:
+                norm = get_module(layer, group.source)
+                gain = norm_gain(norm, offset)
+                for lin in linears:
+                    scale_input_columns(lin, gain)
+                set_norm_gain(norm, torch.ones_like(gain), offset)
+                if act_absmax is not None:  # the stats saw the norm's output with its gain
+                    act_absmax = act_absmax / gain.abs().clamp(min=1e-12)
+                    rows = rows / gain if rows is not None else None
+            if smooth:
+                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, head_dim, rotate)
+                alphas[f"{i}.{group.role}"] = alpha
+                if source_is_norm:
+                    norm = get_module(layer, group.source)
+                    set_norm_gain(norm, norm_gain(norm, offset) / s, offset)
+                else:
+                    producer = get_module(layer, group.source)
+                    scale_output_rows(producer, 1 / (s.view(-1, kv_groups, head_dim)[:, 0].reshape(-1) if group.role == "o" else s))
+                for lin in linears:
+                    scale_input_columns(lin, s)
+            if not rotate:
+                continue
+            if group.role == "o":
+                rotate_head_outputs(get_module(layer, group.source), head_dim)  # R2 on v_proj
+                for lin in linears:
+                    rotate_head_inputs(lin, head_dim)
+            n = linears[0].in_features
+            for name, lin in zip(group.linears, linears):
+                rotate_input_columns(lin, signs(n))
+                set_module(layer, name, QuantLinear(lin.weight.detach(), lin.bias, None, None, OnlineHadamard(n, signs(n))))
+    if config.rotates and config.r3:
+        for attention in attention_modules(model, spec):
+            attention.lowbit_qk_rotation = OnlineHadamard(head_dim, signs(head_dim))
+    return {"alphas": alphas} if alphas else {}
+
+
+def _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, head_dim, rotate):
+    weight = torch.cat([lin.weight.double() for lin in linears])
+    w_absmax = weight.abs().amax(0)
+    if group.role == "o" and kv_groups > 1:
+        # o_proj channels of the heads that share one KV head must share a scale (it is folded
+        # into that KV head's v_proj rows): pool their statistics.
+        def pooled(t):
+            return t.view(-1, kv_groups, head_dim).amax(1, keepdim=True).expand(-1, kv_groups, -1).reshape(-1)
+
+        act_absmax, w_absmax = pooled(act_absmax), pooled(w_absmax)
+    if config.alpha is not None:
+        return smooth_scales(act_absmax, w_absmax, config.alpha), config.alpha
+    rotation = (lambda t: hadamard_transform(t)) if rotate else None
+    alpha, s = search_alpha(rows, weight, act_absmax, w_absmax, scheme.weights, scheme.inputs, rotation)
+    return s, alpha

@@ -1,0 +1,60 @@
+"""Weight edits for equivalent transformations, in the nn.Linear layout (weight [out, in], y = x W^T).
+
+An input transform x -> x A is compensated by W -> W A^{-T}: for a rotation R that is W R, for a
+smoothing x / s it is W * s. Output-side edits (rows) let a producer absorb a transform of its
+consumer's input. All edits are computed in float64 and written back in the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hadamard import hadamard_transform
+
+
+def _write(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def scale_input_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
+    """W <- W diag(scale): the linear now expects its input divided by `scale`."""
+    _write(linear.weight, linear.weight.double() * scale.double())
+
+
+def scale_output_rows(linear: nn.Linear, scale: torch.Tensor) -> None:
+    """Rows (and bias) times `scale`: the linear's output becomes y * scale."""
+    _write(linear.weight, linear.weight.double() * scale.double()[:, None])
+    if linear.bias is not None:
+        _write(linear.bias, linear.bias.double() * scale.double())
+
+
+def rotate_input_columns(linear: nn.Linear, signs: torch.Tensor | None) -> None:
+    """W <- W R with R = diag(signs) H / sqrt(n): the linear now expects its input times R."""
+    _write(linear.weight, hadamard_transform(linear.weight.double(), signs))
+
+
+def rotate_head_outputs(linear: nn.Linear, head_dim: int) -> None:
+    """Per output head h: W_h <- R^T W_h, b_h <- b_h R (R = H / sqrt(head_dim)): outputs become y_h R."""
+    out_features, in_features = linear.weight.shape
+    w = linear.weight.double().view(out_features // head_dim, head_dim, in_features).transpose(1, 2)
+    _write(linear.weight, hadamard_transform(w).transpose(1, 2).reshape(out_features, in_features))
+    if linear.bias is not None:
+        _write(linear.bias, hadamard_transform(linear.bias.double().view(-1, head_dim)).reshape(-1))
+
+
+def rotate_head_inputs(linear: nn.Linear, head_dim: int) -> None:
+    """W <- W blockdiag(R, ..., R): the linear now expects each input head rotated by R."""
+    out_features, in_features = linear.weight.shape
+    w = linear.weight.double().view(out_features, in_features // head_dim, head_dim)
+    _write(linear.weight, hadamard_transform(w).reshape(out_features, in_features))
+
+
+def norm_gain(norm: nn.Module, offset: float) -> torch.Tensor:
+    """The effective per-channel gain of an RMSNorm: offset + weight (Gemma stores weight - 1)."""
+    return norm.weight.double() + offset
+
+
+def set_norm_gain(norm: nn.Module, gain: torch.Tensor, offset: float) -> None:
+    _write(norm.weight, gain.double() - offset)
