@@ -64,7 +64,10 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 @cli.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
 @click.option("--scheme", default=None, help=f"W-A-KV scheme, e.g. W4A8KV4 or W4g64A16 [default: {DEFAULT_SCHEME}].")
-@click.option("--transform", default=None, help="Equivalent transformation: none.")
+@click.option("--transform", default=None, help="Equivalent transformation: none, smooth, rotate or smoothrot.")
+@click.option("--alpha", default=None, help="Smoothing migration strength in [0, 1], or 'search' (per layer) [default: 0.5].")
+@click.option("--smooth-all", is_flag=True, help="smoothrot: smooth every rotated input, not only down_proj.")
+@click.option("--random-hadamard", is_flag=True, help="Rotate with random-sign Hadamard matrices (seeded by --seed).")
 @click.option("--algorithm", default=None, help="Weight quantization algorithm: rtn.")
 @click.option("--recipe", default=None, help="A named recipe or a recipe .yaml (scheme, transform, algorithm).")
 @click.option("--calib", default=None, help="Calibration text for static quantizers (same forms as --data).")
@@ -75,22 +78,30 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
 @click.pass_context
-def quantize(ctx, model, scheme, transform, algorithm, recipe, calib, calib_samples, data, windows, seq_len, out, overwrite, seed, no_fp):
+def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, algorithm, recipe, calib, calib_samples, data, windows, seq_len, out, overwrite, seed, no_fp):
     """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
+    from dataclasses import replace
+
     from .jobs import quantize_job
-    from .recipes import Recipe, load_recipe
+    from .recipes import Recipe, load_recipe, parse_alpha
     from .report import check_out_dir, report_files, report_markdown, write_run_dir
     from .scheme import parse_scheme
 
-    if recipe:
-        base = load_recipe(recipe)
-        chosen = Recipe(
-            scheme=parse_scheme(scheme) if scheme else base.scheme,
-            transform=transform or base.transform,
-            algorithm=algorithm or base.algorithm,
-        )
-    else:
-        chosen = Recipe(scheme=parse_scheme(scheme or DEFAULT_SCHEME), transform=transform or "none", algorithm=algorithm or "rtn")
+    base = load_recipe(recipe) if recipe else Recipe(scheme=parse_scheme(DEFAULT_SCHEME))
+    changes = {}
+    if transform:
+        changes["kind"] = transform
+    if alpha is not None:
+        changes["alpha"] = parse_alpha(alpha)
+    if smooth_all:
+        changes["smooth_all"] = True
+    if random_hadamard:
+        changes["seed"] = seed
+    chosen = Recipe(
+        scheme=parse_scheme(scheme) if scheme else base.scheme,
+        transform=replace(base.transform, **changes) if changes else base.transform,
+        algorithm=algorithm or base.algorithm,
+    )
     if calib_samples < 1:
         raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
     if calib and data and calib == data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
 from .models import load_model
 from .recipes import Recipe
 from .runtime import check_scheme, quantize_model
+from .transforms.apply import check_transform
 from .scheme import Scheme
 
 log = logging.getLogger("lowbit")
@@ -52,7 +54,9 @@ def quantize_job(
     torch.manual_seed(seed)
     log.info("loading %s", model_name)
     model, tokenizer = load_model(model_name)
-    check_scheme(model, get_arch(model), recipe.scheme)  # fail before the slow part
+    spec = get_arch(model)
+    check_scheme(model, spec, recipe.scheme)  # fail before the slow part
+    check_transform(model, spec, recipe.transform)
     data_name = data or DEFAULT_DATA
     log.info("tokenizing evaluation text %s", data_name)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
@@ -61,7 +65,7 @@ def quantize_job(
         "model": model_name,
         "scheme": recipe.scheme.name,
         "scheme_args": recipe.scheme.to_dict(),
-        "transform": recipe.transform,
+        "transform": recipe.transform.kind,
         "algorithm": recipe.algorithm,
     }
     if evaluate_fp:
@@ -70,18 +74,21 @@ def quantize_job(
         report["eval"] = {"data": data_name, "windows": fp.windows, "seq_len": seq_len, "tokens": fp.tokens}
         report["fp"] = {"ppl": fp.ppl, **cost_summary(model, None, seq_len)}
     calibration = None
-    if recipe.scheme.needs_calibration:
+    if recipe.scheme.needs_calibration or recipe.transform.needs_calibration:
         log.info("calibration text %s: %d samples x %d tokens", calib or DEFAULT_DATA, calib_samples, calib_seq_len)
         calibration = calibration_batches(tokenizer, calib, calib_samples, calib_seq_len, seed)
     log.info("quantizing to %s with %s", recipe.scheme.name, recipe.algorithm)
     t0 = time.time()
-    qmodel = quantize_model(model, recipe.scheme, algorithm=recipe.algorithm, calibration=calibration, progress=progress)
+    qmodel = quantize_model(
+        model, recipe.scheme, transform=recipe.transform, algorithm=recipe.algorithm, calibration=calibration, progress=progress
+    )
     quant_seconds = time.time() - t0
     del model
     log.info("evaluating quantized model")
     q = perplexity(qmodel, eval_ids, seq_len, windows, progress=progress, desc="perplexity quantized")
     report["eval"] = {"data": data_name, "windows": q.windows, "seq_len": seq_len, "tokens": q.tokens}
     report["quantized"] = {"ppl": q.ppl, **cost_summary(qmodel, recipe.scheme, seq_len), "quantize_seconds": quant_seconds}
+    report["transform_args"] = {**asdict(recipe.transform), **qmodel.lowbit_transform}
     report["seconds"] = time.time() - start
     return report
 

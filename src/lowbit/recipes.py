@@ -8,19 +8,18 @@ from pathlib import Path
 from .algorithms import ALGORITHMS
 from .errors import UserError
 from .scheme import Scheme, parse_scheme
-
-TRANSFORMS = ("none",)
+from .transforms.apply import TransformConfig
 
 
 @dataclass(frozen=True)
 class Recipe:
     scheme: Scheme
-    transform: str = "none"
+    transform: TransformConfig = TransformConfig()
     algorithm: str = "rtn"
 
     def __post_init__(self) -> None:
-        if self.transform not in TRANSFORMS:
-            raise UserError(f"unknown transform {self.transform!r}; available: {', '.join(TRANSFORMS)}")
+        if isinstance(self.transform, str):
+            object.__setattr__(self, "transform", TransformConfig(kind=self.transform))
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"unknown algorithm {self.algorithm!r}; available: {', '.join(ALGORITHMS)}")
 
@@ -32,7 +31,13 @@ NAMED: dict[str, dict] = {
     "w4g64a16-rtn": {"scheme": "W4g64A16"},
     "w4a8kv4-rtn": {"scheme": "W4A8KV4"},
     "w4a4kv4-rtn": {"scheme": "W4A4KV4"},
+    "w8a8-smooth-rtn": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5},
+    "w8a8kv8-smooth-rtn": {"scheme": "W8A8KV8", "transform": "smooth", "alpha": 0.5},
+    "w4a8kv4-smoothrot-rtn": {"scheme": "W4A8KV4", "transform": "smoothrot"},
+    "w4a4kv4-rotate-rtn": {"scheme": "W4A4KV4", "transform": "rotate"},
+    "w4a4kv4-smoothrot-rtn": {"scheme": "W4A4KV4", "transform": "smoothrot"},
 }
+RECIPE_KEYS = {"scheme", "transform", "algorithm", "alpha", "smooth_all", "r1", "r2", "r3", "r4", "seed"}
 
 
 def load_recipe(name_or_file: str) -> Recipe:
@@ -55,13 +60,25 @@ def load_recipe(name_or_file: str) -> Recipe:
 
 
 def _from_dict(data: dict, where: str) -> Recipe:
-    unknown = set(data) - {"scheme", "transform", "algorithm"}
+    unknown = set(data) - RECIPE_KEYS
     if unknown:
-        raise UserError(f"recipe {where}: unknown keys {', '.join(sorted(unknown))} (expected scheme, transform, algorithm)")
+        raise UserError(f"recipe {where}: unknown keys {', '.join(sorted(unknown))} (expected {', '.join(sorted(RECIPE_KEYS))})")
     if "scheme" not in data:
         raise UserError(f"recipe {where}: missing 'scheme'")
+    knobs = {k: data[k] for k in ("smooth_all", "r1", "r2", "r3", "r4", "seed") if k in data}
+    alpha = data.get("alpha", 0.5)
     return Recipe(
         scheme=parse_scheme(str(data["scheme"])),
-        transform=str(data.get("transform", "none")),
+        transform=TransformConfig(kind=str(data.get("transform", "none")), alpha=parse_alpha(alpha), **knobs),
         algorithm=str(data.get("algorithm", "rtn")),
     )
+
+
+def parse_alpha(value) -> float | None:
+    """A number in [0, 1], or 'search' (None) for the per-layer grid search."""
+    if value is None or str(value).lower() == "search":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"alpha must be a number in [0, 1] or 'search'; got {value!r}") from None

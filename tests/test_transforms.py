@@ -1,0 +1,183 @@
+"""Equivalent transformations: function preservation on every family, the math, and bad input."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import lowbit
+from lowbit import UserError
+from lowbit.quant import fake_quantize
+from lowbit.runtime import QuantLinear
+from lowbit.runtime.rotation import OnlineHadamard
+from lowbit.scheme import QuantArgs
+from lowbit.transforms.apply import TransformConfig
+from lowbit.transforms.smooth import ALPHA_GRID, quantized_output_error, search_alpha, smooth_scales
+
+ATOL = 1e-4  # fp32 logits of magnitude ~10: transforms must agree to 1e-5 relative
+
+
+def tokens(batch=2, length=24, seed=0):
+    return torch.randint(0, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+CALIB = [tokens(1, 32, seed=s) for s in range(4)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "config",
+    [
+        TransformConfig("smooth"),
+        TransformConfig("smooth", alpha=None),
+        TransformConfig("rotate"),
+        TransformConfig("rotate", seed=7),
+        TransformConfig("smoothrot"),
+        TransformConfig("smoothrot", alpha=None, smooth_all=True),
+        TransformConfig("rotate", r1=False, r3=False),
+        TransformConfig("rotate", r2=False, r4=False),
+    ],
+    ids=lambda c: f"{c.kind}-a{c.alpha}-all{int(c.smooth_all)}-seed{c.seed}-r{int(c.r1)}{int(c.r2)}{int(c.r3)}{int(c.r4)}",
+)
+def test_transforms_preserve_the_function(family, config):
+    model = tiny_model(family)
+    x = tokens()
+    ref = model(x).logits
+    t = lowbit.quantize(model, "W16A16KV16", transform=config, calibration=CALIB, progress=False)
+    assert (t(x).logits - ref).abs().max() < ATOL
+    # and the weights really changed (it is not a no-op)
+    names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+    changed = [n for n in names if not torch.allclose(t.model.layers[0].get_submodule(n).weight, model.model.layers[0].get_submodule(n).weight)]
+    assert changed
+
+
+@torch.no_grad()
+def test_smoothing_is_folded_with_no_runtime_modules():
+    model = tiny_model("qwen2")  # q/k/v biases and GQA: v_proj absorbs o_proj's scales per KV head
+    t = lowbit.quantize(model, "W16A16KV16", transform="smooth", calibration=CALIB, progress=False)
+    assert not any(isinstance(m, (QuantLinear, OnlineHadamard)) for m in t.modules())
+    assert t.config._attn_implementation == model.config._attn_implementation
+
+
+@torch.no_grad()
+def test_rotation_uses_online_hadamards_where_expected():
+    model = tiny_model("llama")
+    t = lowbit.quantize(model, "W16A16KV16", transform="rotate", progress=False)
+    layer = t.model.layers[0]
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert isinstance(layer.get_submodule(name).input_rotation, OnlineHadamard)
+    assert isinstance(layer.self_attn.lowbit_qk_rotation, OnlineHadamard)
+    # norms were folded into the linears that read them
+    assert torch.allclose(layer.input_layernorm.weight, torch.ones(64))
+
+
+@torch.no_grad()
+def test_keys_are_quantized_in_the_rotated_basis():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny_model("llama")
+    t = lowbit.quantize(model, "W16A16KV4", transform="rotate", progress=False)
+    seen = []
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda m, q, k, v, mask, **kw: (seen.append(k), original(m, q, k, v, mask, **kw))[1]
+    try:
+        t(tokens())
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = original
+    for k in seen:
+        assert torch.equal(k, fake_quantize(k, QuantArgs(bits=4, granularity="token")))
+
+
+@torch.no_grad()
+def test_transforms_tame_outlier_channels():
+    model = tiny_model("llama")
+    for layer in model.model.layers:  # systematic outlier channels in the inputs of q/k/v and gate/up
+        layer.input_layernorm.weight.data[9] = 60.0
+        layer.post_attention_layernorm.weight.data[5] = 60.0
+    x = tokens()
+    ref = model(x).logits
+    err = {}
+    for kind in ("none", "smooth", "rotate", "smoothrot"):
+        q = lowbit.quantize(model, "W16A6", transform=TransformConfig(kind, smooth_all=True), calibration=CALIB, progress=False)
+        err[kind] = (q(x).logits - ref).pow(2).mean().item()
+    assert err["smooth"] < 0.5 * err["none"]  # measured 0.031 vs 0.307
+    assert err["rotate"] < 0.75 * err["none"]  # measured 0.160
+    assert err["smoothrot"] < 0.75 * err["none"]  # measured 0.125
+
+
+def test_rotation_lowers_the_layerwise_error_of_an_outlier_channel():
+    from lowbit.transforms.hadamard import hadamard_transform
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 64, generator=g, dtype=torch.float64)
+    x[:, 7] *= 25
+    w = torch.randn(32, 64, generator=g, dtype=torch.float64)
+    wq, aq = QuantArgs(bits=4), QuantArgs(bits=4, granularity="token")
+    plain = quantized_output_error(x, w, wq, aq)
+    rotated = quantized_output_error(hadamard_transform(x), hadamard_transform(w), wq, aq)
+    assert torch.allclose(hadamard_transform(x) @ hadamard_transform(w).T, x @ w.T)
+    assert rotated < 0.5 * plain
+
+
+def test_smooth_scales_by_hand():
+    act = torch.tensor([4.0, 1.0, 9.0], dtype=torch.float64)
+    w_absmax = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
+    s = smooth_scales(act, w_absmax, 0.5)
+    assert torch.allclose(s, torch.tensor([2.0, 0.5, 6.0], dtype=torch.float64))
+    assert torch.allclose(smooth_scales(act, w_absmax, 1.0), act)
+    assert torch.allclose(smooth_scales(act, w_absmax, 0.0), 1 / w_absmax)
+
+
+def test_alpha_search_picks_the_grid_minimum():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    x[:, 3] *= 30
+    w = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    wq, aq = QuantArgs(bits=4), QuantArgs(bits=4, granularity="token")
+    act, wmax = x.abs().amax(0), w.abs().amax(0)
+    alpha, s = search_alpha(x, w, act, wmax, wq, aq)
+    errors = {a: quantized_output_error(x / smooth_scales(act, wmax, a), w * smooth_scales(act, wmax, a), wq, aq) for a in ALPHA_GRID}
+    assert errors[alpha] == min(errors.values())
+    assert errors[alpha] < quantized_output_error(x, w, wq, aq)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_alpha_outside_unit_interval(alpha):
+    with pytest.raises(UserError, match=r"alpha must be in \[0, 1\]"):
+        TransformConfig("smooth", alpha=alpha)
+
+
+def test_unknown_transform_and_missing_calibration():
+    with pytest.raises(UserError, match="unknown transform 'spin'"):
+        TransformConfig("spin")
+    with pytest.raises(UserError, match="needs calibration data"):
+        lowbit.quantize(tiny_model("llama"), "W8A8", transform="smooth", progress=False)
+
+
+def test_hidden_size_with_no_hadamard_matrix():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=344, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UserError, match="no Hadamard matrix of order 344"):
+        lowbit.quantize(model, "W4A4", transform="rotate", progress=False)
+    lowbit.quantize(model, "W4A4", transform="smooth", calibration=[torch.zeros(1, 8, dtype=torch.long)], progress=False)
+
+
+def test_transform_on_an_architecture_that_does_not_support_it(monkeypatch):
+    from dataclasses import replace
+
+    from lowbit import arch
+
+    patched = tuple(replace(s, transforms=("smooth",)) if s.family == "llama" else s for s in arch.ARCHITECTURES)
+    monkeypatch.setattr(arch, "ARCHITECTURES", patched)
+    with pytest.raises(UserError, match="transform 'rotate' is not supported for llama yet"):
+        lowbit.quantize(tiny_model("llama"), "W4A4", transform="rotate", progress=False)
+
+
+@torch.no_grad()
+def test_input_model_untouched_by_transforms():
+    model = tiny_model("gemma3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lowbit.quantize(model, "W4A4KV4", transform=TransformConfig("smoothrot", smooth_all=True), calibration=CALIB, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
