@@ -122,3 +122,34 @@ def test_cache_is_not_modified_by_quantization(model_and_tokenizer):
     model, _ = model_and_tokenizer
     lowbit.quantize(model, "W4A8KV4", progress=False)
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def calibration(model_and_tokenizer):
+    from lowbit.data import calibration_batches
+
+    return calibration_batches(model_and_tokenizer[1], None, 8, 256, seed=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["smooth", "rotate", "smoothrot"])
+def test_transforms_preserve_the_default_model(model_and_tokenizer, wikitext_ids, calibration, kind):
+    from lowbit.transforms.apply import TransformConfig
+
+    model, _ = model_and_tokenizer
+    x = wikitext_ids[:256][None]
+    ref = model(x).logits
+    t = lowbit.quantize(model, "W16A16KV16", transform=TransformConfig(kind, smooth_all=True), calibration=calibration, progress=False)
+    diff = (t(x).logits - ref).abs().max().item()
+    print(f"{kind}: max |logit diff| {diff:.2e} of max |logit| {ref.abs().max():.1f}")
+    assert diff < 2e-3  # fp32 through 30 layers with activations up to ~2600
+
+
+@torch.no_grad()
+def test_rotation_rescues_w4a4kv4(model_and_tokenizer, wikitext_ids):
+    model, _ = model_and_tokenizer
+    fp = lowbit.perplexity(model, wikitext_ids, 512, 2, progress=False).ppl
+    plain = lowbit.perplexity(lowbit.quantize(model, "W4A4KV4", progress=False), wikitext_ids, 512, 2, progress=False).ppl
+    rotated = lowbit.perplexity(lowbit.quantize(model, "W4A4KV4", transform="rotate", progress=False), wikitext_ids, 512, 2, progress=False).ppl
+    print(f"FP {fp:.2f}  W4A4KV4 {plain:.1f}  rotated {rotated:.2f}")
+    assert rotated < plain / 10

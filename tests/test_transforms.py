@@ -59,15 +59,35 @@ def test_smoothing_is_folded_with_no_runtime_modules():
 
 
 @torch.no_grad()
-def test_rotation_uses_online_hadamards_where_expected():
+def test_r1_is_fused_into_the_residual_stream_where_the_architecture_allows():
+    from transformers import AutoModelForCausalLM
+
     model = tiny_model("llama")
     t = lowbit.quantize(model, "W16A16KV16", transform="rotate", progress=False)
     layer = t.model.layers[0]
-    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+    assert not isinstance(layer.self_attn.q_proj, QuantLinear) and not isinstance(layer.mlp.up_proj, QuantLinear)  # fused R1
+    for name in ("self_attn.o_proj", "mlp.down_proj"):  # R2 (+ full rotation) and R4 run online
         assert isinstance(layer.get_submodule(name).input_rotation, OnlineHadamard)
-    assert isinstance(layer.self_attn.lowbit_qk_rotation, OnlineHadamard)
-    # norms were folded into the linears that read them
-    assert torch.allclose(layer.input_layernorm.weight, torch.ones(64))
+    assert isinstance(layer.self_attn.lowbit_qk_rotation, OnlineHadamard)  # R3
+    assert torch.allclose(layer.input_layernorm.weight, torch.ones(64)) and torch.allclose(t.model.norm.weight, torch.ones(64))
+    assert not torch.allclose(t.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    # tied embeddings are untied, and the function is still the same
+    config = tiny_model("llama").config
+    config.tie_word_embeddings = True
+    tied = AutoModelForCausalLM.from_config(config).eval()
+    x = tokens()
+    t = lowbit.quantize(tied, "W16A16KV16", transform="rotate", progress=False)
+    assert t.lm_head.weight.data_ptr() != t.model.embed_tokens.weight.data_ptr()
+    assert (t(x).logits - tied(x).logits).abs().max() < ATOL
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()  # the input stays tied
+
+
+@torch.no_grad()
+def test_r1_runs_online_for_sandwich_norm_architectures():
+    t = lowbit.quantize(tiny_model("gemma3"), "W16A16KV16", transform="rotate", progress=False)
+    layer = t.model.layers[0]
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert isinstance(layer.get_submodule(name).input_rotation, OnlineHadamard)
 
 
 @torch.no_grad()

@@ -49,6 +49,8 @@ class ArchSpec:
     qk_norm: bool = False
     # norms applied to a block's output before the residual add (Gemma 2/3 "sandwich" norms)
     post_norms: tuple[str, ...] = ()
+    # linears that write into the residual stream (their outputs are rotated by a fused R1)
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     # equivalent transformations known to preserve this family's function (tested)
     transforms: tuple[str, ...] = ("smooth", "rotate", "smoothrot")
 

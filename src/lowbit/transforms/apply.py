@@ -12,10 +12,13 @@ norm -> gate,up; up -> down). For a group reading X with weights W:
 - smoothrot: smoothing first, then rotation (seed 003), by default only where massive outliers
              live (down_proj), optionally at every rotated input.
 
-R1 and R4 run online (an `OnlineHadamard` in front of the linear): that works unchanged on
-architectures whose sandwich norms (Gemma 2/3) forbid rotating the residual stream itself, and
-it quantizes exactly what QuaRot's fused R1 quantizes (the norm's output without its gain,
-rotated). R2 is fused into the weights.
+R1 is fused into the weights as QuaRot does it: every norm's gain is folded into the linears that
+read it, and the residual stream is rotated (embeddings, the readers q/k/v, gate/up and lm_head,
+the writers o_proj and down_proj; tied embeddings are untied). Where that is impossible (Gemma's
+sandwich norms normalise a block's output before the residual add, and smoothrot with
+`smooth_all` puts a scale between norm and rotation) R1 runs online instead, an `OnlineHadamard`
+in front of the readers, which quantizes exactly the same rotated activations. R2 is fused; R3
+and R4 run online.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from ..scheme import Scheme
 from .hadamard import factor_order, hadamard_transform, random_signs
 from .rotate import (
     norm_gain,
+    rotate_embedding,
+    rotate_output_rows,
     rotate_head_inputs,
     rotate_head_outputs,
     rotate_input_columns,
@@ -59,6 +64,8 @@ class TransformConfig:
     r2: bool = True  # per-head rotation of v/o and a full rotation of o_proj's input
     r3: bool = True  # rotate queries and keys (after RoPE) inside attention
     r4: bool = True  # rotate the input of down_proj
+    fuse_r1: bool = True  # rotate the residual stream (False: rotate the readers' inputs online)
+    fold_norms: bool = True  # with online R1: fold norm gains into the readers first (as QuaRot)
     seed: int | None = None  # random-sign Hadamard if set
 
     def __post_init__(self) -> None:
@@ -169,16 +176,23 @@ def apply_transform(
 
     alphas: dict[str, float] = {}
     offset = spec.norm_weight_offset
+    fused_r1 = (
+        config.rotates and config.r1 and config.fuse_r1 and not spec.post_norms
+        and not (config.kind == "smoothrot" and config.smooth_all)
+    )
+    if fused_r1:
+        _rotate_residual_stream(model, spec, signs(model.config.hidden_size))
     for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)):
         for group in _groups(spec):
             linears = [get_module(layer, n) for n in group.linears]
-            rotate = config.rotates and {"qkv": config.r1, "gate_up": config.r1, "o": config.r2, "down": config.r4}[group.role]
+            online_r1 = config.r1 and not fused_r1
+            rotate = config.rotates and {"qkv": online_r1, "gate_up": online_r1, "o": config.r2, "down": config.r4}[group.role]
             smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.role == "down"))
             source_is_norm = group.source not in spec.linears
             entry = stats.get((i, group.role))
             act_absmax = entry["absmax"] if entry else None
             rows = entry["rows"] if entry else None
-            if rotate and source_is_norm:
+            if rotate and source_is_norm and config.fold_norms:
                 norm = get_module(layer, group.source)
                 gain = norm_gain(norm, offset)
                 for lin in linears:
@@ -214,6 +228,32 @@ def apply_transform(
     return {"alphas": alphas} if alphas else {}
 
 
+def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tensor | None) -> None:
+    """Fused R1: fold norm gains into their readers, then rotate everything that reads or writes
+    the residual stream, so that h R flows between layers at no run-time cost."""
+    offset = spec.norm_weight_offset
+    embed, lm_head = get_module(model, spec.embed), get_module(model, spec.lm_head)
+    if lm_head.weight.data_ptr() == embed.weight.data_ptr():  # tied: they will differ from now on
+        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    readers = [(get_module(model, spec.final_norm), [lm_head])]
+    writers = []
+    for layer in decoder_layers(model, spec):
+        for group in _groups(spec):
+            if group.source not in spec.linears:  # a norm feeding residual-stream readers
+                readers.append((get_module(layer, group.source), [get_module(layer, n) for n in group.linears]))
+        writers += [get_module(layer, n) for n in spec.residual_writers]
+    for norm, linears in readers:
+        gain = norm_gain(norm, offset)
+        for lin in linears:
+            scale_input_columns(lin, gain)
+            rotate_input_columns(lin, signs)
+        set_norm_gain(norm, torch.ones_like(gain), offset)
+    for lin in writers:
+        rotate_output_rows(lin, signs)
+    rotate_embedding(embed, signs)
+
+
 def _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, head_dim, rotate):
     weight = torch.cat([lin.weight.double() for lin in linears])
     w_absmax = weight.abs().amax(0)
@@ -227,5 +267,6 @@ def _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, head
     if config.alpha is not None:
         return smooth_scales(act_absmax, w_absmax, config.alpha), config.alpha
     rotation = (lambda t: hadamard_transform(t)) if rotate else None
-    alpha, s = search_alpha(rows, weight, act_absmax, w_absmax, scheme.weights, scheme.inputs, rotation)
-    return s, alpha
+    # float32 is plenty to rank alphas and twice as fast as the float64 used for the weight edits
+    alpha, _ = search_alpha(rows.float(), weight.float(), act_absmax.float(), w_absmax.float(), scheme.weights, scheme.inputs, rotation)
+    return smooth_scales(act_absmax, w_absmax, alpha), alpha

@@ -35,6 +35,18 @@ def rotate_input_columns(linear: nn.Linear, signs: torch.Tensor | None) -> None:
     _write(linear.weight, hadamard_transform(linear.weight.double(), signs))
 
 
+def rotate_output_rows(linear: nn.Module, signs: torch.Tensor | None) -> None:
+    """W <- R^T W, b <- b R: the linear's output becomes y R (R = diag(signs) H / sqrt(n))."""
+    _write(linear.weight, hadamard_transform(linear.weight.double().T, signs).T)
+    if linear.bias is not None:
+        _write(linear.bias, hadamard_transform(linear.bias.double(), signs))
+
+
+def rotate_embedding(embedding: nn.Embedding, signs: torch.Tensor | None) -> None:
+    """Each embedding vector e <- e R."""
+    _write(embedding.weight, hadamard_transform(embedding.weight.double(), signs))
+
+
 def rotate_head_outputs(linear: nn.Linear, head_dim: int) -> None:
     """Per output head h: W_h <- R^T W_h, b_h <- b_h R (R = H / sqrt(head_dim)): outputs become y_h R."""
     out_features, in_features = linear.weight.shape
