@@ -121,3 +121,31 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "cannot load model 'no-org/no-model'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--transform", "smooth", "--scheme", "W8A8KV8", "--alpha", "0.6"],
+        ["--transform", "rotate", "--scheme", "W4A4KV4", "--random-hadamard"],
+        ["--transform", "smoothrot", "--scheme", "W4A8KV4", "--smooth-all", "--alpha", "search", "--online-r1", "--no-fold-norms"],
+        ["--recipe", "w4a4kv4-smoothrot-rtn"],
+    ],
+)
+def test_transforms_from_the_cli(tiny_model_dir, sample_text_file, tmp_path, capsys, extra):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(sample_text_file.read_text()[::-1])
+    out = tmp_path / "run"
+    args = quantize_args(tiny_model_dir, sample_text_file, "--calib", str(calib), "--calib-samples", "2", "--out", str(out), *extra)
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["transform"] == report["transform_args"]["kind"] != "none"
+    if "--alpha" in extra and "search" in extra:
+        assert report["transform_args"]["alphas"]  # one alpha per layer and group
+
+
+@pytest.mark.parametrize("extra, message", [(["--transform", "smooth", "--alpha", "1.5"], "alpha must be in"), (["--alpha", "x"], "alpha must be a number")])
+def test_bad_transform_options(tiny_model_dir, sample_text_file, capsys, extra, message):
+    code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, *extra), capsys)
+    assert code == 2 and message in err

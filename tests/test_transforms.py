@@ -35,8 +35,11 @@ CALIB = [tokens(1, 32, seed=s) for s in range(4)]
         TransformConfig("smoothrot", alpha=None, smooth_all=True),
         TransformConfig("rotate", r1=False, r3=False),
         TransformConfig("rotate", r2=False, r4=False),
+        TransformConfig("rotate", fuse_r1=False, fold_norms=False),
+        TransformConfig("smoothrot", fuse_r1=False, fold_norms=False, alpha=None),
     ],
-    ids=lambda c: f"{c.kind}-a{c.alpha}-all{int(c.smooth_all)}-seed{c.seed}-r{int(c.r1)}{int(c.r2)}{int(c.r3)}{int(c.r4)}",
+    ids=lambda c: f"{c.kind}-a{c.alpha}-all{int(c.smooth_all)}-seed{c.seed}-r{int(c.r1)}{int(c.r2)}{int(c.r3)}{int(c.r4)}"
+    f"-fuse{int(c.fuse_r1)}-fold{int(c.fold_norms)}",
 )
 def test_transforms_preserve_the_function(family, config):
     model = tiny_model(family)

@@ -68,6 +68,8 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 @click.option("--alpha", default=None, help="Smoothing migration strength in [0, 1], or 'search' (per layer) [default: 0.5].")
 @click.option("--smooth-all", is_flag=True, help="smoothrot: smooth every rotated input, not only down_proj.")
 @click.option("--random-hadamard", is_flag=True, help="Rotate with random-sign Hadamard matrices (seeded by --seed).")
+@click.option("--online-r1", is_flag=True, help="Rotate the inputs of q/k/v and gate/up online instead of fusing R1.")
+@click.option("--no-fold-norms", is_flag=True, help="With --online-r1: keep norm gains in the norms (often better for RTN).")
 @click.option("--algorithm", default=None, help="Weight quantization algorithm: rtn.")
 @click.option("--recipe", default=None, help="A named recipe or a recipe .yaml (scheme, transform, algorithm).")
 @click.option("--calib", default=None, help="Calibration text for static quantizers (same forms as --data).")
@@ -78,7 +80,7 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
 @click.pass_context
-def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, algorithm, recipe, calib, calib_samples, data, windows, seq_len, out, overwrite, seed, no_fp):
+def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, recipe, calib, calib_samples, data, windows, seq_len, out, overwrite, seed, no_fp):
     """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
     from dataclasses import replace
 
@@ -97,6 +99,10 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
         changes["smooth_all"] = True
     if random_hadamard:
         changes["seed"] = seed
+    if online_r1:
+        changes["fuse_r1"] = False
+    if no_fold_norms:
+        changes["fold_norms"] = False
     chosen = Recipe(
         scheme=parse_scheme(scheme) if scheme else base.scheme,
         transform=replace(base.transform, **changes) if changes else base.transform,

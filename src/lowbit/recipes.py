@@ -33,11 +33,13 @@ NAMED: dict[str, dict] = {
     "w4a4kv4-rtn": {"scheme": "W4A4KV4"},
     "w8a8-smooth-rtn": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5},
     "w8a8kv8-smooth-rtn": {"scheme": "W8A8KV8", "transform": "smooth", "alpha": 0.5},
-    "w4a8kv4-smoothrot-rtn": {"scheme": "W4A8KV4", "transform": "smoothrot"},
+    "w4a8kv4-smoothrot-rtn": {"scheme": "W4A8KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search"},
     "w4a4kv4-rotate-rtn": {"scheme": "W4A4KV4", "transform": "rotate"},
-    "w4a4kv4-smoothrot-rtn": {"scheme": "W4A4KV4", "transform": "smoothrot"},
+    "w4a4kv4-smoothrot-rtn": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search"},
+    "w4a8kv4-rotate-online-rtn": {"scheme": "W4A8KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False},
 }
-RECIPE_KEYS = {"scheme", "transform", "algorithm", "alpha", "smooth_all", "r1", "r2", "r3", "r4", "seed"}
+KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms")
+RECIPE_KEYS = {"scheme", "transform", "algorithm", "alpha", *KNOBS}
 
 
 def load_recipe(name_or_file: str) -> Recipe:
@@ -65,7 +67,7 @@ def _from_dict(data: dict, where: str) -> Recipe:
         raise UserError(f"recipe {where}: unknown keys {', '.join(sorted(unknown))} (expected {', '.join(sorted(RECIPE_KEYS))})")
     if "scheme" not in data:
         raise UserError(f"recipe {where}: missing 'scheme'")
-    knobs = {k: data[k] for k in ("smooth_all", "r1", "r2", "r3", "r4", "seed") if k in data}
+    knobs = {k: data[k] for k in KNOBS if k in data}
     alpha = data.get("alpha", 0.5)
     return Recipe(
         scheme=parse_scheme(str(data["scheme"])),
