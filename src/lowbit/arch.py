@@ -113,6 +113,11 @@ def get_arch(model: nn.Module) -> ArchSpec:
     return spec
 
 
+def head_dim(config) -> int:
+    """Per-head dimension: config.head_dim where set, else hidden_size / attention heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def get_module(root: nn.Module, path: str) -> nn.Module:
     module = root
     for part in path.split("."):

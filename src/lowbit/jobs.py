@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import decoder_layers, get_arch, layer_linears
+from .arch import decoder_layers, get_arch, head_dim, layer_linears
 from .data import DEFAULT_DATA, calibration_batches, load_text, tokenize
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
 from .models import load_model
 from .recipes import Recipe
 from .runtime import check_scheme, quantize_model
-from .transforms.apply import check_transform
 from .scheme import Scheme
+from .transforms.apply import check_transform
 
 log = logging.getLogger("lowbit")
 
@@ -71,7 +71,6 @@ def quantize_job(
     if evaluate_fp:
         log.info("evaluating full precision")
         fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity FP")
-        report["eval"] = {"data": data_name, "windows": fp.windows, "seq_len": seq_len, "tokens": fp.tokens}
         report["fp"] = {"ppl": fp.ppl, **cost_summary(model, None, seq_len)}
     calibration = None
     if recipe.scheme.needs_calibration or recipe.transform.needs_calibration:
@@ -126,7 +125,7 @@ def info_job(model_name: str, scheme: Scheme | None = None) -> dict:
         "intermediate_size": c.intermediate_size,
         "attention_heads": c.num_attention_heads,
         "kv_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
-        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "head_dim": head_dim(c),
         "vocab_size": c.vocab_size,
         "tied_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
         "parameters": params,

@@ -16,7 +16,7 @@ per-token (per-head) keys and values.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from .errors import UserError
@@ -107,7 +107,6 @@ class Scheme:
     keys: QuantArgs | None = None
     values: QuantArgs | None = None
     quantize_lm_head: bool = False
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def w_bits(self) -> int:
@@ -243,13 +242,6 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
     else:
         granularity = Granularity.CHANNEL if kind == "W" else Granularity.TOKEN
     return QuantArgs(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group, dynamic=not static)
-
-
-def with_weights(scheme: Scheme, **changes) -> Scheme:
-    """A copy of `scheme` with some weight-quantizer fields changed (e.g. observer='mse')."""
-    if scheme.weights is None:
-        return scheme
-    return replace(scheme, weights=replace(scheme.weights, **changes))
 
 
 def _enum(cls, value, what: str):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ..arch import head_dim
 from ..quant import packed_nbytes
 from ..runtime.linear import QuantLinear
 from ..scheme import Granularity, QuantArgs, Scheme
@@ -76,9 +77,7 @@ def model_ops(model: nn.Module, scheme: Scheme | None, seq_len: int) -> OpsCount
         macs += n
         ops += n * w * a
     config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_matmul = config.num_hidden_layers * heads * head_dim * seq_len * (seq_len + 1) // 2
+    per_matmul = config.num_hidden_layers * config.num_attention_heads * head_dim(config) * seq_len * (seq_len + 1) // 2
     k_bits = scheme.k_bits if scheme else 16
     v_bits = scheme.v_bits if scheme else 16
     macs += 2 * per_matmul
@@ -87,16 +86,15 @@ def model_ops(model: nn.Module, scheme: Scheme | None, seq_len: int) -> OpsCount
 
 
 def kv_cache_bytes(config, scheme: Scheme | None, context: int, batch: int = 1) -> int:
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = head_dim(config)
     vectors = config.num_hidden_layers * kv_heads * context * batch  # per K and per V
     total = 0
     for args in ((scheme.keys, scheme.values) if scheme else (None, None)):
         if args is None:
-            total += vectors * head_dim * 2
+            total += vectors * dim * 2
         else:
             per_scale = SCALE_BYTES * (1 if args.symmetric else 2)
-            scales = 1 if args.granularity is Granularity.TENSOR else vectors * scale_count(1, head_dim, args)
-            total += packed_nbytes(vectors * head_dim, args.bits) + scales * per_scale
+            scales = 1 if args.granularity is Granularity.TENSOR else vectors * scale_count(1, dim, args)
+            total += packed_nbytes(vectors * dim, args.bits) + scales * per_scale
     return total

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import ALGORITHMS
-from ..arch import ArchSpec, attention_modules, decoder_layers, get_arch, get_module, layer_linears, set_module
+from ..arch import ArchSpec, attention_modules, decoder_layers, get_arch, get_module, head_dim, layer_linears, set_module
 from ..errors import UserError
 from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
 from ..transforms.apply import TransformConfig, apply_transform, check_transform
@@ -36,8 +36,7 @@ def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
                     f"{what} group size {args.group_size} does not divide in_features={linear.in_features} of {name}; "
                     f"use a group size that divides every layer's input (e.g. {hint})"
                 )
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim(model.config)
     for what, args in (("key", scheme.keys), ("value", scheme.values)):
         if args is None:
             continue
@@ -46,8 +45,8 @@ def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
                 f"dynamic per-tensor {what} quantization would depend on the whole context; "
                 "use per-token (KV4) or static per-tensor (KV8s)"
             )
-        if args.granularity is Granularity.GROUP and head_dim % args.group_size:
-            raise UserError(f"{what} group size {args.group_size} does not divide head_dim={head_dim}")
+        if args.granularity is Granularity.GROUP and dim % args.group_size:
+            raise UserError(f"{what} group size {args.group_size} does not divide head_dim={dim}")
 
 
 def quantize_model(
@@ -69,9 +68,7 @@ def quantize_model(
     transform = transform if isinstance(transform, TransformConfig) else TransformConfig(kind=transform)
     spec = get_arch(model)
     check_scheme(model, spec, scheme)
-    check_transform(model, spec, transform)
-    if transform.needs_calibration and calibration is None:
-        raise UserError(f"transform {transform.kind!r} needs calibration data (--calib) for its smoothing scales")
+    check_transform(model, spec, transform, calibration)
     if algorithm not in ALGORITHMS:
         raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
     if scheme.needs_calibration and calibration is None:

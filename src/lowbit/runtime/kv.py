@@ -14,6 +14,7 @@ forward pass and in incremental decoding alike.
 from __future__ import annotations
 
 import inspect
+from functools import lru_cache
 
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -27,11 +28,14 @@ KEY_QUANT, VALUE_QUANT = "lowbit_key_quant", "lowbit_value_quant"
 QK_ROTATION = "lowbit_qk_rotation"  # R3: an OnlineHadamard over head_dim for queries and keys
 
 
+@lru_cache(maxsize=None)
+def _eager_attention(module_class: type):
+    # Each modeling file has its own eager function (softcapping, sinks, ...): use that one.
+    return getattr(inspect.getmodule(module_class), "eager_attention_forward")
+
+
 def _base_attention(module: nn.Module, base: str):
-    if base == "eager":
-        # Each modeling file has its own eager function (softcapping, sinks, ...): use that one.
-        return getattr(inspect.getmodule(type(module)), "eager_attention_forward")
-    return ALL_ATTENTION_FUNCTIONS[base]
+    return _eager_attention(type(module)) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
 
 def _make_attention(base: str):

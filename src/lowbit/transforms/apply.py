@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, attention_modules, decoder_layers, get_module, set_module
+from ..arch import ArchSpec, attention_modules, decoder_layers, get_module, head_dim, set_module
 from ..errors import UserError
 from ..runtime.linear import QuantLinear
 from ..runtime.rotation import OnlineHadamard
@@ -94,18 +94,18 @@ def _groups(spec: ArchSpec) -> list[_Group]:
     return [_Group(g.source, g.linears, roles[g.linears[0]]) for g in spec.input_groups]
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig) -> None:
+def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, calibration=()) -> None:
+    """Fail before any work: unsupported family, missing calibration, no Hadamard matrix.
+    `calibration=()` (the default) skips the calibration check, for callers that get it later."""
     if config.kind == "none":
         return
+    if config.needs_calibration and calibration is None:
+        raise UserError(f"transform {config.kind!r} needs calibration data (--calib) for its smoothing scales")
     if config.kind not in spec.transforms:
         raise UserError(f"transform {config.kind!r} is not supported for {spec.family} yet; supported: {', '.join(spec.transforms)}")
     if config.rotates:
         layer = decoder_layers(model, spec)[0]
-        sizes = {get_module(layer, g.linears[0]).in_features for g in _groups(spec)} | {_head_dim(model.config)}
+        sizes = {get_module(layer, g.linears[0]).in_features for g in _groups(spec)} | {head_dim(model.config)}
         for n in sorted(sizes):
             factor_order(n)  # raises a UserError that says why
 
@@ -155,15 +155,13 @@ def apply_transform(
     progress: bool = True,
 ) -> dict:
     """Edit `model` in place; returns what was done per layer (alphas), for the report."""
-    check_transform(model, spec, config)
+    check_transform(model, spec, config, calibration)
     if config.kind == "none":
         return {}
     stats = {}
     if config.needs_calibration:
-        if calibration is None:
-            raise UserError(f"transform {config.kind!r} needs calibration data (--calib) for its smoothing scales")
         stats = collect_input_stats(model, spec, calibration, SAMPLE_ROWS if config.alpha is None else 0, progress)
-    head_dim = _head_dim(model.config)
+    dim = head_dim(model.config)
     kv_groups = model.config.num_attention_heads // (getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads)
     signs_cache: dict[int, torch.Tensor | None] = {}
 
@@ -202,29 +200,29 @@ def apply_transform(
                     act_absmax = act_absmax / gain.abs().clamp(min=1e-12)
                     rows = rows / gain if rows is not None else None
             if smooth:
-                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, head_dim, rotate)
+                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, dim, rotate)
                 alphas[f"{i}.{group.role}"] = alpha
                 if source_is_norm:
                     norm = get_module(layer, group.source)
                     set_norm_gain(norm, norm_gain(norm, offset) / s, offset)
                 else:
                     producer = get_module(layer, group.source)
-                    scale_output_rows(producer, 1 / (s.view(-1, kv_groups, head_dim)[:, 0].reshape(-1) if group.role == "o" else s))
+                    scale_output_rows(producer, 1 / (s.view(-1, kv_groups, dim)[:, 0].reshape(-1) if group.role == "o" else s))
                 for lin in linears:
                     scale_input_columns(lin, s)
             if not rotate:
                 continue
             if group.role == "o":
-                rotate_head_outputs(get_module(layer, group.source), head_dim)  # R2 on v_proj
+                rotate_head_outputs(get_module(layer, group.source), dim)  # R2 on v_proj
                 for lin in linears:
-                    rotate_head_inputs(lin, head_dim)
+                    rotate_head_inputs(lin, dim)
             n = linears[0].in_features
             for name, lin in zip(group.linears, linears):
                 rotate_input_columns(lin, signs(n))
                 set_module(layer, name, QuantLinear(lin.weight.detach(), lin.bias, None, None, OnlineHadamard(n, signs(n))))
     if config.rotates and config.r3:
         for attention in attention_modules(model, spec):
-            attention.lowbit_qk_rotation = OnlineHadamard(head_dim, signs(head_dim))
+            attention.lowbit_qk_rotation = OnlineHadamard(dim, signs(dim))
     return {"alphas": alphas} if alphas else {}
 
 
@@ -254,14 +252,14 @@ def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tenso
     rotate_embedding(embed, signs)
 
 
-def _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, head_dim, rotate):
+def _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, dim, rotate):
     weight = torch.cat([lin.weight.double() for lin in linears])
     w_absmax = weight.abs().amax(0)
     if group.role == "o" and kv_groups > 1:
         # o_proj channels of the heads that share one KV head must share a scale (it is folded
         # into that KV head's v_proj rows): pool their statistics.
         def pooled(t):
-            return t.view(-1, kv_groups, head_dim).amax(1, keepdim=True).expand(-1, kv_groups, -1).reshape(-1)
+            return t.view(-1, kv_groups, dim).amax(1, keepdim=True).expand(-1, kv_groups, -1).reshape(-1)
 
         act_absmax, w_absmax = pooled(act_absmax), pooled(w_absmax)
     if config.alpha is not None:

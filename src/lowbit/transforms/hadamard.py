@@ -113,6 +113,11 @@ def _base_matrix(b: int) -> torch.Tensor:
     return _paley1(b - 1) if kind == "paley1" else _paley2(b // 2 - 1)
 
 
+@lru_cache(maxsize=16)
+def _base_matrix_as(b: int, dtype: torch.dtype) -> torch.Tensor:
+    return _base_matrix(b).to(dtype)  # cached: online rotations call this on every forward
+
+
 def sylvester(n: int) -> torch.Tensor:
     H = torch.ones(1, 1, dtype=torch.int64)
     while H.shape[0] < n:
@@ -143,7 +148,7 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None) -> to
     shape = x.shape
     y = x.reshape(-1, p, b)
     if b > 1:
-        y = y @ _base_matrix(b).to(x.dtype)
+        y = y @ _base_matrix_as(b, x.dtype)
     h = 1
     while h < p:
         y = y.view(-1, p // (2 * h), 2, h, b)
