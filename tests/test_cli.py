@@ -149,3 +149,11 @@ def test_transforms_from_the_cli(tiny_model_dir, sample_text_file, tmp_path, cap
 def test_bad_transform_options(tiny_model_dir, sample_text_file, capsys, extra, message):
     code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, *extra), capsys)
     assert code == 2 and message in err
+
+
+def test_evaluate_refuses_a_run_folder_without_a_model(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(quantize_args(tiny_model_dir, sample_text_file, "--out", str(out), "--no-fp"), capsys)[0] == 0
+    assert "fp" not in json.loads((out / "report.json").read_text())  # --no-fp: absent, not null
+    code, _, err = run(["-q", "evaluate", str(out)], capsys)
+    assert code == 2 and "run folder without a saved model" in err

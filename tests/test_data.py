@@ -84,3 +84,10 @@ def test_calibration_batches_are_seeded(sample_text_file):
     assert all((x == y).all() for x, y in zip(a, b))
     with pytest.raises(UserError, match="fewer than one sample"):
         calibration_batches(tok, str(sample_text_file), 1, 100_000)
+
+
+def test_hub_dataset_offline_or_without_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="lowbit\\[hub\\]|pass a local text file"):
+        load_text("wikitext2")
