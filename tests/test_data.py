@@ -82,8 +82,14 @@ def test_calibration_batches_are_seeded(sample_text_file):
     b = calibration_batches(tok, str(sample_text_file), 4, 32, seed=1)
     assert len(a) == 4 and all(x.shape == (1, 32) for x in a)
     assert all((x == y).all() for x, y in zip(a, b))
-    with pytest.raises(UserError, match="fewer than one sample"):
+    starts = {tuple(x[0, :4].tolist()) for x in a}
+    assert len(starts) == 4  # distinct windows
+    with pytest.raises(UserError, match="fewer than the 1 samples requested"):
         calibration_batches(tok, str(sample_text_file), 1, 100_000)
+    available = tokenize(tok, sample_text_file.read_text()).numel() // 32
+    with pytest.raises(UserError, match=f"{available} windows of 32, fewer than the {available + 1} samples"):
+        calibration_batches(tok, str(sample_text_file), available + 1, 32)
+    assert len(calibration_batches(tok, str(sample_text_file), available, 32)) == available
 
 
 def test_hub_dataset_offline_or_without_datasets_is_a_clear_error(monkeypatch):

@@ -49,11 +49,14 @@ def _eval_options(f):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lowbit")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print per-layer details (e.g. quantization error per layer).")
 @click.pass_context
-def cli(ctx: click.Context, quiet: bool) -> None:
+def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """lowbit: quantize weights, activations and KV cache of transformers causal LMs."""
     ctx.obj = {"progress": not quiet}
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="lowbit: %(message)s", stream=sys.stderr)
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(format="lowbit: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if quiet:
         from transformers.utils import logging as hf_logging
@@ -70,17 +73,26 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 @click.option("--random-hadamard", is_flag=True, help="Rotate with random-sign Hadamard matrices (seeded by --seed).")
 @click.option("--online-r1", is_flag=True, help="Rotate the inputs of q/k/v and gate/up online instead of fusing R1.")
 @click.option("--no-fold-norms", is_flag=True, help="With --online-r1: keep norm gains in the norms (often better for RTN).")
-@click.option("--algorithm", default=None, help="Weight quantization algorithm: rtn.")
+@click.option("--algorithm", default=None, help="Weight quantization: rtn (no data), gptq or awq (layer by layer, need --calib).")
 @click.option("--recipe", default=None, help="A named recipe or a recipe .yaml (scheme, transform, algorithm).")
-@click.option("--calib", default=None, help="Calibration text for static quantizers (same forms as --data).")
-@click.option("--calib-samples", type=int, default=32, show_default=True)
+@click.option(
+    "--calib",
+    default=None,
+    help="Calibration text (same forms as --data; calibration half of enwiki-sample by default), or 'generated' "
+    "for data-free calibration on text the model writes itself.",
+)
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal.")
+@click.option("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean Hessian diagonal [default: 0.01].")
+@click.option("--device", default=None, help="Run the layer-by-layer pipeline on this device (e.g. cuda); the model stays on CPU.")
 @_eval_options
 @click.option("--out", default=None, help="Folder for report.json and report.md (refused if it exists).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
 @click.pass_context
-def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, recipe, calib, calib_samples, data, windows, seq_len, out, overwrite, seed, no_fp):
+def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, recipe, calib, calib_samples, calib_seq_len, act_order, damp, device, data, windows, seq_len, out, overwrite, seed, no_fp):
     """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
     from dataclasses import replace
 
@@ -103,13 +115,24 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
         changes["fuse_r1"] = False
     if no_fold_norms:
         changes["fold_norms"] = False
+    gptq_changes = {}
+    if act_order:
+        gptq_changes["act_order"] = True
+    if damp is not None:
+        gptq_changes["damp"] = damp
     chosen = Recipe(
         scheme=parse_scheme(scheme) if scheme else base.scheme,
         transform=replace(base.transform, **changes) if changes else base.transform,
         algorithm=algorithm or base.algorithm,
+        gptq=replace(base.gptq, **gptq_changes),
+        awq=base.awq,
     )
+    if gptq_changes and chosen.algorithm != "gptq":
+        raise UserError(f"--act-order and --damp are GPTQ options; the algorithm is {chosen.algorithm!r} (add --algorithm gptq)")
     if calib_samples < 1:
         raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
+    if calib_seq_len < 2:
+        raise UserError(f"--calib-seq-len must be at least 2; got {calib_seq_len}")
     if calib and data and calib == data:
         raise UserError("--calib and --data name the same text; never calibrate on the evaluation text")
     if out:
@@ -122,6 +145,8 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
         seq_len=seq_len,
         calib=calib,
         calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len,
+        device=device,
         seed=seed,
         evaluate_fp=not no_fp,
         progress=ctx.obj["progress"],

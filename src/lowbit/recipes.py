@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .algorithms import ALGORITHMS
+from .algorithms.awq import AWQConfig
+from .algorithms.gptq import GPTQConfig
 from .errors import UserError
 from .scheme import Scheme, parse_scheme
 from .transforms.apply import TransformConfig
@@ -14,14 +16,18 @@ from .transforms.apply import TransformConfig
 @dataclass(frozen=True)
 class Recipe:
     scheme: Scheme
-    transform: TransformConfig = TransformConfig()
+    transform: TransformConfig = field(default_factory=TransformConfig)
     algorithm: str = "rtn"
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.transform, str):
             object.__setattr__(self, "transform", TransformConfig(kind=self.transform))
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"unknown algorithm {self.algorithm!r}; available: {', '.join(ALGORITHMS)}")
+        if self.algorithm == "gptq":
+            self.gptq.check(self.scheme.weights)
 
 
 NAMED: dict[str, dict] = {
@@ -37,9 +43,22 @@ NAMED: dict[str, dict] = {
     "w4a4kv4-rotate-rtn": {"scheme": "W4A4KV4", "transform": "rotate"},
     "w4a4kv4-smoothrot-rtn": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search"},
     "w4a8kv4-rotate-online-rtn": {"scheme": "W4A8KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False},
+    # calibration-based (layer by layer)
+    "w4a16-gptq": {"scheme": "W4A16", "algorithm": "gptq"},
+    "w4g64a16-gptq": {"scheme": "W4g64A16", "algorithm": "gptq"},
+    "w3g64a16-gptq": {"scheme": "W3g64A16", "algorithm": "gptq"},
+    "w4a16-awq": {"scheme": "W4A16", "algorithm": "awq"},
+    "w4g64a16-awq": {"scheme": "W4g64A16", "algorithm": "awq"},
+    "w8a8-smoothquant": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5},
+    "w8a8-smoothquant-gptq": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
+    "w4a8kv4-smoothrot-gptq": {"scheme": "W4A8KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
+    "w4a4kv4-rotate-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "algorithm": "gptq"},
+    "w4a4kv4-smoothrot-gptq": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
 }
 KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms")
-RECIPE_KEYS = {"scheme", "transform", "algorithm", "alpha", *KNOBS}
+GPTQ_KNOBS = ("act_order", "damp", "block_size", "static_groups")
+AWQ_KNOBS = ("scale_grid", "clip_grid", "max_shrink", "search_scales", "search_clip")
+RECIPE_KEYS = {"scheme", "transform", "algorithm", "alpha", *KNOBS, *GPTQ_KNOBS, *AWQ_KNOBS}
 
 
 def load_recipe(name_or_file: str) -> Recipe:
@@ -73,6 +92,8 @@ def _from_dict(data: dict, where: str) -> Recipe:
         scheme=parse_scheme(str(data["scheme"])),
         transform=TransformConfig(kind=str(data.get("transform", "none")), alpha=parse_alpha(alpha), **knobs),
         algorithm=str(data.get("algorithm", "rtn")),
+        gptq=GPTQConfig(**{k: data[k] for k in GPTQ_KNOBS if k in data}),
+        awq=AWQConfig(**{k: data[k] for k in AWQ_KNOBS if k in data}),
     )
 
 

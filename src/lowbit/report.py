@@ -79,12 +79,36 @@ def report_markdown(report: dict) -> str:
     kv = q.get("kv_cache_bytes") or fp.get("kv_cache_bytes")
     if kv:
         lines += ["", "KV cache per sequence: " + ", ".join(f"{ctx} tokens: {n / 1e6:.1f} MB" for ctx, n in kv.items())]
+    cal = report.get("calibration")
+    if cal:
+        lines += ["", f"Calibration: {cal['data']}, {cal['samples']} x {cal['seq_len']} tokens."]
+    if "quantize_seconds" in q:
+        lines += ["", f"Quantization took {q['quantize_seconds']:.1f} s."]
+    errors = report.get("layer_errors")
+    if errors:
+        lines += ["", *layer_error_table(errors, report.get("algorithm", ""))]
     lines += [
         "",
         "Size counts quantized weights packed at their bit width plus fp16 scales, other tensors at 16 bits. "
         "OPs = MACs x W_bits x A_bits (LLM-QAT), linears incl. lm_head plus attention matmuls at 16 x KV bits.",
         "",
-        f"Wall time: {report.get('seconds', 0):.1f} s (lowbit {report.get('lowbit_version')})",
+        f"Wall time: {report.get('seconds', 0):.1f} s, peak resident memory {_gb(report.get('peak_rss_bytes'))} "
+        f"(lowbit {report.get('lowbit_version')})",
         "",
     ]
     return "\n".join(lines)
+
+
+def layer_error_table(errors: list[dict], algorithm: str) -> list[str]:
+    """Markdown rows: relative output error per layer and input group, the algorithm's beside RTN's."""
+    groups = [k for k in errors[0] if k != "layer"]
+    lines = [
+        f"Relative output error on the calibration inputs, ||X dW||^2 / ||X W||^2, {algorithm} (RTN):",
+        "",
+        "| layer | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    for entry in errors:
+        cells = [f"{entry[g].get(algorithm, 0):.2e} ({entry[g].get('rtn', 0):.2e})" for g in groups]
+        lines.append(f"| {entry['layer']} | " + " | ".join(cells) + " |")
+    return lines

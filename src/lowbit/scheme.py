@@ -90,6 +90,10 @@ class QuantArgs:
             s += f"g{self.group_size}"
         if not self.symmetric:
             s += "a"
+        if self.observer is Observer.MSE:
+            s += "m"
+        if self.clip_ratio != 1.0:
+            s += f"c{round(self.clip_ratio * 100)}"
         if not self.dynamic:
             s += "s"
         elif self.granularity is Granularity.TENSOR:
@@ -167,7 +171,7 @@ class Scheme:
 
 
 _PART = re.compile(r"(W|A|KV|K|V)(\d+)([a-z0-9]*)")
-_SUFFIX = re.compile(r"g(\d+)|a|t|s")
+_SUFFIX = re.compile(r"g(\d+)|c(\d+)|a|t|s|m")
 
 
 def parse_scheme(name: str) -> Scheme:
@@ -191,7 +195,8 @@ def parse_scheme(name: str) -> Scheme:
     if pos != len(compact) or not parts:
         raise UserError(
             f"cannot parse scheme {text!r}: expected W<bits>A<bits>KV<bits> with optional suffixes "
-            "g<N> (group size), a (asymmetric), t (per-tensor), s (static), e.g. W4A8KV4 or W4g64A16"
+            "g<N> (group size), a (asymmetric), t (per-tensor), s (static), m (MSE clip search), c<percent> "
+            "(clip ratio), e.g. W4A8KV4, W4g64A16 or W4mA4c90KV4"
         )
     kv = parts.pop("KV", None)
     return Scheme(
@@ -212,8 +217,8 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
         raise UserError(
             f"scheme {text!r}: {field_name} bits must be {MIN_BITS}-{MAX_BITS} or 16 (unquantized); got {bits}"
         )
-    group = None
-    symmetric, per_tensor, static = True, False, False
+    group, clip = None, 1.0
+    symmetric, per_tensor, static, mse = True, False, False, False
     pos = 0
     for m in _SUFFIX.finditer(suffix):
         if m.start() != pos:
@@ -221,6 +226,12 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
         pos = m.end()
         if m.group(1) is not None:
             group = int(m.group(1))
+        elif m.group(2) is not None:
+            clip = int(m.group(2)) / 100
+            if not 0 < clip <= 1:
+                raise UserError(f"scheme {text!r}: clip c{m.group(2)} is a percentage of the range, 1-100 (e.g. c90)")
+        elif m.group(0) == "m":
+            mse = True
         elif m.group(0) == "a":
             symmetric = False
         elif m.group(0) == "t":
@@ -228,7 +239,7 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
         else:
             static = True
     if pos != len(suffix):
-        raise UserError(f"scheme {text!r}: unknown suffix {suffix[pos:]!r} after {kind}{bits}; use g<N>, a, t or s")
+        raise UserError(f"scheme {text!r}: unknown suffix {suffix[pos:]!r} after {kind}{bits}; use g<N>, a, t, s, m or c<percent>")
     if static and kind == "W":
         raise UserError(f"scheme {text!r}: weights are always quantized once; 's' (static) applies to A, K and V")
     if group is not None and (per_tensor or static):
@@ -241,7 +252,13 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
         granularity = Granularity.TENSOR
     else:
         granularity = Granularity.CHANNEL if kind == "W" else Granularity.TOKEN
-    return QuantArgs(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group, dynamic=not static)
+    if mse and static:
+        raise UserError(f"scheme {text!r}: 'm' (MSE clip search per row) needs the tensor itself; static ranges use c<percent>")
+    observer = Observer.MSE if mse else Observer.MINMAX
+    return QuantArgs(
+        bits=bits, symmetric=symmetric, granularity=granularity, group_size=group, dynamic=not static,
+        clip_ratio=clip, observer=observer,
+    )
 
 
 def _enum(cls, value, what: str):

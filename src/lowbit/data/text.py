@@ -76,10 +76,19 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_batches(tokenizer, source: str | None, samples: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
-    """`samples` random windows of `seq_len` tokens from the calibration split of `source`."""
+    """`samples` windows of `seq_len` tokens from the calibration split of `source`, drawn at random
+    (seeded) from the text's non-overlapping windows, so no token is used twice."""
+    if samples < 1 or seq_len < 2:
+        raise UserError(f"calibration needs at least 1 sample of at least 2 tokens; got {samples} x {seq_len}")
     ids = tokenize(tokenizer, load_text(source, split="calib"))
-    if ids.numel() < seq_len + 1:
-        raise UserError(f"calibration text has {ids.numel()} tokens, fewer than one sample of {seq_len}; use a longer text")
+    available = ids.numel() // seq_len
+    if available < samples:
+        raise UserError(
+            f"calibration text {source or DEFAULT_DATA!r} has {ids.numel()} tokens: {available} windows of {seq_len}, "
+            f"fewer than the {samples} samples requested; use fewer samples (--calib-samples), shorter ones "
+            "(--calib-seq-len) or a longer text"
+        )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=gen)
-    return [ids[s : s + seq_len].unsqueeze(0) for s in starts.tolist()]
+    offset = int(torch.randint(0, ids.numel() - available * seq_len + 1, (1,), generator=gen))
+    picks = torch.randperm(available, generator=gen)[:samples]
+    return [ids[offset + p * seq_len : offset + (p + 1) * seq_len].unsqueeze(0) for p in picks.tolist()]

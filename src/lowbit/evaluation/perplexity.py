@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..arch import get_arch, get_module
 from ..errors import UserError
+
+HEAD_CHUNK = 256  # tokens per lm_head slice
 
 
 @dataclass
@@ -57,11 +60,21 @@ def perplexity(
 ) -> PerplexityResult:
     batches = eval_windows(token_ids, seq_len, windows)
     device = next(model.parameters()).device
+    spec = get_arch(model)
+    backbone, lm_head = get_module(model, spec.layers.rsplit(".", 1)[0]), get_module(model, spec.lm_head)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     total_nll, total_tokens = 0.0, 0
     for window in tqdm(batches, desc=desc, unit="window", disable=not progress, leave=False):
         window = window.to(device).unsqueeze(0)
-        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-        total_nll += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+        hidden = backbone(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
+        targets = window[0, 1:]
+        # The head runs on slices of the window: full-vocabulary logits of 2048 tokens would
+        # otherwise take more memory than a small model's weights.
+        for start in range(0, hidden.shape[0], HEAD_CHUNK):
+            logits = lm_head(hidden[start : start + HEAD_CHUNK]).float()
+            if softcap:  # Gemma 2/3 cap the final logits the way their forward does
+                logits = torch.tanh(logits / softcap) * softcap
+            total_nll += F.cross_entropy(logits, targets[start : start + HEAD_CHUNK], reduction="sum").item()
         total_tokens += window.shape[1] - 1
     nll = total_nll / total_tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=total_tokens, windows=len(batches), seq_len=seq_len)

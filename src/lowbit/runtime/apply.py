@@ -8,15 +8,17 @@ Embeddings and lm_head stay in full precision unless the scheme says otherwise.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms import ALGORITHMS
+from ..algorithms import ALGORITHMS, rtn_weight
 from ..arch import ArchSpec, attention_modules, decoder_layers, get_arch, get_module, head_dim, layer_linears, set_module
 from ..errors import UserError
+from ..pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig, quantize_sequential
 from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
 from ..transforms.apply import TransformConfig, apply_transform, check_transform
 from .kv import install_kv_quantizers
@@ -56,13 +58,16 @@ def quantize_model(
     transform: TransformConfig | str = "none",
     algorithm: str = "rtn",
     calibration: Iterable[torch.Tensor] | None = None,
+    pipeline: PipelineConfig | None = None,
     inplace: bool = False,
     progress: bool = True,
 ) -> nn.Module:
     """A quantized copy of `model` (or `model` itself with `inplace=True`).
 
     `transform` (none, smooth, rotate, smoothrot, or a `TransformConfig`) is applied first;
-    `calibration` (token-id batches) is needed for smoothing and for static quantizers.
+    `calibration` (token-id batches) is needed for smoothing, static quantizers, GPTQ and AWQ.
+    GPTQ and AWQ run layer by layer (`lowbit.pipeline`); `pipeline` holds their options.
+    Per-layer errors of the pipeline are left in `model.lowbit_layer_errors`.
     """
     scheme = parse_scheme(scheme)
     transform = transform if isinstance(transform, TransformConfig) else TransformConfig(kind=transform)
@@ -71,6 +76,12 @@ def quantize_model(
     check_transform(model, spec, transform, calibration)
     if algorithm not in ALGORITHMS:
         raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
+    sequential = algorithm in SEQUENTIAL_ALGORITHMS
+    if sequential:
+        pipeline = replace(pipeline or PipelineConfig(), algorithm=algorithm)
+        pipeline.check(scheme)
+        if calibration is None:
+            raise UserError(f"{algorithm} needs calibration data (--calib: a text file, a dataset, or 'generated')")
     if scheme.needs_calibration and calibration is None:
         raise UserError("static (s) activation or KV quantization needs calibration data (--calib)")
     if not inplace:
@@ -78,17 +89,20 @@ def quantize_model(
     if calibration is not None:
         calibration = list(calibration)
     transform_info = apply_transform(model, spec, transform, scheme, calibration, progress)
-    quantize_weight = ALGORITHMS[algorithm]
+    install_kv_quantizers(model, attention_modules(model, spec), scheme.keys, scheme.values)
+    model.lowbit_layer_errors = []
+    if sequential:
+        model.lowbit_layer_errors = quantize_sequential(model, spec, scheme, calibration, pipeline, progress)
+    quantize_weight = rtn_weight
     layers = decoder_layers(model, spec)
-    if scheme.weights is not None or scheme.inputs is not None:
+    if not sequential and (scheme.weights is not None or scheme.inputs is not None):
         for layer in tqdm(layers, desc=f"quantizing ({algorithm})", unit="layer", disable=not progress, leave=False):
             for name, linear in layer_linears(layer, spec).items():
                 set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, quantize_weight))
-        if scheme.quantize_lm_head:
-            set_module(model, spec.lm_head, _quant_linear(get_module(model, spec.lm_head), scheme.weights, scheme.inputs, quantize_weight))
-    install_kv_quantizers(model, attention_modules(model, spec), scheme.keys, scheme.values)
-    if scheme.needs_calibration:
-        calibrate_static(model, calibration, progress=progress)
+    if scheme.quantize_lm_head:  # RTN: the head's input is the last layer's output, no pipeline step
+        set_module(model, spec.lm_head, _quant_linear(get_module(model, spec.lm_head), scheme.weights, scheme.inputs, quantize_weight))
+    if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
+        calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
     model.lowbit_scheme = scheme
     model.lowbit_transform = {"kind": transform.kind, **transform_info}
     return model
@@ -105,9 +119,15 @@ def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, q
 
 
 @torch.no_grad()
-def calibrate_static(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
-    """Record the ranges of every static quantizer over `batches` of token ids."""
+def calibrate_static(
+    model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True, only_uncalibrated: bool = False
+) -> None:
+    """Record the ranges of every static quantizer (or of those without a range yet) over `batches`."""
     static = [m for m in model.modules() if isinstance(m, TensorQuantizer) and not m.args.dynamic]
+    if only_uncalibrated:
+        static = [q for q in static if not q.calibrated]
+    if not static:
+        return
     device = next(model.parameters()).device
     for q in static:
         q.observing = True

@@ -114,8 +114,8 @@ def _base_matrix(b: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _base_matrix_as(b: int, dtype: torch.dtype) -> torch.Tensor:
-    return _base_matrix(b).to(dtype)  # cached: online rotations call this on every forward
+def _base_matrix_as(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _base_matrix(b).to(device=device, dtype=dtype)  # cached: online rotations call this on every forward
 
 
 def sylvester(n: int) -> torch.Tensor:
@@ -144,11 +144,11 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None) -> to
     n = x.shape[-1]
     b, p = factor_order(n)
     if signs is not None:
-        x = x * signs.to(x.dtype)
+        x = x * signs.to(device=x.device, dtype=x.dtype)
     shape = x.shape
     y = x.reshape(-1, p, b)
     if b > 1:
-        y = y @ _base_matrix_as(b, x.dtype)
+        y = y @ _base_matrix_as(b, x.dtype, x.device)
     h = 1
     while h < p:
         y = y.view(-1, p // (2 * h), 2, h, b)

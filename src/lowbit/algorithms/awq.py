@@ -1,0 +1,133 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+For the linears that read one input X, search per-input-channel scales s = mean|X|^r over a grid
+of exponents r in [0, 1); quantize W * s and divide X by s (1/s is folded into the op that
+produces X, so it costs nothing). Then search, per output row (or group), the clipping of the
+weight range that minimises the output error. Both searches minimise ||X W^T - X Q(W)^T||^2 on a
+sample of the calibration inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.fake import as_rows, fake_quantize, fake_rows, minmax_qparams
+from ..scheme import Granularity, QuantArgs
+
+SAMPLE_ROWS = 4096  # calibration tokens kept per input for the searches
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    scale_grid: int = 20  # exponents 0, 1/20, ..., 19/20
+    clip_grid: int = 20  # clip ratios 1, 0.975, ..., down to 0.5 + 1/40
+    max_shrink: float = 0.5
+    search_scales: bool = True
+    search_clip: bool = True
+
+
+class AWQ:
+    """Collects a sample of one input (shared by the group's linears) and mean |X| per channel."""
+
+    def __init__(self, columns: int, sample_rows: int = SAMPLE_ROWS, seed: int = 0) -> None:
+        self.columns = columns
+        self.sample_rows = sample_rows
+        self.abs_sum = torch.zeros(columns, dtype=torch.float64)
+        self.count = 0
+        self.rows: list[torch.Tensor] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.columns).float()
+        self.abs_sum += x.abs().sum(0).double().cpu()
+        self.count += x.shape[0]
+        self.rows.append(x[torch.randperm(x.shape[0], generator=self.generator)[: self.sample_rows]].cpu())
+
+    def sample(self) -> torch.Tensor:
+        rows = torch.cat(self.rows)
+        if rows.shape[0] > self.sample_rows:
+            rows = rows[torch.randperm(rows.shape[0], generator=self.generator)[: self.sample_rows]]
+        self.rows = [rows]
+        return rows
+
+    @torch.no_grad()
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        args: QuantArgs,
+        config: AWQConfig = AWQConfig(),
+        scalable: bool = True,
+        tie=None,
+        input_args: QuantArgs | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(dequantized weight for the *scaled* input, input scales s or None).
+
+        The caller divides the input by s (folds 1/s into the producer); the returned weight
+        already includes W * s. `scalable=False` (an input that cannot absorb a scale, e.g. one
+        rotated online) searches only the clipping. `tie` maps the per-channel activation means to
+        values shared where channels must share a scale; `input_args` (activation quantization)
+        is applied to X / s inside the scale search, so the search sees what the model will run."""
+        x = self.sample().to(weight.device)
+        w = weight.detach().float()
+        scales = None
+        if scalable and config.search_scales:
+            act_mean = self.abs_sum.float().to(w.device) / max(self.count, 1)
+            if tie is not None:
+                act_mean = tie(act_mean)
+            scales = awq_scales(x, w, act_mean, args, config.scale_grid, input_args)
+            w = w * scales
+            x = x / scales
+        if config.search_clip:
+            return clipped_quantize(x, w, args, config), scales
+        return fake_rows(as_rows(w, args), minmax_qparams(as_rows(w, args), args), args).reshape(w.shape), scales
+
+
+def awq_scales(
+    x: torch.Tensor, weight: torch.Tensor, act_mean: torch.Tensor, args: QuantArgs, grid: int, input_args: QuantArgs | None = None
+) -> torch.Tensor:
+    """Per-channel scales s = act_mean^r / sqrt(max * min), r from the grid, lowest output error."""
+    ref = x @ weight.T
+    best_err, best = None, torch.ones_like(act_mean)
+    for r in (i / grid for i in range(grid)):
+        s = act_mean.clamp(min=1e-4).pow(r)
+        s = s / (s.max() * s.min()).sqrt()
+        q = fake_rows(as_rows(weight * s, args), minmax_qparams(as_rows(weight * s, args), args), args)
+        xs = x / s if input_args is None else fake_quantize(x / s, input_args)
+        err = (ref - xs @ q.reshape(weight.shape).T).pow(2).sum().item()
+        if best_err is None or err < best_err:
+            best_err, best = err, s
+    return best
+
+
+def clipped_quantize(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, config: AWQConfig) -> torch.Tensor:
+    """Quantize with, per row of scales (output channel or group), the clip ratio that minimises
+    that row's contribution to the output error on `x` (per-tensor: one ratio for all)."""
+    out, cols = weight.shape
+    rows = as_rows(weight, args)
+    if args.granularity is Granularity.TENSOR:
+        gram = (x.T @ x).unsqueeze(0)  # [1, in, in]
+        diff_view = (out, 1, cols)
+    else:
+        g = rows.shape[1]
+        groups = cols // g
+        xg = x.reshape(x.shape[0], groups, g)
+        gram = torch.einsum("ngc,ngd->gcd", xg, xg)  # per-group Gram matrices [groups, g, g]
+        diff_view = (out, groups, g)
+    best_q = best_err = None
+    for i in range(config.clip_grid):
+        ratio = 1.0 - i * config.max_shrink / config.clip_grid
+        q = fake_rows(rows, minmax_qparams(rows, args, ratio), args)
+        diff = (rows - q).reshape(diff_view)
+        # ||x_group . diff_(row, group)||^2 over the sample = diff C_group diff^T
+        err = (torch.einsum("ogc,gcd->ogd", diff, gram) * diff).sum(-1)
+        err = err.sum().reshape(1, 1) if args.granularity is Granularity.TENSOR else err.reshape(-1, 1)
+        if best_err is None:
+            best_err, best_q = err, q
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better, q, best_q)
+    return best_q.reshape(weight.shape)

@@ -1,0 +1,164 @@
+"""GPTQ (Frantar et al., 2022): quantize weight columns one by one, each time updating the
+columns not yet quantized to compensate the error, using the inverse Hessian of the layer's
+squared output error, H = 2/n sum x x^T over the calibration inputs.
+
+This is the paper's algorithm 1: Cholesky factor of H^-1, lazy batched updates in blocks of
+columns, optional act-order (columns by decreasing H_jj) and group quantization. With act-order,
+groups keep their contiguous columns in the original order, with scales computed before any
+update ("static groups"), so the result stores like any group-quantized weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..quant.fake import QParams, as_rows, compute_qparams, fake_rows
+from ..scheme import Granularity, QuantArgs
+
+log = logging.getLogger("lowbit")
+
+MAX_DAMP_RETRIES = 6  # damping x10 each time: 1% of the mean diagonal -> at most 1e4 x that
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    block_size: int = 128
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    act_order: bool = False
+    static_groups: bool = True  # with act_order: group scales from the weights before updates
+
+    def check(self, args: QuantArgs | None = None) -> None:
+        if self.block_size < 1:
+            raise UserError(f"GPTQ block size must be at least 1; got {self.block_size}")
+        if not 0.0 < self.damp < 1.0:
+            raise UserError(f"GPTQ damping must be in (0, 1) (a fraction of the mean Hessian diagonal); got {self.damp}")
+        if args is not None and self.act_order and args.granularity is Granularity.GROUP and not self.static_groups:
+            raise UserError(
+                "act-order with dynamic groups would give each group columns scattered over the input, "
+                "which the packed group format cannot store; use static groups (the default) or drop act-order"
+            )
+        if args is not None and args.granularity is Granularity.TOKEN:
+            raise UserError("per-token granularity is for activations; weights are per-channel, per-group or per-tensor")
+
+
+class GPTQ:
+    """Accumulates the Hessian of one input shared by one or more linears, then quantizes them."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.columns = columns
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add inputs x [..., columns]; H stays the running mean 2/n sum x x^T."""
+        x = x.reshape(-1, self.columns).float()
+        n = x.shape[0]
+        total = self.samples + n
+        self.hessian.mul_(self.samples / total)
+        x = x * math.sqrt(2 / total)
+        self.hessian.addmm_(x.T, x)
+        self.samples = total
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig()) -> torch.Tensor:
+        """The dequantized GPTQ weight for `weight` [out, in] (rows of all linears reading this input)."""
+        config.check(args)
+        if self.samples == 0:
+            raise RuntimeError("GPTQ.quantize called before any add_batch")
+        return gptq_quantize(weight, self.hessian, args, config)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig()) -> torch.Tensor:
+    W = weight.detach().float().clone()
+    H = hessian.float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0  # inputs that are always zero: their weights do not matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    group = args.group_size if args.granularity is Granularity.GROUP else None
+    if group is None:
+        fixed = compute_qparams(as_rows(W, args), args)  # per-channel (or per-tensor) scales up front
+        if args.granularity is Granularity.TENSOR:
+            fixed = QParams(fixed.scale.expand(rows, 1), fixed.zero.expand(rows, 1))
+    static = None
+    if group is not None and config.act_order:
+        static = [_group_qparams(W[:, g : g + group], args) for g in range(0, cols, group)]
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv = _inverse_hessian_factor(H, config.damp)
+    Q = torch.zeros_like(W)
+    qp = fixed if group is None else None
+    for i1 in range(0, cols, config.block_size):
+        i2 = min(i1 + config.block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group is not None:
+                if static is not None:
+                    qp = static[int(perm[col]) // group]
+                elif col % group == 0:  # scales of a new group, from the already-updated weights
+                    qp = _group_qparams(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group], args)
+            w = W1[:, i : i + 1]
+            q = fake_rows(w, qp, args)
+            Q1[:, i : i + 1] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            Err1[:, i : i + 1] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(weight.dtype)
+
+
+def _group_qparams(columns: torch.Tensor, args: QuantArgs) -> QParams:
+    """Per-row scales of one group of columns ([rows, group])."""
+    return compute_qparams(columns, args)
+
+
+def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + lambda I)^-1, lambda = damp * mean diag(H). A Hessian that is
+    not positive definite (too few or degenerate samples) is retried with ten times the damping."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        d = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning(
+                        "GPTQ: the Hessian was not positive definite with damping %.3g; succeeded with damping %.3g "
+                        "(use more calibration samples, or set damp higher)", damp, d,
+                    )
+                return U
+    raise UserError(
+        f"GPTQ: the Hessian is not positive definite even with damping {damp * 10**MAX_DAMP_RETRIES:g}; "
+        "the calibration inputs of this layer are degenerate; use more or longer calibration samples"
+    )
+
+
+def output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative quantized-output error on the calibration inputs, from the Hessian:
+    ||X dW^T||^2 / ||X W^T||^2 = tr(dW H dW^T) / tr(W H W^T)."""
+    dw = (weight.float() - qweight.float()).to(hessian.device)
+    w = weight.float().to(hessian.device)
+    num = torch.einsum("oi,ij,oj->", dw, hessian, dw).item()
+    den = torch.einsum("oi,ij,oj->", w, hessian, w).item()
+    return num / den if den > 0 else 0.0

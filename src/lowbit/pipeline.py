@@ -1,0 +1,329 @@
+"""The sequential layer-by-layer pipeline for calibration-based weight quantization (GPTQ, AWQ).
+
+1. The calibration samples go through the embeddings once; the inputs of decoder layer 0 are kept
+   (one [samples, tokens, hidden] buffer) with the keyword arguments every layer receives
+   (masks, rotary embeddings), captured from the stock model with each layer's forward replaced
+   by a recorder.
+2. For each layer, each input group in order (q/k/v, o, gate/up, down): run the layer on all
+   samples, stopping right after the group's input is seen, with the groups before it already
+   quantized (weights, activations, KV cache); feed that input to the algorithm; swap in the
+   quantized linears. Then run the whole quantized layer to produce the next layer's inputs,
+   written over the same buffer.
+
+Only one layer's activations are alive at a time, and with `device` set only the current layer
+and one batch of samples move to that device; the model stays where it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms.awq import AWQ, AWQConfig
+from .algorithms.gptq import GPTQ, GPTQConfig, output_error
+from .algorithms.rtn import rtn_weight
+from .arch import ArchSpec, InputGroup, decoder_layers, get_module, head_dim, set_module
+from .errors import UserError
+from .runtime.kv import KEY_QUANT, VALUE_QUANT
+from .runtime.linear import QuantLinear
+from .runtime.quantizer import TensorQuantizer
+from .scheme import Scheme
+from .transforms.rotate import norm_gain, scale_output_rows, set_norm_gain
+
+log = logging.getLogger("lowbit")
+
+SEQUENTIAL_ALGORITHMS = ("gptq", "awq")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the input we wanted has been seen: the rest of the layer is skipped."""
+
+
+@dataclass
+class PipelineConfig:
+    algorithm: str = "gptq"
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    batch_size: int = 8  # calibration samples per forward of a layer
+    device: str | None = None  # run layers there (e.g. "cuda"); the model stays on its device
+
+    def check(self, scheme: Scheme) -> None:
+        if self.algorithm not in SEQUENTIAL_ALGORITHMS:
+            raise UserError(f"the sequential pipeline runs {', '.join(SEQUENTIAL_ALGORITHMS)}; got {self.algorithm!r}")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be at least 1; got {self.batch_size}")
+        if self.algorithm == "gptq":
+            self.gptq.check(scheme.weights)
+        if self.device is not None:
+            try:
+                torch.empty(0, device=self.device)
+            except (RuntimeError, AssertionError) as exc:
+                raise UserError(f"device {self.device!r} is not usable here: {str(exc).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def quantize_sequential(
+    model: nn.Module,
+    spec: ArchSpec,
+    scheme: Scheme,
+    calibration: Sequence[torch.Tensor],
+    config: PipelineConfig | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Quantize every decoder linear of `model` in place; returns per-layer, per-group errors
+    (relative quantized-output error on the calibration inputs, next to plain RTN's)."""
+    config = config or PipelineConfig()
+    config.check(scheme)
+    home = next(model.parameters()).device
+    device = torch.device(config.device) if config.device else home
+    ids = _stack(calibration)
+    layers = decoder_layers(model, spec)
+    t0 = time.time()
+    hidden, kwargs_by_layer = _capture_layer_inputs(model, spec, ids, config.batch_size)
+    log.debug("captured layer-0 inputs for %d samples in %.1f s", ids.shape[0], time.time() - t0)
+    dim = head_dim(model.config)
+    kv_groups = model.config.num_attention_heads // (getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads)
+    report = []
+    bar = tqdm(layers, desc=f"{config.algorithm} layer by layer", unit="layer", disable=not progress, leave=False)
+    for i, layer in enumerate(bar):
+        layer.to(device)
+        kwargs = [_to(k, device) for k in kwargs_by_layer[i]]
+        runner = _LayerRunner(layer, hidden, kwargs, device)
+        entry = {"layer": i}
+        for group in spec.input_groups:
+            entry[_role(group)] = _quantize_group(layer, spec, group, scheme, config, runner, kv_groups, dim)
+        runner.run_all(write_back=True)
+        layer.to(home)
+        report.append(entry)
+        summary = " ".join(f"{k}={v[config.algorithm]:.2e}" for k, v in entry.items() if k != "layer")
+        log.debug("layer %d: relative output error %s", i, summary)
+        bar.set_postfix_str(f"down err {entry['down'][config.algorithm]:.1e}")
+    return report
+
+
+def _role(group: InputGroup) -> str:
+    first = group.linears[0]
+    return {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.down_proj": "down"}.get(first, first)
+
+
+def _stack(calibration: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not calibration:
+        raise UserError("the sequential pipeline needs calibration samples; got none")
+    rows = [c.reshape(1, -1) if c.dim() == 1 else c for c in calibration]
+    lengths = {r.shape[1] for r in rows}
+    if len(lengths) > 1:
+        raise UserError(f"calibration samples must share one length for layer-by-layer quantization; got lengths {sorted(lengths)}")
+    return torch.cat(rows).long()
+
+
+def _backbone(model: nn.Module, spec: ArchSpec) -> nn.Module:
+    return get_module(model, spec.layers.rsplit(".", 1)[0])
+
+
+def _capture_layer_inputs(model, spec, ids, batch_size):
+    """Layer-0 inputs for all samples ([n, tokens, hidden], on the model's device... kept on CPU)
+    and, per layer, the keyword arguments for each batch (same shapes share one entry)."""
+    layers = decoder_layers(model, spec)
+    device = next(model.parameters()).device
+    batches = list(torch.split(ids, batch_size))
+    hidden = []
+    kwargs_by_layer: list[list[dict]] = [[] for _ in layers]
+    by_shape: dict[tuple, list[dict]] = {}
+    current: dict = {}
+
+    def recorder(index):
+        def forward(hidden_states, *args, **kwargs):
+            if index == 0:
+                hidden.append(hidden_states.detach().to("cpu", copy=True))
+            if current["record"]:
+                current["kwargs"][index] = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+            if not current["record"] and index == 0:
+                raise _StopForward
+            return hidden_states
+
+        return forward
+
+    backbone = _backbone(model, spec)
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # instance attribute shadows the class's forward
+    try:
+        for batch in batches:
+            shape = tuple(batch.shape)
+            current["record"] = shape not in by_shape
+            current["kwargs"] = [None] * len(layers)
+            try:
+                backbone(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            if current["record"]:
+                by_shape[shape] = current["kwargs"]
+            for i in range(len(layers)):
+                kwargs_by_layer[i].append(by_shape[shape][i])
+    finally:
+        for layer in layers:
+            del layer.forward
+    return hidden, kwargs_by_layer
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+class _LayerRunner:
+    """Runs one layer over every batch of the current inputs."""
+
+    def __init__(self, layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device) -> None:
+        self.layer, self.hidden, self.kwargs, self.device = layer, hidden, kwargs, device
+
+    def run_until(self, module: nn.Module, on_input: Callable[[torch.Tensor], None]) -> None:
+        """Forward every batch until `module` is about to run; `on_input` sees its input."""
+
+        def hook(_, args):
+            on_input(args[0])
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            for x, kw in zip(self.hidden, self.kwargs):
+                try:
+                    self.layer(x.to(self.device), **kw)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+
+    def run_all(self, write_back: bool) -> None:
+        for j, (x, kw) in enumerate(zip(self.hidden, self.kwargs)):
+            out = self.layer(x.to(self.device), **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            if write_back:
+                self.hidden[j].copy_(out.to(self.hidden[j].device))
+
+
+def _quantize_group(layer, spec, group, scheme, config, runner: _LayerRunner, kv_groups, dim) -> dict:
+    role = _role(group)
+    linears = [get_module(layer, n) for n in group.linears]
+    first = linears[0]
+    rotation = getattr(first, "input_rotation", None)
+    columns = first.in_features
+    static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
+    attention = get_module(layer, spec.attention)
+    if role == "o":
+        _observe_static_kv(attention, first, runner)
+    if config.algorithm == "gptq":
+        collector = GPTQ(columns, device=runner.device)
+    else:
+        collector = AWQ(columns)
+    channel_range = {"lo": None, "hi": None}
+
+    def on_input(x):
+        if rotation is not None:
+            x = rotation(x)
+        collector.add_batch(x)
+        if static_inputs:  # per-channel extremes: the per-tensor range after any AWQ scaling follows exactly
+            flat = x.reshape(-1, columns)
+            lo, hi = flat.amin(0), flat.amax(0)
+            channel_range["lo"] = lo if channel_range["lo"] is None else torch.minimum(channel_range["lo"], lo)
+            channel_range["hi"] = hi if channel_range["hi"] is None else torch.maximum(channel_range["hi"], hi)
+
+    runner.run_until(first, on_input)
+    weight = torch.cat([lin.weight.detach().float() for lin in linears])
+    scales = None
+    w_args = scheme.weights
+    if w_args is None:  # activations only: weights stay, only the input quantizers are added
+        qweight, errors = weight, {config.algorithm: 0.0, "rtn": 0.0}
+    elif config.algorithm == "gptq":
+        qweight = collector.quantize(weight, w_args, config.gptq)
+        h = collector.hessian
+        errors = {"gptq": output_error(weight, qweight, h), "rtn": output_error(weight, rtn_weight(weight, w_args), h)}
+        del collector.hessian
+    else:
+        scalable = rotation is None and _scalable_source(layer, spec, group)
+        qweight, scales = collector.quantize(weight, w_args, config.awq, scalable=scalable, tie=_tie_heads(role, kv_groups, dim), input_args=scheme.inputs)
+        x = collector.sample().to(weight.device)
+        ref = x @ weight.T
+        den = ref.pow(2).sum().item() or 1.0
+        xs = x / scales if scales is not None else x
+        errors = {
+            "awq": (ref - xs @ qweight.T).pow(2).sum().item() / den,
+            "rtn": (ref - x @ rtn_weight(weight, w_args).T).pow(2).sum().item() / den,
+        }
+        if scales is not None:
+            _fold_input_scales(layer, spec, group, scales, kv_groups, dim)
+            errors["scaled"] = True
+    offset = 0
+    for name, lin in zip(group.linears, linears):
+        rows = lin.out_features
+        w = qweight[offset : offset + rows].to(lin.weight.dtype)
+        offset += rows
+        new = QuantLinear(w, lin.bias, w_args, scheme.inputs, rotation).to(runner.device)
+        if static_inputs:
+            lo, hi = channel_range["lo"], channel_range["hi"]
+            if scales is not None:
+                lo, hi = lo / scales.to(lo.device), hi / scales.to(hi.device)
+            new.input_quant.observed_min.copy_(lo.min())
+            new.input_quant.observed_max.copy_(hi.max())
+        set_module(layer, name, new)
+    if role == "o" and scales is not None:
+        _observe_static_kv(attention, get_module(layer, group.linears[0]), runner)  # v_proj rows changed
+    return errors
+
+
+def _observe_static_kv(attention: nn.Module, o_proj: nn.Module, runner: _LayerRunner) -> None:
+    """Static (per-tensor) KV quantizers of this layer observe their range, in a pass that stops
+    before o_proj, so the groups after it see a calibrated, quantizing KV cache."""
+    static = [q for q in (getattr(attention, KEY_QUANT, None), getattr(attention, VALUE_QUANT, None)) if isinstance(q, TensorQuantizer) and not q.args.dynamic]
+    if not static:
+        return
+    for q in static:
+        q.observed_min.fill_(float("inf"))
+        q.observed_max.fill_(float("-inf"))
+        q.observing = True
+    try:
+        runner.run_until(o_proj, lambda x: None)
+    finally:
+        for q in static:
+            q.observing = False
+
+
+def _scalable_source(layer, spec, group) -> bool:
+    """Can the producer of this input absorb a per-channel 1/s? A linear can (its rows), a norm
+    can if it has a gain. (An input rotated online cannot; the caller checks that.)"""
+    if group.source in spec.linears:
+        return True
+    return getattr(get_module(layer, group.source), "weight", None) is not None
+
+
+def _tie_heads(role: str, kv_groups: int, dim: int):
+    """o_proj's input channels of heads that share one KV head come from the same v_proj rows, so
+    they must share a scale: average a per-channel vector over those heads ([kv, n_rep, dim])."""
+    if role != "o" or kv_groups <= 1:
+        return None
+
+    def tie(v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, kv_groups, dim).mean(1, keepdim=True).expand(-1, kv_groups, -1).reshape(-1)
+
+    return tie
+
+
+def _fold_input_scales(layer, spec, group, scales, kv_groups, dim) -> None:
+    """The input of the group is now divided by `scales`: fold 1/s into its producer."""
+    source = get_module(layer, group.source)
+    if group.source in spec.linears:
+        s = scales.view(-1, kv_groups, dim)[:, 0].reshape(-1) if _role(group) == "o" else scales
+        scale_output_rows(source, 1 / s.to(source.weight.device))
+    else:
+        offset = spec.norm_weight_offset
+        set_norm_gain(source, norm_gain(source, offset) / scales.to(source.weight.device).double(), offset)
