@@ -157,3 +157,55 @@ def test_evaluate_refuses_a_run_folder_without_a_model(tiny_model_dir, sample_te
     assert "fp" not in json.loads((out / "report.json").read_text())  # --no-fp: absent, not null
     code, _, err = run(["-q", "evaluate", str(out)], capsys)
     assert code == 2 and "run folder without a saved model" in err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--algorithm", "gptq", "--scheme", "W4g32A16", "--act-order", "--damp", "0.05"],
+        ["--algorithm", "awq", "--scheme", "W4A8KV8"],
+        ["--recipe", "w4a4kv4-rotate-gptq"],
+        ["--recipe", "w8a8-smoothquant-gptq"],
+    ],
+)
+def test_calibrated_algorithms_from_the_cli(tiny_model_dir, sample_text_file, tmp_path, capsys, extra):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(sample_text_file.read_text()[::-1])
+    out = tmp_path / "run"
+    args = quantize_args(tiny_model_dir, sample_text_file, "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "16", "--out", str(out), *extra)
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["algorithm"] in ("gptq", "awq")
+    assert report["calibration"]["samples"] == 4 and report["calibration"]["seq_len"] == 16
+    assert len(report["layer_errors"]) == 2 and report["peak_rss_bytes"] > 0
+    assert "Relative output error" in stdout
+    if "--act-order" in extra:
+        assert report["algorithm_args"]["act_order"] and report["algorithm_args"]["damp"] == 0.05
+
+
+def test_data_free_calibration_from_the_cli(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = quantize_args(
+        tiny_model_dir, sample_text_file, "--algorithm", "gptq", "--scheme", "W4A16", "--calib", "generated",
+        "--calib-samples", "2", "--calib-seq-len", "12", "--out", str(out),
+    )
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["calibration"]["data"] == "generated"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--act-order"], "GPTQ options"),
+        (["--algorithm", "gptq", "--calib-samples", "100000"], "fewer than the 100000 samples requested"),
+        (["--algorithm", "gptq", "--device", "nonsense"], "is not usable here"),
+        (["--algorithm", "gptq", "--damp", "2"], "damping must be in"),
+        (["--algorithm", "gptq", "--calib-seq-len", "1"], "--calib-seq-len must be at least 2"),
+        (["--algorithm", "magic"], "unknown algorithm"),
+    ],
+)
+def test_bad_algorithm_options(tiny_model_dir, sample_text_file, capsys, extra, message):
+    code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, *extra), capsys)
+    assert code == 2 and message in err, err

@@ -1,6 +1,6 @@
 import pytest
 
-from lowbit import Granularity, QuantArgs, UserError, parse_scheme
+from lowbit import Granularity, Observer, QuantArgs, UserError, parse_scheme
 
 
 def test_parse_w4a8kv4_defaults():
@@ -26,7 +26,17 @@ def test_suffixes():
     assert s.values.granularity is Granularity.TENSOR
 
 
-@pytest.mark.parametrize("name", ["W4A8KV4", "W4g64A16", "W8aA8tKV8", "W3g32aA16K4V8", "W8A8sKV8s", "W16A16KV16"])
+def test_clipping_suffixes():
+    s = parse_scheme("W4g64mA8c90KV4c95")
+    assert s.weights.observer is Observer.MSE and s.weights.clip_ratio == 1.0
+    assert s.inputs.clip_ratio == 0.9 and s.inputs.observer is Observer.MINMAX
+    assert s.keys.clip_ratio == s.values.clip_ratio == 0.95
+    assert s.name == "W4g64mA8c90KV4c95"
+
+
+@pytest.mark.parametrize(
+    "name", ["W4A8KV4", "W4g64A16", "W8aA8tKV8", "W3g32aA16K4V8", "W8A8sKV8s", "W16A16KV16", "W4mA8c90KV4c95", "W8A8sc80"]
+)
 def test_name_round_trip(name):
     assert parse_scheme(parse_scheme(name).name) == parse_scheme(name)
 
@@ -46,6 +56,9 @@ def test_name_round_trip(name):
         ("W4g0", "group size must be positive"),
         ("W4s", "weights are always"),
         ("W4g64t", "both per-group and per-tensor"),
+        ("W4A8c0", "percentage of the range"),
+        ("W4A8c150", "percentage of the range"),
+        ("W8A8sm", "MSE clip search"),
     ],
 )
 def test_invalid_names_fail_with_the_field(name, words):

@@ -14,6 +14,7 @@ from .errors import UserError
 
 ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+GROUP_ROLES = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.down_proj": "down"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class InputGroup:
 
     source: str
     linears: tuple[str, ...]
+
+    @property
+    def role(self) -> str:
+        """qkv, o, gate_up or down: what the group is, whatever the family calls its modules."""
+        return GROUP_ROLES.get(self.linears[0], self.linears[0])
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,11 @@ def get_arch(model: nn.Module) -> ArchSpec:
 def head_dim(config) -> int:
     """Per-head dimension: config.head_dim where set, else hidden_size / attention heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_groups(config) -> int:
+    """Query heads per KV head (1 without grouped-query attention)."""
+    return config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -83,7 +83,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 )
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal.")
+@click.option(
+    "--act-order/--no-act-order", default=None, help="GPTQ: columns in order of decreasing Hessian diagonal [default: on]."
+)
 @click.option("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean Hessian diagonal [default: 0.01].")
 @click.option("--device", default=None, help="Run the layer-by-layer pipeline on this device (e.g. cuda); the model stays on CPU.")
 @_eval_options
@@ -116,8 +118,8 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
     if no_fold_norms:
         changes["fold_norms"] = False
     gptq_changes = {}
-    if act_order:
-        gptq_changes["act_order"] = True
+    if act_order is not None:
+        gptq_changes["act_order"] = act_order
     if damp is not None:
         gptq_changes["damp"] = damp
     chosen = Recipe(
@@ -128,7 +130,7 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
         awq=base.awq,
     )
     if gptq_changes and chosen.algorithm != "gptq":
-        raise UserError(f"--act-order and --damp are GPTQ options; the algorithm is {chosen.algorithm!r} (add --algorithm gptq)")
+        raise UserError(f"--act-order/--no-act-order and --damp are GPTQ options; the algorithm is {chosen.algorithm!r} (add --algorithm gptq)")
     if calib_samples < 1:
         raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
     if calib_seq_len < 2:

@@ -58,7 +58,7 @@ NAMED: dict[str, dict] = {
 KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms")
 GPTQ_KNOBS = ("act_order", "damp", "block_size", "static_groups")
 AWQ_KNOBS = ("scale_grid", "clip_grid", "max_shrink", "search_scales", "search_clip")
-RECIPE_KEYS = {"scheme", "transform", "algorithm", "alpha", *KNOBS, *GPTQ_KNOBS, *AWQ_KNOBS}
+RECIPE_KEYS = {"scheme", "transform", "algorithm", "alpha", "token_clip", *KNOBS, *GPTQ_KNOBS, *AWQ_KNOBS}
 
 
 def load_recipe(name_or_file: str) -> Recipe:
@@ -92,8 +92,8 @@ def _from_dict(data: dict, where: str) -> Recipe:
         scheme=parse_scheme(str(data["scheme"])),
         transform=TransformConfig(kind=str(data.get("transform", "none")), alpha=parse_alpha(alpha), **knobs),
         algorithm=str(data.get("algorithm", "rtn")),
-        gptq=GPTQConfig(**{k: data[k] for k in GPTQ_KNOBS if k in data}),
-        awq=AWQConfig(**{k: data[k] for k in AWQ_KNOBS if k in data}),
+        gptq=GPTQConfig(**{k: data[k] for k in (*GPTQ_KNOBS, "token_clip") if k in data}),
+        awq=AWQConfig(**{k: data[k] for k in (*AWQ_KNOBS, "token_clip") if k in data}),
     )
 
 

@@ -15,8 +15,10 @@ import torch
 
 from ..quant.fake import as_rows, fake_quantize, fake_rows, minmax_qparams
 from ..scheme import Granularity, QuantArgs
+from .tokens import clip_token_norms
 
 SAMPLE_ROWS = 4096  # calibration tokens kept per input for the searches
+SEARCH_ROWS_WITH_ACT_QUANT = 1024  # rows for the scale search when activations are quantized too
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,15 @@ class AWQConfig:
     max_shrink: float = 0.5
     search_scales: bool = True
     search_clip: bool = True
+    token_clip: float | None = None  # optional: massive tokens count at most token_clip x the median norm
 
 
 class AWQ:
     """Collects a sample of one input (shared by the group's linears) and mean |X| per channel."""
 
-    def __init__(self, columns: int, sample_rows: int = SAMPLE_ROWS, seed: int = 0) -> None:
+    def __init__(self, columns: int, sample_rows: int = SAMPLE_ROWS, seed: int = 0, token_clip: float | None = None) -> None:
         self.columns = columns
+        self.token_clip = token_clip
         self.sample_rows = sample_rows
         self.abs_sum = torch.zeros(columns, dtype=torch.float64)
         self.count = 0
@@ -44,6 +48,7 @@ class AWQ:
         x = x.reshape(-1, self.columns).float()
         self.abs_sum += x.abs().sum(0).double().cpu()
         self.count += x.shape[0]
+        x = clip_token_norms(x, self.token_clip)
         self.rows.append(x[torch.randperm(x.shape[0], generator=self.generator)[: self.sample_rows]].cpu())
 
     def sample(self) -> torch.Tensor:
@@ -89,14 +94,25 @@ def awq_scales(
     x: torch.Tensor, weight: torch.Tensor, act_mean: torch.Tensor, args: QuantArgs, grid: int, input_args: QuantArgs | None = None
 ) -> torch.Tensor:
     """Per-channel scales s = act_mean^r / sqrt(max * min), r from the grid, lowest output error."""
-    ref = x @ weight.T
+    if input_args is None:
+        # ||X W^T - (X/s) Q^T||^2 = tr(D G D^T) with D = W - Q diag(1/s), G = X^T X: cheaper than
+        # multiplying the sample when it has more rows than the layer has inputs
+        gram = x.T @ x
+        ref = None
+    else:
+        x = x[:SEARCH_ROWS_WITH_ACT_QUANT]
+        ref = x @ weight.T
     best_err, best = None, torch.ones_like(act_mean)
     for r in (i / grid for i in range(grid)):
         s = act_mean.clamp(min=1e-4).pow(r)
         s = s / (s.max() * s.min()).sqrt()
-        q = fake_rows(as_rows(weight * s, args), minmax_qparams(as_rows(weight * s, args), args), args)
-        xs = x / s if input_args is None else fake_quantize(x / s, input_args)
-        err = (ref - xs @ q.reshape(weight.shape).T).pow(2).sum().item()
+        rows = as_rows(weight * s, args)
+        q = fake_rows(rows, minmax_qparams(rows, args), args).reshape(weight.shape)
+        if ref is None:
+            d = weight - q / s
+            err = ((d @ gram) * d).sum().item()
+        else:
+            err = (ref - fake_quantize(x / s, input_args) @ q.T).pow(2).sum().item()
         if best_err is None or err < best_err:
             best_err, best = err, s
     return best

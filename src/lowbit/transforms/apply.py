@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, attention_modules, decoder_layers, get_module, head_dim, set_module
+from ..arch import ArchSpec, attention_modules, decoder_layers, get_module, head_dim, kv_groups, set_module
 from ..errors import UserError
 from ..runtime.linear import QuantLinear
 from ..runtime.rotation import OnlineHadamard
@@ -82,18 +82,6 @@ class TransformConfig:
         return self.kind in ("smooth", "smoothrot")
 
 
-@dataclass
-class _Group:
-    source: str
-    linears: tuple[str, ...]
-    role: str  # "qkv", "o", "gate_up" or "down"
-
-
-def _groups(spec: ArchSpec) -> list[_Group]:
-    roles = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.down_proj": "down"}
-    return [_Group(g.source, g.linears, roles[g.linears[0]]) for g in spec.input_groups]
-
-
 def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, calibration=()) -> None:
     """Fail before any work: unsupported family, missing calibration, no Hadamard matrix.
     `calibration=()` (the default) skips the calibration check, for callers that get it later."""
@@ -105,7 +93,7 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
         raise UserError(f"transform {config.kind!r} is not supported for {spec.family} yet; supported: {', '.join(spec.transforms)}")
     if config.rotates:
         layer = decoder_layers(model, spec)[0]
-        sizes = {get_module(layer, g.linears[0]).in_features for g in _groups(spec)} | {head_dim(model.config)}
+        sizes = {get_module(layer, g.linears[0]).in_features for g in spec.input_groups} | {head_dim(model.config)}
         for n in sorted(sizes):
             factor_order(n)  # raises a UserError that says why
 
@@ -119,7 +107,7 @@ def collect_input_stats(
     gen = torch.Generator().manual_seed(0)
     hooks = []
     for i, layer in enumerate(decoder_layers(model, spec)):
-        for group in _groups(spec):
+        for group in spec.input_groups:
             key = (i, group.role)
 
             def hook(module, args, key=key):
@@ -162,7 +150,7 @@ def apply_transform(
     if config.needs_calibration:
         stats = collect_input_stats(model, spec, calibration, SAMPLE_ROWS if config.alpha is None else 0, progress)
     dim = head_dim(model.config)
-    kv_groups = model.config.num_attention_heads // (getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads)
+    n_rep = kv_groups(model.config)
     signs_cache: dict[int, torch.Tensor | None] = {}
 
     def signs(n: int) -> torch.Tensor | None:
@@ -181,7 +169,7 @@ def apply_transform(
     if fused_r1:
         _rotate_residual_stream(model, spec, signs(model.config.hidden_size))
     for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)):
-        for group in _groups(spec):
+        for group in spec.input_groups:
             linears = [get_module(layer, n) for n in group.linears]
             online_r1 = config.r1 and not fused_r1
             rotate = config.rotates and {"qkv": online_r1, "gate_up": online_r1, "o": config.r2, "down": config.r4}[group.role]
@@ -200,14 +188,14 @@ def apply_transform(
                     act_absmax = act_absmax / gain.abs().clamp(min=1e-12)
                     rows = rows / gain if rows is not None else None
             if smooth:
-                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, dim, rotate)
+                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate)
                 alphas[f"{i}.{group.role}"] = alpha
                 if source_is_norm:
                     norm = get_module(layer, group.source)
                     set_norm_gain(norm, norm_gain(norm, offset) / s, offset)
                 else:
                     producer = get_module(layer, group.source)
-                    scale_output_rows(producer, 1 / (s.view(-1, kv_groups, dim)[:, 0].reshape(-1) if group.role == "o" else s))
+                    scale_output_rows(producer, 1 / (s.view(-1, n_rep, dim)[:, 0].reshape(-1) if group.role == "o" else s))
                 for lin in linears:
                     scale_input_columns(lin, s)
             if not rotate:
@@ -237,7 +225,7 @@ def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tenso
     readers = [(get_module(model, spec.final_norm), [lm_head])]
     writers = []
     for layer in decoder_layers(model, spec):
-        for group in _groups(spec):
+        for group in spec.input_groups:
             if group.source not in spec.linears:  # a norm feeding residual-stream readers
                 readers.append((get_module(layer, group.source), [get_module(layer, n) for n in group.linears]))
         writers += [get_module(layer, n) for n in spec.residual_writers]
@@ -252,14 +240,14 @@ def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tenso
     rotate_embedding(embed, signs)
 
 
-def _smoothing(group, linears, act_absmax, rows, config, scheme, kv_groups, dim, rotate):
+def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate):
     weight = torch.cat([lin.weight.double() for lin in linears])
     w_absmax = weight.abs().amax(0)
-    if group.role == "o" and kv_groups > 1:
+    if group.role == "o" and n_rep > 1:
         # o_proj channels of the heads that share one KV head must share a scale (it is folded
         # into that KV head's v_proj rows): pool their statistics.
         def pooled(t):
-            return t.view(-1, kv_groups, dim).amax(1, keepdim=True).expand(-1, kv_groups, -1).reshape(-1)
+            return t.view(-1, n_rep, dim).amax(1, keepdim=True).expand(-1, n_rep, -1).reshape(-1)
 
         act_absmax, w_absmax = pooled(act_absmax), pooled(w_absmax)
     if config.alpha is not None:

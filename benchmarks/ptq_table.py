@@ -1,0 +1,200 @@
+"""PTQ table on the default model: RTN, GPTQ and AWQ per scheme and transform, with WikiText-2
+perplexity, quantization wall time and peak resident memory.
+
+Every row runs in a fresh process (so its peak RSS is its own): load the model, draw the
+calibration set (random non-overlapping 512-token windows of the calibration half of the gensim
+Wikipedia sample, never the evaluation text), quantize in place, record time and peak RSS, then
+evaluate on the first N windows of 2048 tokens of the WikiText-2 raw test file (token-level
+perplexity, no BOS; DESIGN.md §6 protocol). Rows are appended to results/NAME.jsonl as they
+finish, so an interrupted run resumes; results/NAME.{json,md} are written from all rows.
+
+    python benchmarks/ptq_table.py --name ptq_wikitext2 --windows 10
+    python benchmarks/ptq_table.py --name ptq_headline --windows 40 \
+        --rows W4A16/none/gptq,W8A8/smooth/gptq,W4A4KV4/rotate/gptq
+    python benchmarks/ptq_table.py --name ptq_wikitext2 --render   # tables from the .jsonl only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WEIGHT_ONLY = ["W4A16", "W4g64A16", "W3g64A16"]
+ROWS = (
+    ["FP32/none/none"]
+    + [f"{s}/none/{a}" for s in WEIGHT_ONLY for a in ("rtn", "gptq", "awq")]
+    + ["W8A8/none/rtn", "W8A8/none/gptq", "W8A8/none/awq", "W8A8/smooth/rtn", "W8A8/smooth/gptq"]
+    + [f"W4A8KV4/{t}/{a}" for t in ("none", "smoothrot-all-search") for a in ("rtn", "gptq", "awq")]
+    + [f"W4A4KV4/{t}/{a}" for t in ("none", "rotate", "smoothrot-all-search") for a in ("rtn", "gptq")]
+    + ["W4A4KV4/none/awq"]
+)
+
+
+def transform_variants():
+    from lowbit.transforms.apply import TransformConfig
+
+    return {
+        "none": TransformConfig("none"),
+        "smooth": TransformConfig("smooth", alpha=0.5),  # SmoothQuant
+        "smooth-search": TransformConfig("smooth", alpha=None),
+        "rotate": TransformConfig("rotate"),  # QuaRot: norms folded, fused R1, R2, online R3/R4
+        "rotate-online": TransformConfig("rotate", fuse_r1=False, fold_norms=False),
+        "smoothrot": TransformConfig("smoothrot"),  # smoothing at down_proj only (seed 003)
+        "smoothrot-all-search": TransformConfig("smoothrot", smooth_all=True, alpha=None),
+    }
+
+
+def run_row(row: str, args) -> dict:
+    """One setting, measured in this process."""
+    import resource
+
+    import torch
+
+    import lowbit
+    from lowbit.data import calibration_batches, load_text, tokenize
+
+    def rss_gb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+    scheme_name, transform, algorithm = row.split("/")
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tokenizer = lowbit.load_model()
+    load_seconds = time.time() - t0
+    ids = tokenize(tokenizer, load_text(args.data))
+    result = {"row": row, "scheme": scheme_name, "transform": transform, "algorithm": algorithm, "load_seconds": load_seconds}
+    scheme = None
+    if scheme_name != "FP32":
+        scheme = lowbit.parse_scheme(scheme_name)
+        config = transform_variants()[transform]
+        t0 = time.time()
+        calib = None
+        if config.needs_calibration or algorithm != "rtn" or scheme.needs_calibration:
+            calib = calibration_batches(tokenizer, None, args.calib_samples, args.calib_seq_len, seed=0)
+        calib_seconds = time.time() - t0
+        t0 = time.time()
+        model = lowbit.quantize_model(model, scheme, transform=config, algorithm=algorithm, calibration=calib, inplace=True)
+        result["quantize_seconds"] = time.time() - t0
+        result["calib_seconds"] = calib_seconds
+        del calib
+        errors = model.lowbit_layer_errors
+        if errors:
+            for group in ("qkv", "o", "gate_up", "down"):
+                result[f"err_{group}"] = sum(e[group][algorithm] for e in errors) / len(errors)
+                result[f"err_{group}_rtn"] = sum(e[group]["rtn"] for e in errors) / len(errors)
+    result["peak_rss_quantize_gb"] = rss_gb()
+    t0 = time.time()
+    ppl = lowbit.perplexity(model, ids, args.seq_len, args.windows, desc=row)
+    result.update(
+        ppl=ppl.ppl, windows=ppl.windows, tokens=ppl.tokens, eval_seconds=time.time() - t0, peak_rss_gb=rss_gb(),
+        size_bytes=lowbit.evaluation.model_size_bytes(model),
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="ptq_wikitext2")
+    parser.add_argument("--rows", default=",".join(ROWS), help="SCHEME/TRANSFORM/ALGORITHM, comma-separated")
+    parser.add_argument("--windows", type=int, default=10)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--render", action="store_true", help="only write the tables from the .jsonl")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_row(args.child, args)), flush=True)
+        return
+    out = ROOT / "results" / args.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = out.with_suffix(".jsonl")
+    done = {json.loads(line)["row"]: json.loads(line) for line in jsonl.read_text().splitlines()} if jsonl.exists() else {}
+    if not args.render:
+        for row in args.rows.split(","):
+            if row in done:
+                continue
+            cmd = [sys.executable, __file__, "--child", row, "--windows", str(args.windows), "--seq-len", str(args.seq_len),
+                   "--data", args.data, "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
+            t0 = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(f"{row}: failed\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            result = json.loads(lines[-1][len("RESULT "):])
+            result["wall_seconds"] = time.time() - t0
+            done[row] = result
+            with jsonl.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(format_row(result), flush=True)
+    meta = metadata(args)
+    rows = [done[r] for r in done]
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def metadata(args) -> dict:
+    import torch
+
+    import lowbit
+
+    return {
+        "lowbit_version": lowbit.__version__,
+        "model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32)",
+        "data": Path(args.data).name,
+        "seq_len": args.seq_len,
+        "calibration": f"enwiki-sample calibration half, {args.calib_samples} x {args.calib_seq_len} tokens, seed 0",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+    }
+
+
+def format_row(r: dict) -> str:
+    q = r.get("quantize_seconds")
+    return (
+        f"{r['row']:32s} ppl {r['ppl']:9.3f}  quantize {'-' if q is None else f'{q:6.1f} s'}  "
+        f"peak RSS {r['peak_rss_quantize_gb']:.2f} GB (with eval {r['peak_rss_gb']:.2f} GB)"
+    )
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    if not rows:
+        return "no rows yet\n"
+    fp = next((r for r in rows if r["scheme"] == "FP32"), None)
+    windows = rows[0]["windows"]
+    lines = [
+        f"{meta['model']}, {meta['data']}, first {windows} windows x {meta['seq_len']} tokens, fp32, "
+        f"{meta['threads']} CPU threads, torch {meta['torch']}, lowbit {meta['lowbit_version']}. "
+        f"Calibration: {meta['calibration']}.",
+        "",
+        "Quantize = wall time of `quantize_model` (transform statistics, layer-by-layer pipeline, swaps). "
+        "Peak RSS = the process's peak resident memory up to the end of quantization (model load included), "
+        "and including the perplexity evaluation.",
+        "",
+        "| scheme | transform | algorithm | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q = r.get("quantize_seconds")
+        rel = "-" if fp is None or r is fp else f"{100 * (r['ppl'] / fp['ppl'] - 1):+.1f}%"
+        lines.append(
+            f"| {r['scheme']} | {r['transform']} | {r['algorithm']} | {r['ppl']:.3f} | {rel} | "
+            f"{'-' if q is None else f'{q:.1f}'} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
