@@ -31,10 +31,25 @@ ROWS = (
     ["FP32/none/none"]
     + [f"{s}/none/{a}" for s in WEIGHT_ONLY for a in ("rtn", "gptq", "awq")]
     + ["W8A8/none/rtn", "W8A8/none/gptq", "W8A8/none/awq", "W8A8/smooth/rtn", "W8A8/smooth/gptq"]
-    + [f"W4A8KV4/{t}/{a}" for t in ("none", "smoothrot-all-search") for a in ("rtn", "gptq", "awq")]
-    + [f"W4A4KV4/{t}/{a}" for t in ("none", "rotate", "smoothrot-all-search") for a in ("rtn", "gptq")]
-    + ["W4A4KV4/none/awq"]
+    + ["W4A8KV4/none/rtn", "W4A8KV4/none/gptq", "W4A8KV4/none/awq"]
+    + ["W4A8KV4/smoothrot-all-search/rtn", "W4A8KV4/smoothrot-all-search/gptq"]
+    + ["W4A4KV4/none/rtn", "W4A4KV4/none/gptq", "W4A4KV4/none/awq"]
+    + [f"W4A4KV4/{t}/{a}" for t in ("rotate", "smoothrot-all-search") for a in ("rtn", "gptq")]
 )
+
+
+# RTN rows first (their timings are ~1 s, so they can share the machine), then GPTQ, then AWQ
+ROWS = [r for a in ("none", "rtn", "gptq", "awq") for r in ROWS if r.endswith("/" + a)]
+SCHEME_ORDER = ["FP32", *WEIGHT_ONLY, "W8A8", "W4A8KV4", "W4A4KV4"]
+TRANSFORM_ORDER = ["none", "smooth", "smooth-search", "rotate", "rotate-online", "smoothrot", "smoothrot-all-search"]
+ALGORITHM_ORDER = ["none", "rtn", "gptq", "awq"]
+
+
+def sort_key(r: dict) -> tuple:
+    def index(order, value):
+        return order.index(value) if value in order else len(order)
+
+    return index(SCHEME_ORDER, r["scheme"]), index(TRANSFORM_ORDER, r["transform"]), index(ALGORITHM_ORDER, r["algorithm"])
 
 
 def transform_variants():
@@ -137,7 +152,7 @@ def main() -> None:
                 f.write(json.dumps(result) + "\n")
             print(format_row(result), flush=True)
     meta = metadata(args)
-    rows = [done[r] for r in done]
+    rows = sorted(done.values(), key=sort_key)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))

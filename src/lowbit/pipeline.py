@@ -52,8 +52,8 @@ class PipelineConfig:
     awq: AWQConfig = field(default_factory=AWQConfig)
     batch_size: int = 8  # calibration samples per forward of a layer
     device: str | None = None  # run layers there (e.g. "cuda"); the model stays on its device
-    # Precision of the calibration forwards and Hessians: "float32", or "bfloat16" (autocast;
-    # ~4x faster matmuls on CPUs with bf16 units). Quantized weights are always computed in fp32.
+    # Precision of the calibration forwards: "float32", or "bfloat16" (autocast; ~4x faster
+    # matmuls on CPUs with bf16 units). Hessians and quantized weights are always fp32.
     dtype: str = "float32"
 
     def check(self, scheme: Scheme) -> None:
@@ -231,8 +231,7 @@ def _quantize_group(layer, spec, group, scheme, config, runner: _LayerRunner, n_
     if role == "o":
         _observe_static_kv(attention, first, runner)
     if config.algorithm == "gptq":
-        gram = torch.bfloat16 if runner.bf16 else torch.float32
-        collector = GPTQ(columns, device=runner.device, token_clip=config.gptq.token_clip, gram_dtype=gram)
+        collector = GPTQ(columns, device=runner.device, token_clip=config.gptq.token_clip)
     else:
         collector = AWQ(columns, token_clip=config.awq.token_clip)
     channel_range = {"lo": None, "hi": None}
