@@ -32,12 +32,8 @@ ROWS = (
     + [f"{s}/none/{a}" for s in WEIGHT_ONLY for a in ("rtn", "gptq", "awq")]
     + ["W8A8/none/rtn", "W8A8/none/gptq", "W8A8/none/awq", "W8A8/smooth/rtn", "W8A8/smooth/gptq"]
     + ["W4A8KV4/none/rtn", "W4A8KV4/none/gptq", "W4A8KV4/none/awq"]
-    + ["W4A8KV4/smoothrot-all-search/rtn", "W4A8KV4/smoothrot-all-search/gptq"]
-    + ["W4A4KV4/none/rtn", "W4A4KV4/none/gptq", "W4A4KV4/none/awq"]
-    + [f"W4A4KV4/{t}/{a}" for t in ("rotate", "smoothrot-all-search") for a in ("rtn", "gptq")]
+    + ["W4A4KV4/rotate/rtn", "W4A4KV4/rotate/gptq"]
 )
-
-
 # RTN rows first (their timings are ~1 s, so they can share the machine), then GPTQ, then AWQ
 ROWS = [r for a in ("none", "rtn", "gptq", "awq") for r in ROWS if r.endswith("/" + a)]
 SCHEME_ORDER = ["FP32", *WEIGHT_ONLY, "W8A8", "W4A8KV4", "W4A4KV4"]

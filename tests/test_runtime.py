@@ -49,13 +49,25 @@ def test_every_decoder_linear_is_quantized_and_lm_head_is_not(family):
 
 
 @torch.no_grad()
-def test_lm_head_quantized_when_asked():
+@pytest.mark.parametrize("name", ["llama", "gemma2"])  # gemma2: tied embeddings
+def test_lm_head_quantized_when_asked(name):
     from dataclasses import replace
 
-    model = tiny_model("llama")
+    model = tiny_model(name)
     scheme = replace(lowbit.parse_scheme("W4A16"), quantize_lm_head=True)
     q = lowbit.quantize(model, scheme, progress=False)
     assert isinstance(q.lm_head, QuantLinear)
+    if name == "gemma2":  # tied: the quantized head must not drag the embeddings along
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+        assert not torch.equal(q.lm_head.weight, q.model.embed_tokens.weight)
+
+
+def test_inplace_quantization_writes_into_the_weights_own_storage():
+    model = tiny_model("llama")
+    ptr = model.model.layers[0].mlp.down_proj.weight.data_ptr()
+    q = lowbit.quantize(model, "W4A16", inplace=True, progress=False)
+    assert q is model and q.model.layers[0].mlp.down_proj.weight.data_ptr() == ptr
 
 
 @torch.no_grad()

@@ -275,7 +275,8 @@ def _quantize_group(layer, spec, group, scheme, config, runner: _LayerRunner, n_
     offset = 0
     for name, lin in zip(group.linears, linears):
         rows = lin.out_features
-        w = qweight[offset : offset + rows].to(lin.weight.dtype)
+        w = lin.weight.detach()
+        w.copy_(qweight[offset : offset + rows].to(device=w.device, dtype=w.dtype))  # in place: no second copy
         offset += rows
         new = QuantLinear(w, lin.bias, w_args, scheme.inputs, rotation).to(runner.device)
         if static_inputs:

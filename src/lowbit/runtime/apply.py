@@ -100,7 +100,11 @@ def quantize_model(
             for name, linear in layer_linears(layer, spec).items():
                 set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, quantize_weight))
     if scheme.quantize_lm_head:  # RTN: the head's input is the last layer's output, no pipeline step
-        set_module(model, spec.lm_head, _quant_linear(get_module(model, spec.lm_head), scheme.weights, scheme.inputs, quantize_weight))
+        head = get_module(model, spec.lm_head)
+        if head.weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr():
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # tied: keep the embeddings exact
+            model.config.tie_word_embeddings = False
+        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, quantize_weight))
     if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
         calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
     model.lowbit_scheme = scheme
@@ -109,12 +113,15 @@ def quantize_model(
 
 
 def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, quantize_weight) -> QuantLinear:
-    """Quantize a linear (an nn.Linear, or a QuantLinear a transform made, keeping its rotation)."""
+    """Quantize a linear (an nn.Linear, or a QuantLinear a transform made, keeping its rotation).
+
+    The quantized values are written into the weight's own storage, so no second copy of the
+    model's weights is ever resident (a memory-mapped checkpoint is copy-on-write: the file on
+    disk is not touched)."""
     weight = linear.weight.detach()
     if w is not None:
-        weight = quantize_weight(weight.float(), w).to(weight.dtype)
-    else:
-        weight = weight.clone()
+        with torch.no_grad():
+            weight.copy_(quantize_weight(weight.float(), w).to(weight.dtype))
     return QuantLinear(weight, linear.bias, w, a, getattr(linear, "input_rotation", None))
 
 

@@ -26,7 +26,7 @@ class QuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = nn.Parameter(weight, requires_grad=False)  # shares `weight`'s storage
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.weight_args = weight_args
         self.input_rotation = input_rotation
