@@ -81,7 +81,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     help="Calibration text (same forms as --data; calibration half of enwiki-sample by default), or 'generated' "
     "for data-free calibration on text the model writes itself.",
 )
-@click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option(
+    "--calib-samples", type=int, default=None, help="Calibration sequences [default: 128 for gptq/awq, 32 otherwise]."
+)
 @click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option(
     "--act-order/--no-act-order", default=None, help="GPTQ: columns in order of decreasing Hessian diagonal [default: on]."
@@ -131,6 +133,8 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
     )
     if gptq_changes and chosen.algorithm != "gptq":
         raise UserError(f"--act-order/--no-act-order and --damp are GPTQ options; the algorithm is {chosen.algorithm!r} (add --algorithm gptq)")
+    if calib_samples is None:
+        calib_samples = 128 if chosen.algorithm in ("gptq", "awq") else 32
     if calib_samples < 1:
         raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
     if calib_seq_len < 2:

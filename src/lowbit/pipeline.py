@@ -50,7 +50,7 @@ class PipelineConfig:
     algorithm: str = "gptq"
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
-    batch_size: int = 8  # calibration samples per forward of a layer
+    batch_size: int = 4  # calibration samples per forward of a layer (memory ~ batch x seq_len)
     device: str | None = None  # run layers there (e.g. "cuda"); the model stays on its device
     # Precision of the calibration forwards: "float32", or "bfloat16" (autocast; ~4x faster
     # matmuls on CPUs with bf16 units). Hessians and quantized weights are always fp32.

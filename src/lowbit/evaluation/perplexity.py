@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..arch import get_arch, get_module
 from ..errors import UserError
 
-HEAD_CHUNK = 256  # tokens per lm_head slice
+HEAD_CHUNK = 64  # tokens per lm_head slice (64 x 49152 fp32 logits = 12.6 MB)
 
 
 @dataclass

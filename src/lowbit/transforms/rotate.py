@@ -30,9 +30,19 @@ def scale_output_rows(linear: nn.Linear, scale: torch.Tensor) -> None:
         _write(linear.bias, linear.bias.double() * scale.double())
 
 
+ROW_BLOCK = 4096  # rows rotated at a time: float64 copies of a whole vocabulary matrix are large
+
+
+def _rotate_rows(weight: torch.Tensor, signs: torch.Tensor | None) -> None:
+    """Each row w <- w R, in float64, a block of rows at a time, written back in place."""
+    for start in range(0, weight.shape[0], ROW_BLOCK):
+        block = weight[start : start + ROW_BLOCK]
+        _write(block, hadamard_transform(block.double(), signs))
+
+
 def rotate_input_columns(linear: nn.Linear, signs: torch.Tensor | None) -> None:
     """W <- W R with R = diag(signs) H / sqrt(n): the linear now expects its input times R."""
-    _write(linear.weight, hadamard_transform(linear.weight.double(), signs))
+    _rotate_rows(linear.weight, signs)
 
 
 def rotate_output_rows(linear: nn.Module, signs: torch.Tensor | None) -> None:
@@ -44,7 +54,7 @@ def rotate_output_rows(linear: nn.Module, signs: torch.Tensor | None) -> None:
 
 def rotate_embedding(embedding: nn.Embedding, signs: torch.Tensor | None) -> None:
     """Each embedding vector e <- e R."""
-    _write(embedding.weight, hadamard_transform(embedding.weight.double(), signs))
+    _rotate_rows(embedding.weight, signs)
 
 
 def rotate_head_outputs(linear: nn.Linear, head_dim: int) -> None:
