@@ -199,7 +199,7 @@ def test_awq_clip_search_never_worse_than_minmax():
         args = parse_scheme(scheme).weights
         clipped = awq_module.clipped_quantize(x, weight, args, awq_module.AWQConfig())
         plain = fake_quantize(weight, args)
-        err = lambda q: (x @ (weight - q).T).pow(2).sum()  # noqa: E731
+        err = lambda q: (x @ (weight - q).T).pow(2).sum()
         assert err(clipped) <= err(plain) * (1 + 1e-6), scheme
 
 

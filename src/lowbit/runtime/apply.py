@@ -8,15 +8,24 @@ Embeddings and lm_head stay in full precision unless the scheme says otherwise.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import ALGORITHMS, rtn_weight
-from ..arch import ArchSpec, attention_modules, decoder_layers, get_arch, get_module, head_dim, layer_linears, set_module
+from ..arch import (
+    ArchSpec,
+    attention_modules,
+    decoder_layers,
+    get_arch,
+    get_module,
+    head_dim,
+    layer_linears,
+    set_module,
+)
 from ..errors import UserError
 from ..pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig, quantize_sequential
 from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
