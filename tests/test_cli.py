@@ -209,3 +209,19 @@ def test_data_free_calibration_from_the_cli(tiny_model_dir, sample_text_file, tm
 def test_bad_algorithm_options(tiny_model_dir, sample_text_file, capsys, extra, message):
     code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, *extra), capsys)
     assert code == 2 and message in err, err
+
+
+def test_quantize_never_modifies_the_model_files(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    """The job quantizes in place into memory-mapped weights: copy-on-write must keep the files intact."""
+    import hashlib
+
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tiny_model_dir.iterdir()) if p.is_file()}
+
+    before = digest()
+    calib = tmp_path / "calib.txt"
+    calib.write_text(sample_text_file.read_text()[::-1])
+    for extra in (["--scheme", "W4A8KV4"], ["--algorithm", "gptq", "--scheme", "W3g32A16", "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "16"]):
+        code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, *extra), capsys)
+        assert code == 0, err
+    assert digest() == before
