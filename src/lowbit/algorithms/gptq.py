@@ -99,7 +99,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
             fixed = QParams(fixed.scale.expand(rows, 1), fixed.zero.expand(rows, 1))
     static = None
     if group is not None and config.act_order:
-        static = [_group_qparams(W[:, g : g + group], args) for g in range(0, cols, group)]
+        static = [compute_qparams(W[:, g : g + group], args) for g in range(0, cols, group)]
 
     perm = None
     if config.act_order:
@@ -121,7 +121,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
                 if static is not None:
                     qp = static[int(perm[col]) // group]
                 elif col % group == 0:  # scales of a new group, from the already-updated weights
-                    qp = _group_qparams(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group], args)
+                    columns = W1[:, i : i + group]
+                    if columns.shape[1] < group:  # the group runs past this block (block not a multiple of group)
+                        columns = torch.cat([columns, W[:, i2 : i2 + group - columns.shape[1]]], dim=1)
+                    qp = compute_qparams(columns, args)
             w = W1[:, i : i + 1]
             q = fake_rows(w, qp, args)
             Q1[:, i : i + 1] = q
@@ -133,11 +136,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(weight.dtype)
-
-
-def _group_qparams(columns: torch.Tensor, args: QuantArgs) -> QParams:
-    """Per-row scales of one group of columns ([rows, group])."""
-    return compute_qparams(columns, args)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
