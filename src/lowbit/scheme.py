@@ -147,27 +147,50 @@ class Scheme:
         return f"W{w}A{a}{kv}"
 
     def to_dict(self) -> dict:
-        def one(q: QuantArgs | None) -> dict | None:
-            if q is None:
-                return None
-            return {
-                "bits": q.bits,
-                "symmetric": q.symmetric,
-                "granularity": q.granularity.value,
-                "group_size": q.group_size,
-                "clip_ratio": q.clip_ratio,
-                "observer": q.observer.value,
-                "dynamic": q.dynamic,
-            }
-
         return {
             "name": self.name,
-            "weights": one(self.weights),
-            "inputs": one(self.inputs),
-            "keys": one(self.keys),
-            "values": one(self.values),
+            "weights": args_to_dict(self.weights),
+            "inputs": args_to_dict(self.inputs),
+            "keys": args_to_dict(self.keys),
+            "values": args_to_dict(self.values),
             "quantize_lm_head": self.quantize_lm_head,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Scheme:
+        """Inverse of `to_dict` (the name is derived, not read)."""
+        return cls(
+            weights=args_from_dict(data.get("weights")),
+            inputs=args_from_dict(data.get("inputs")),
+            keys=args_from_dict(data.get("keys")),
+            values=args_from_dict(data.get("values")),
+            quantize_lm_head=bool(data.get("quantize_lm_head", False)),
+        )
+
+
+def args_to_dict(q: QuantArgs | None) -> dict | None:
+    if q is None:
+        return None
+    return {
+        "bits": q.bits,
+        "symmetric": q.symmetric,
+        "granularity": q.granularity.value,
+        "group_size": q.group_size,
+        "clip_ratio": q.clip_ratio,
+        "observer": q.observer.value,
+        "dynamic": q.dynamic,
+    }
+
+
+def args_from_dict(data: dict | None) -> QuantArgs | None:
+    """Inverse of `args_to_dict`; unknown keys are refused (a newer format, or a typo)."""
+    if data is None:
+        return None
+    known = {"bits", "symmetric", "granularity", "group_size", "clip_ratio", "observer", "dynamic"}
+    unknown = set(data) - known
+    if unknown:
+        raise UserError(f"unknown quantization settings {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}")
+    return QuantArgs(**data)
 
 
 _PART = re.compile(r"(W|A|KV|K|V)(\d+)([a-z0-9]*)")

@@ -1,0 +1,353 @@
+"""lowbit's own saved format: a quantized model that reloads with identical logits.
+
+A saved model is a folder:
+
+    lowbit.json        format name and version, the transformers config, the scheme, the
+                       transform, every module lowbit swapped in (quantized linears with their
+                       weight / input quantizers and online rotations, KV quantizers and query-key
+                       rotations of each attention), and a sha256 of every other file
+    model.safetensors  quantized weights as packed codes (`<name>.codes`, uint8) with float32
+                       scales (`<name>.scale`) and zero points (`<name>.zero`, asymmetric only);
+                       every other tensor (embeddings, norms, biases, static quantizer ranges,
+                       random rotation signs) as it is in the model
+    tokenizer files    when a tokenizer was given
+
+Loading rebuilds the stock transformers model from the config (no download, no modeling code of
+ours), swaps the same lowbit modules in at the same paths, and loads the tensors strictly.
+Scales are stored in float32, not fp16: they must reproduce the in-memory weights bit for bit
+(`lowbit.io.codes`). The folder is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..arch import get_arch, get_module, set_module
+from ..errors import UserError
+from ..runtime.kv import KEY_QUANT, PREFIX, QK_ROTATION, VALUE_QUANT, register_attention, set_attention_implementation
+from ..runtime.linear import QuantLinear
+from ..runtime.quantizer import TensorQuantizer
+from ..runtime.rotation import OnlineHadamard
+from ..scheme import Scheme, args_from_dict, args_to_dict
+from .codes import InexactCodesError, WeightCodes, encode_weight
+
+log = logging.getLogger("lowbit")
+
+FORMAT = "lowbit-quantized"
+FORMAT_VERSION = 1
+CONFIG_FILE = "lowbit.json"
+WEIGHTS_FILE = "model.safetensors"
+RUN_SUBDIR = "model"  # where `lowbit quantize --out DIR` puts the saved model
+LOWBIT_MODULES = (QuantLinear, TensorQuantizer, OnlineHadamard)
+
+
+def is_saved_model(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def saved_model_dir(path: str | Path) -> Path | None:
+    """The saved model in `path`: the folder itself, or the `model/` folder of a run folder."""
+    path = Path(path)
+    for candidate in (path, path / RUN_SUBDIR):
+        if is_saved_model(candidate):
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------- save
+
+
+def _rotation_entry(rotation: nn.Module | None) -> dict | None:
+    if rotation is None:
+        return None
+    return {"size": rotation.size, "random_signs": rotation.signs is not None}
+
+
+def _check_savable(model: nn.Module) -> None:
+    """Every module is a stock transformers module or one lowbit knows how to rebuild."""
+    for name, module in model.named_modules():
+        cls = type(module)
+        if isinstance(module, LOWBIT_MODULES):
+            if cls not in LOWBIT_MODULES:
+                raise UserError(f"cannot save {name}: {cls.__name__} is not a module the lowbit format {FORMAT_VERSION} describes")
+            if isinstance(module, TensorQuantizer) and (module.observing or not module.calibrated):
+                raise UserError(f"cannot save {name}: its static quantizer is not calibrated (run lowbit.calibrate_static first)")
+        elif not cls.__module__.startswith(("transformers.", "torch.nn")):
+            raise UserError(f"cannot save {name or 'the model'}: {cls.__module__}.{cls.__name__} is neither a transformers nor a lowbit module")
+
+
+def describe_modules(model: nn.Module) -> dict:
+    """The lowbit modules of `model` by path, enough to swap them into a fresh stock model."""
+    linears, attention = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            linears[name] = {
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": module.bias is not None,
+                "weight": args_to_dict(module.weight_args),
+                "input": args_to_dict(module.input_quant.args) if module.input_quant is not None else None,
+                "input_rotation": _rotation_entry(module.input_rotation),
+            }
+        extras = {attr: getattr(module, attr, None) for attr in (KEY_QUANT, VALUE_QUANT, QK_ROTATION)}
+        if any(v is not None for v in extras.values()):
+            attention[name] = {
+                "key": args_to_dict(extras[KEY_QUANT].args) if extras[KEY_QUANT] is not None else None,
+                "value": args_to_dict(extras[VALUE_QUANT].args) if extras[VALUE_QUANT] is not None else None,
+                "qk_rotation": _rotation_entry(extras[QK_ROTATION]),
+            }
+    return {"linears": linears, "attention": attention}
+
+
+def _state_tensors(model: nn.Module, linears: dict) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """Tensors to store (quantized weights as codes), aliases of tied tensors, and the
+    names of the quantized weights."""
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_by_storage: dict[tuple, str] = {}
+    quantized = []
+    for key, value in state.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        if value.numel() and ident in first_by_storage:
+            aliases[key] = first_by_storage[ident]
+            continue
+        first_by_storage[ident] = key
+        owner, _, leaf = key.rpartition(".")
+        entry = linears.get(owner)
+        if leaf == "weight" and entry is not None and entry["weight"] is not None:
+            args = args_from_dict(entry["weight"])
+            try:
+                codes = encode_weight(value, args, name=key)
+            except InexactCodesError as exc:
+                raise UserError(f"cannot save: {exc}") from None
+            tensors[f"{key}.codes"] = codes.packed
+            tensors[f"{key}.scale"] = codes.scale
+            if codes.zero is not None:
+                tensors[f"{key}.zero"] = codes.zero
+            quantized.append(key)
+        else:
+            tensors[key] = value.detach().contiguous()
+    return tensors, aliases, quantized
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hf_config(model: nn.Module) -> dict:
+    config = model.config.to_dict()
+    return {k: v for k, v in config.items() if not k.startswith("_attn_implementation")}
+
+
+def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Save a lowbit-quantized model (and its tokenizer) to folder `out`; returns `out`.
+
+    The model is not modified. `out` appears complete or not at all."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder")
+    spec = get_arch(model)
+    scheme = getattr(model, "lowbit_scheme", None)
+    if scheme is None:
+        raise UserError("this model was not quantized by lowbit (no lowbit_scheme); quantize it with lowbit.quantize first")
+    _check_savable(model)
+    modules = describe_modules(model)
+    base_attention = (model.config._attn_implementation or "eager").removeprefix(PREFIX)
+    dtype = next(model.parameters()).dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        tensors, aliases, quantized = _state_tensors(model, modules["linears"])
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        del tensors
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()}
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lowbit_version": __version__,
+            "family": spec.family,
+            "dtype": str(dtype).removeprefix("torch."),
+            "attn_implementation": base_attention,
+            "hf_config": _hf_config(model),
+            "scheme": scheme.to_dict(),
+            "transform": getattr(model, "lowbit_transform", {"kind": "none"}),
+            "source": getattr(model, "lowbit_source", None),
+            "modules": modules,
+            "quantized_weights": quantized,
+            "aliases": aliases,
+            "files": files,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved quantized model (%s) to %s", scheme.name, out)
+    return out
+
+
+# ---------------------------------------------------------------- load
+
+
+def read_config(path: str | Path) -> dict:
+    """`lowbit.json` of a saved model, with its format checked and every listed file verified."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise UserError(f"{path} is not a lowbit saved model (no {CONFIG_FILE}); save one with lowbit quantize --out DIR")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_file} is corrupted ({exc}); save the model again") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{config_file} is not a lowbit saved-model config (format is not {FORMAT!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise UserError(f"{config_file} has no valid format_version; the file is corrupted, save the model again")
+    if version > FORMAT_VERSION:
+        raise UserError(
+            f"{path} was saved by lowbit {config.get('lowbit_version', '?')} in format version {version}; this lowbit "
+            f"({__version__}) reads format versions up to {FORMAT_VERSION}: upgrade lowbit"
+        )
+    missing_keys = [k for k in ("hf_config", "scheme", "modules", "files", "quantized_weights", "aliases", "dtype") if k not in config]
+    if missing_keys:
+        raise UserError(f"{config_file} is incomplete (no {', '.join(missing_keys)}); save the model again")
+    if WEIGHTS_FILE not in config["files"]:
+        raise UserError(f"{config_file} lists no {WEIGHTS_FILE}; save the model again")
+    for name, meta in config["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"{path} is incomplete: {name} is missing; copy the whole folder or save the model again")
+        if file.stat().st_size != meta.get("bytes") or _sha256(file) != meta.get("sha256"):
+            raise UserError(f"{file} is corrupted (its checksum does not match {CONFIG_FILE}); copy or save the model again")
+    return config
+
+
+def _rotation(entry: dict | None) -> OnlineHadamard | None:
+    if entry is None:
+        return None
+    signs = torch.ones(entry["size"]) if entry["random_signs"] else None  # loaded from the file
+    return OnlineHadamard(entry["size"], signs)
+
+
+def _build_model(config: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    hf = dict(config["hf_config"])
+    model_type = hf.pop("model_type", None)
+    try:
+        hf_config = AutoConfig.for_model(model_type, **hf)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"cannot rebuild the model: transformers does not know model_type {model_type!r} ({exc})") from None
+    dtype = getattr(torch, config["dtype"])
+    with no_init_weights():  # every tensor is loaded from the file
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=config.get("attn_implementation") or "eager")
+    return model.eval()
+
+
+def _swap_modules(model: nn.Module, modules: dict, dtype: torch.dtype) -> None:
+    for path, entry in modules["linears"].items():
+        old = get_module(model, path)
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (entry["out_features"], entry["in_features"]):
+            raise UserError(f"saved model does not match its config: {path} is not a {entry['out_features']}x{entry['in_features']} linear")
+        weight = torch.empty(entry["out_features"], entry["in_features"], dtype=dtype)
+        bias = torch.empty(entry["out_features"], dtype=dtype) if entry["bias"] else None
+        new = QuantLinear(weight, bias, args_from_dict(entry["weight"]), args_from_dict(entry["input"]), _rotation(entry["input_rotation"]))
+        set_module(model, path, new)
+    if modules["attention"]:
+        attentions = []
+        for path, entry in modules["attention"].items():
+            attention = get_module(model, path)
+            for attr, key in ((KEY_QUANT, "key"), (VALUE_QUANT, "value")):
+                if entry[key] is not None:
+                    setattr(attention, attr, TensorQuantizer(args_from_dict(entry[key])))
+            if entry["qk_rotation"] is not None:
+                setattr(attention, QK_ROTATION, _rotation(entry["qk_rotation"]))
+            attentions.append(attention)
+        set_attention_implementation(model, register_attention(model.config._attn_implementation or "eager"))
+
+
+def _load_tensors(path: Path, config: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        stored = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path / WEIGHTS_FILE} cannot be read ({exc}); save the model again") from None
+    state: dict[str, torch.Tensor] = {}
+    for key in config["quantized_weights"]:
+        owner = key.rpartition(".")[0]
+        args = args_from_dict(config["modules"]["linears"][owner]["weight"])
+        shape = tuple(get_module(model, owner).weight.shape)
+        try:
+            codes = WeightCodes(stored.pop(f"{key}.codes"), stored.pop(f"{key}.scale"), stored.pop(f"{key}.zero", None), shape)
+            state[key] = codes.dequantize(args)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{path / WEIGHTS_FILE}: quantized weight {key} is damaged ({exc}); save the model again") from None
+    state.update(stored)
+    for alias, target in config["aliases"].items():
+        if target not in state:
+            raise UserError(f"{path / WEIGHTS_FILE} has no {target} (needed by {alias}); save the model again")
+        state[alias] = state[target]
+    return state
+
+
+def load_quantized(path: str | Path, *, device: str | None = None):
+    """Load a model saved by `save_quantized` (or `lowbit quantize --out`): (model, tokenizer or None).
+
+    `path` may be the saved model folder or a run folder holding it in `model/`."""
+    given = Path(path)
+    found = saved_model_dir(given)
+    if found is None:
+        if given.is_dir() and (given / "report.json").is_file():
+            raise UserError(f"{given} is a lowbit run folder without a saved model (it was written before models were saved)")
+        raise UserError(f"{given} is not a lowbit saved model (no {CONFIG_FILE} in it or in {given / RUN_SUBDIR})")
+    config = read_config(found)
+    log.info("loading quantized model from %s", found)
+    model = _build_model(config)
+    dtype = getattr(torch, config["dtype"])
+    _swap_modules(model, config["modules"], dtype)
+    state = _load_tensors(found, config, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise UserError(f"{found / WEIGHTS_FILE} does not match its config ({' '.join(first[:2])[:300]}); save the model again") from None
+    if device:
+        model.to(device)
+    model.lowbit_scheme = Scheme.from_dict(config["scheme"])
+    model.lowbit_transform = config.get("transform") or {"kind": "none"}
+    model.lowbit_source = str(found)
+    model.lowbit_layer_errors = []
+    tokenizer = None
+    if (found / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(found)
+    return model, tokenizer
