@@ -33,7 +33,8 @@ from .errors import UserError
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
 from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
-from .scheme import Scheme
+from .quant.codes import InexactCodesError, rescale_output_rows
+from .scheme import Granularity, Scheme
 from .transforms.rotate import norm_gain, scale_output_rows, set_norm_gain
 
 log = logging.getLogger("lowbit")
@@ -333,7 +334,21 @@ def _fold_input_scales(layer, spec, group, scales, n_rep, dim) -> None:
     source = get_module(layer, group.source)
     if group.source in spec.linears:
         s = scales.view(-1, n_rep, dim)[:, 0].reshape(-1) if group.role == "o" else scales
-        scale_output_rows(source, 1 / s.to(source.weight.device))
+        factor = 1 / s.to(source.weight.device)
+        args = getattr(source, "weight_args", None)
+        weight = source.weight.detach()
+        try:
+            # Already quantized (v_proj, up_proj): scale its grid, not its values, so that the weight
+            # stays exact codes x scales (what saving and integer kernels store).
+            if args is None or args.granularity is Granularity.TENSOR:
+                raise InexactCodesError("not a per-row grid")
+            rescaled = rescale_output_rows(weight, args, factor)
+        except InexactCodesError:
+            scale_output_rows(source, factor)
+        else:
+            weight.copy_(rescaled)
+            if source.bias is not None:
+                source.bias.detach().copy_((source.bias.double() * factor.double()).to(source.bias.dtype))
     else:
         offset = spec.norm_weight_offset
         set_norm_gain(source, norm_gain(source, offset) / scales.to(source.weight.device).double(), offset)

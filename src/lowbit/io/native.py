@@ -39,7 +39,7 @@ from ..runtime.linear import QuantLinear
 from ..runtime.quantizer import TensorQuantizer
 from ..runtime.rotation import OnlineHadamard
 from ..scheme import Scheme, args_from_dict, args_to_dict
-from .codes import InexactCodesError, WeightCodes, encode_weight
+from ..quant.codes import InexactCodesError, WeightCodes, encode_weight
 
 log = logging.getLogger("lowbit")
 
@@ -67,9 +67,14 @@ def saved_model_dir(path: str | Path) -> Path | None:
 # ---------------------------------------------------------------- save
 
 
-def _rotation_entry(rotation: nn.Module | None) -> dict | None:
+def _rotation_entry(rotation: nn.Module | None, owners: dict[int, str], path: str) -> dict | None:
+    """Size and sign flag of an online rotation; a rotation shared by several linears (q/k/v
+    after GPTQ/AWQ) is recorded once and referred to by the path of its first owner."""
     if rotation is None:
         return None
+    if id(rotation) in owners:
+        return {"same_as": owners[id(rotation)]}
+    owners[id(rotation)] = path
     return {"size": rotation.size, "random_signs": rotation.signs is not None}
 
 
@@ -88,7 +93,7 @@ def _check_savable(model: nn.Module) -> None:
 
 def describe_modules(model: nn.Module) -> dict:
     """The lowbit modules of `model` by path, enough to swap them into a fresh stock model."""
-    linears, attention = {}, {}
+    linears, attention, owners = {}, {}, {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             linears[name] = {
@@ -97,14 +102,14 @@ def describe_modules(model: nn.Module) -> dict:
                 "bias": module.bias is not None,
                 "weight": args_to_dict(module.weight_args),
                 "input": args_to_dict(module.input_quant.args) if module.input_quant is not None else None,
-                "input_rotation": _rotation_entry(module.input_rotation),
+                "input_rotation": _rotation_entry(module.input_rotation, owners, name),
             }
         extras = {attr: getattr(module, attr, None) for attr in (KEY_QUANT, VALUE_QUANT, QK_ROTATION)}
         if any(v is not None for v in extras.values()):
             attention[name] = {
                 "key": args_to_dict(extras[KEY_QUANT].args) if extras[KEY_QUANT] is not None else None,
                 "value": args_to_dict(extras[VALUE_QUANT].args) if extras[VALUE_QUANT] is not None else None,
-                "qk_rotation": _rotation_entry(extras[QK_ROTATION]),
+                "qk_rotation": _rotation_entry(extras[QK_ROTATION], owners, name),
             }
     return {"linears": linears, "attention": attention}
 
@@ -247,11 +252,16 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-def _rotation(entry: dict | None) -> OnlineHadamard | None:
+def _rotation(entry: dict | None, built: dict[str, OnlineHadamard], path: str) -> OnlineHadamard | None:
     if entry is None:
         return None
+    if "same_as" in entry:
+        if entry["same_as"] not in built:
+            raise UserError(f"saved model config is damaged: {path} shares the rotation of unknown {entry['same_as']}")
+        return built[entry["same_as"]]
     signs = torch.ones(entry["size"]) if entry["random_signs"] else None  # loaded from the file
-    return OnlineHadamard(entry["size"], signs)
+    built[path] = OnlineHadamard(entry["size"], signs)
+    return built[path]
 
 
 def _build_model(config: dict) -> nn.Module:
@@ -271,24 +281,23 @@ def _build_model(config: dict) -> nn.Module:
 
 
 def _swap_modules(model: nn.Module, modules: dict, dtype: torch.dtype) -> None:
+    rotations: dict[str, OnlineHadamard] = {}
     for path, entry in modules["linears"].items():
         old = get_module(model, path)
         if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (entry["out_features"], entry["in_features"]):
             raise UserError(f"saved model does not match its config: {path} is not a {entry['out_features']}x{entry['in_features']} linear")
         weight = torch.empty(entry["out_features"], entry["in_features"], dtype=dtype)
         bias = torch.empty(entry["out_features"], dtype=dtype) if entry["bias"] else None
-        new = QuantLinear(weight, bias, args_from_dict(entry["weight"]), args_from_dict(entry["input"]), _rotation(entry["input_rotation"]))
+        new = QuantLinear(weight, bias, args_from_dict(entry["weight"]), args_from_dict(entry["input"]), _rotation(entry["input_rotation"], rotations, path))
         set_module(model, path, new)
     if modules["attention"]:
-        attentions = []
         for path, entry in modules["attention"].items():
             attention = get_module(model, path)
             for attr, key in ((KEY_QUANT, "key"), (VALUE_QUANT, "value")):
                 if entry[key] is not None:
                     setattr(attention, attr, TensorQuantizer(args_from_dict(entry[key])))
             if entry["qk_rotation"] is not None:
-                setattr(attention, QK_ROTATION, _rotation(entry["qk_rotation"]))
-            attentions.append(attention)
+                setattr(attention, QK_ROTATION, _rotation(entry["qk_rotation"], rotations, path))
         set_attention_implementation(model, register_attention(model.config._attn_implementation or "eager"))
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import QParams, as_rows, pack, signed_codes, unpack, unsigned_codes
-from ..quant.fake import dequantize_rows
-from ..scheme import QuantArgs
+from ..scheme import Granularity, QuantArgs
+from .fake import QParams, as_rows, dequantize_rows
+from .packing import pack, signed_codes, unpack, unsigned_codes
 
 ULP_STEPS = (0, -1, 1, -2, 2, -3, 3)
 
@@ -131,3 +131,19 @@ def _search_shifted_zero(row: torch.Tensor, args: QuantArgs):
                 i, j = ok.nonzero()[0].tolist()
                 return s[i, 0, 0], z[0, j, 0], q[i, j]
     return None
+
+
+@torch.no_grad()
+def rescale_output_rows(weight: torch.Tensor, args: QuantArgs, factor: torch.Tensor) -> torch.Tensor:
+    """A quantized weight [out, in] whose output row r is multiplied by factor[r], kept on its grid:
+    the codes stay, the row's scales (and zero points) are multiplied instead. (Multiplying the
+    values directly would round each one separately and leave the grid by an ulp here and there.)"""
+    if args.granularity is Granularity.TENSOR:
+        raise InexactCodesError("a per-row factor cannot keep a per-tensor grid")
+    codes = encode_weight(weight, args)
+    per_row = codes.scale.numel() // weight.shape[0]  # groups per output row
+    f = factor.double().repeat_interleave(per_row)
+    codes.scale = (codes.scale.double() * f).float()
+    if codes.zero is not None:
+        codes.zero = (codes.zero.double() * f).float()
+    return codes.dequantize(args).to(weight.dtype)

@@ -1,0 +1,233 @@
+"""Native save and load: every scheme and transform round-trips with identical logits; damaged,
+incomplete or newer saved models fail with a clear UserError."""
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model, word_tokenizer
+
+import lowbit
+from lowbit import UserError
+from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize
+from lowbit.algorithms.rtn import rtn_weight
+from lowbit.io import load_quantized, save_quantized
+from lowbit.quant.codes import InexactCodesError, encode_weight
+from lowbit.io.native import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
+from lowbit.pipeline import PipelineConfig
+from lowbit.quant import packed_nbytes
+from lowbit.runtime import QuantLinear
+from lowbit.scheme import parse_scheme
+from lowbit.transforms.apply import TransformConfig
+
+
+def tokens(batch=2, length=24, seed=0):
+    return torch.randint(0, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def calibration(n=4, length=32):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 512, (1, length), generator=g) for _ in range(n)]
+
+
+@torch.no_grad()
+def assert_round_trip(q, path, tokenizer=None):
+    x = tokens()
+    ref = q(x).logits
+    save_quantized(q, path, tokenizer)
+    loaded, tok = load_quantized(path)
+    assert torch.equal(loaded(x).logits, ref)  # identical, not close
+    assert loaded.lowbit_scheme == q.lowbit_scheme
+    # the same modules in the same places
+    kinds = {n: type(m).__name__ for n, m in q.named_modules()}
+    assert {n: type(m).__name__ for n, m in loaded.named_modules()} == kinds
+    return loaded, tok
+
+
+# ---------------------------------------------------------------- exact codes
+
+
+@pytest.mark.parametrize("name", ["W4", "W4a", "W4g16", "W4g16a", "W3g32a", "W8", "W8a", "W2", "W4c80", "W4ac80", "W4m", "W4am", "W8t"])
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq", "gptq-no-act-order"])
+def test_codes_reproduce_every_quantized_weight_bit_for_bit(name, algorithm):
+    torch.manual_seed(0)
+    args = parse_scheme(name).weights
+    w = torch.randn(48, 128) * 0.05
+    x = torch.randn(512, 128) * torch.rand(128) * 3
+    if algorithm == "rtn":
+        q = rtn_weight(w, args)
+    else:
+        q = gptq_quantize(w, x.T @ x, args, GPTQConfig(act_order=algorithm == "gptq"))
+    codes = encode_weight(q, args)
+    assert torch.equal(codes.dequantize(args), q)
+    assert codes.packed.numel() == packed_nbytes(q.numel(), args.bits)  # stored at the bit width
+
+
+def test_codes_refuse_weights_off_the_grid():
+    args = parse_scheme("W4").weights
+    q = rtn_weight(torch.randn(8, 32), args)
+    q[3, 5] += 1e-3
+    with pytest.raises(InexactCodesError, match="1 of 8 rows"):
+        encode_weight(q, args)
+
+
+# ---------------------------------------------------------------- round trips
+
+SCHEMES = [
+    "W4A16",  # per-channel weight-only
+    "W4g16aA16",  # group, asymmetric
+    "W3g32A16",
+    "W8A8",  # per-token dynamic activations
+    "W4A8KV4",  # KV cache per token
+    "W8tA8tKV8a",  # per-tensor, asymmetric KV
+    "W4mA4c90KV4",  # MSE observer, clipped activations
+    "W16A8KV8",  # activations only
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_round_trip_every_scheme_rtn(scheme, tmp_path):
+    assert_round_trip(lowbit.quantize(tiny_model("llama"), scheme, progress=False), tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("transform", ["none", "smooth", "rotate", "smoothrot"])
+def test_round_trip_every_transform_and_family(family, transform, tmp_path):
+    q = lowbit.quantize(tiny_model(family), "W4A8KV4", transform=transform, calibration=calibration(), progress=False)
+    assert_round_trip(q, tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        TransformConfig(kind="rotate", fuse_r1=False, fold_norms=False),  # online R1, norms kept
+        TransformConfig(kind="rotate", seed=7),  # random-sign Hadamard (signs stored)
+        TransformConfig(kind="smoothrot", smooth_all=True, alpha=None),  # online R1 + per-layer alpha
+    ],
+    ids=["online-r1", "random-hadamard", "smoothrot-all"],
+)
+def test_round_trip_online_rotations(transform, tmp_path):
+    q = lowbit.quantize(tiny_model("qwen2"), "W4g16A8KV4", transform=transform, calibration=calibration(), progress=False)
+    assert any(m.input_rotation is not None for m in q.modules() if isinstance(m, QuantLinear))
+    assert_round_trip(q, tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize(
+    "scheme,algorithm,transform",
+    [
+        ("W4g16aA16", "gptq", "none"),
+        ("W3A16", "gptq", "rotate"),
+        ("W4A8sKV8s", "gptq", "smoothrot"),  # static activation and KV ranges
+        ("W4g16A16", "awq", "none"),
+        ("W8A8s", "awq", "smooth"),
+    ],
+)
+def test_round_trip_calibrated_algorithms(family, scheme, algorithm, transform, tmp_path):
+    q = lowbit.quantize(
+        tiny_model(family), scheme, transform=transform, algorithm=algorithm, calibration=calibration(),
+        pipeline=PipelineConfig(gptq=GPTQConfig(act_order=True)), progress=False,
+    )
+    assert_round_trip(q, tmp_path / "m")
+
+
+def test_round_trip_quantized_lm_head_and_tokenizer(tmp_path):
+    from dataclasses import replace
+
+    scheme = replace(parse_scheme("W4A8"), quantize_lm_head=True)
+    q = lowbit.quantize(tiny_model("mistral"), scheme, progress=False)
+    assert isinstance(q.lm_head, QuantLinear)
+    _, tok = assert_round_trip(q, tmp_path / "m", word_tokenizer())
+    assert tok("the quick brown fox")["input_ids"] == word_tokenizer()("the quick brown fox")["input_ids"]
+
+
+def test_saved_size_is_near_the_bit_width(tmp_path):
+    model = tiny_model("llama")
+    q = lowbit.quantize(model, "W4A16", progress=False)
+    save_quantized(q, tmp_path / "m")
+    linears = sum(m.weight.numel() for m in q.modules() if isinstance(m, QuantLinear))
+    others = sum(p.numel() for n, p in model.named_parameters() if "layers" not in n or "norm" in n)
+    stored = (tmp_path / "m" / WEIGHTS_FILE).stat().st_size
+    # 4-bit codes + a float32 scale per row, other tensors fp32, plus the safetensors header
+    assert stored < linears * 0.5 + others * 4 + 64 * 1024
+    assert stored > linears * 0.5
+
+
+def test_save_leaves_the_model_untouched_and_no_temp_files(tmp_path):
+    q = lowbit.quantize(tiny_model("llama"), "W4A8KV4", transform="rotate", progress=False)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    save_quantized(q, tmp_path / "m")
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def saved(tmp_path):
+    q = lowbit.quantize(tiny_model("llama"), "W4A8KV4", progress=False)
+    path = tmp_path / "m"
+    save_quantized(q, path, word_tokenizer())
+    return path
+
+
+def test_missing_file_is_a_clear_error(saved):
+    (saved / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="incomplete: tokenizer.json is missing"):
+        load_quantized(saved)
+
+
+def test_corrupted_weights_are_a_clear_error(saved):
+    data = bytearray((saved / WEIGHTS_FILE).read_bytes())
+    data[-10] ^= 0xFF
+    (saved / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupted"):
+        load_quantized(saved)
+
+
+def test_truncated_weights_are_a_clear_error(saved):
+    data = (saved / WEIGHTS_FILE).read_bytes()
+    (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="corrupted"):
+        load_quantized(saved)
+
+
+def test_corrupted_config_is_a_clear_error(saved):
+    (saved / CONFIG_FILE).write_text((saved / CONFIG_FILE).read_text()[:100])
+    with pytest.raises(UserError, match="corrupted"):
+        load_quantized(saved)
+
+
+def test_newer_format_version_is_a_clear_error(saved):
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["format_version"] = FORMAT_VERSION + 1
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(UserError, match="upgrade lowbit"):
+        load_quantized(saved)
+
+
+def test_not_a_saved_model_is_a_clear_error(tmp_path, tiny_model_dir):
+    with pytest.raises(UserError, match="not a lowbit saved model"):
+        load_quantized(tiny_model_dir)
+    with pytest.raises(UserError, match="not a lowbit saved model"):
+        load_quantized(tmp_path / "nowhere")
+
+
+def test_existing_folder_is_refused_unless_overwrite(saved):
+    q = lowbit.quantize(tiny_model("llama", seed=1), "W8A8", progress=False)
+    with pytest.raises(UserError, match="exists"):
+        save_quantized(q, saved)
+    save_quantized(q, saved, overwrite=True)
+    loaded, tok = load_quantized(saved)
+    assert loaded.lowbit_scheme.name == q.lowbit_scheme.name and tok is None
+
+
+def test_unquantized_or_uncalibrated_model_is_refused(tmp_path):
+    with pytest.raises(UserError, match="not quantized by lowbit"):
+        save_quantized(tiny_model("llama"), tmp_path / "a")
+    q = lowbit.quantize(tiny_model("llama"), "W4A16", progress=False)
+    q.model.layers[0].mlp.down_proj.weight.data[0, 0] += 1e-3  # edited after quantization: off the grid
+    with pytest.raises(UserError, match="not exact 4-bit grid values"):
+        save_quantized(q, tmp_path / "b")
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
