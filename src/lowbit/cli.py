@@ -95,11 +95,16 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
+@click.option("--no-save-model", is_flag=True, help="With --out: write only the reports, not the quantized model (out/model).")
 @click.pass_context
-def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, recipe, calib, calib_samples, calib_seq_len, act_order, damp, device, data, windows, seq_len, out, overwrite, seed, no_fp):
+def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, recipe, calib, calib_samples, calib_seq_len, act_order, damp, device, data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
     """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
+    import shutil
+    import tempfile
     from dataclasses import replace
+    from pathlib import Path
 
+    from .io.native import RUN_SUBDIR
     from .jobs import quantize_job
     from .recipes import Recipe, load_recipe, parse_alpha
     from .report import check_out_dir, report_files, report_markdown, write_run_dir
@@ -141,25 +146,34 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
         raise UserError(f"--calib-seq-len must be at least 2; got {calib_seq_len}")
     if calib and data and calib == data:
         raise UserError("--calib and --data name the same text; never calibrate on the evaluation text")
+    staging = None
     if out:
         check_out_dir(out, overwrite)
-    report = quantize_job(
-        model,
-        chosen,
-        data=data,
-        windows=_windows(windows),
-        seq_len=seq_len,
-        calib=calib,
-        calib_samples=calib_samples,
-        calib_seq_len=calib_seq_len,
-        device=device,
-        seed=seed,
-        evaluate_fp=not no_fp,
-        progress=ctx.obj["progress"],
-    )
-    if out:
-        write_run_dir(out, report_files(report))
-        log.info("wrote %s/report.json and report.md", out)
+        if not no_save_model:  # the model is saved next to --out first, then moved in with the reports
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}-model-", dir=Path(out).parent))
+    try:
+        report = quantize_job(
+            model,
+            chosen,
+            data=data,
+            windows=_windows(windows),
+            seq_len=seq_len,
+            calib=calib,
+            calib_samples=calib_samples,
+            calib_seq_len=calib_seq_len,
+            device=device,
+            seed=seed,
+            evaluate_fp=not no_fp,
+            progress=ctx.obj["progress"],
+            save_to=staging / RUN_SUBDIR if staging else None,
+        )
+        if out:
+            write_run_dir(out, report_files(report), {RUN_SUBDIR: staging / RUN_SUBDIR} if staging else None)
+            log.info("wrote %s/report.json and report.md%s", out, f" and the quantized model in {out}/{RUN_SUBDIR}" if staging else "")
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     click.echo(report_markdown(report))
 
 
@@ -170,17 +184,19 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
 def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, as_json):
-    """Perplexity, size, OPs and KV-cache memory of a model."""
+    """Perplexity, size, OPs and KV-cache memory of a model, or of a saved quantized model
+    (a `lowbit quantize --out` folder or its model/ folder)."""
     from pathlib import Path
 
+    from .io.native import saved_model_dir
     from .jobs import evaluate_job
     from .report import report_markdown
 
     if tasks:
         raise UserError("--tasks (zero-shot evaluation) is not available yet; perplexity only")
     path = Path(model_or_run_dir)
-    if path.is_dir() and (path / "report.json").is_file() and not (path / "config.json").is_file():
-        raise UserError(f"{path} is a lowbit run folder without a saved model; evaluate a model name, folder or .gguf")
+    if path.is_dir() and (path / "report.json").is_file() and not (path / "config.json").is_file() and saved_model_dir(path) is None:
+        raise UserError(f"{path} is a lowbit run folder without a saved model (quantize with --out and without --no-save-model); evaluate a model name, folder or .gguf")
     report = evaluate_job(model_or_run_dir, data=data, windows=_windows(windows), seq_len=seq_len, progress=ctx.obj["progress"])
     click.echo(json.dumps(report, indent=2) if as_json else report_markdown(report))
 

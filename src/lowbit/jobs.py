@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,7 +13,9 @@ from torch import nn
 from . import __version__
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
 from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
+from .errors import UserError
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
+from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
 from .models import load_model
 from .pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig
 from .recipes import Recipe
@@ -50,8 +53,10 @@ def quantize_job(
     evaluate_fp: bool = True,
     device: str | None = None,
     progress: bool = True,
+    save_to: str | Path | None = None,
 ) -> dict:
-    """Load, quantize and evaluate; returns the report (DESIGN.md §5).
+    """Load, quantize and evaluate; returns the report (DESIGN.md §5). With `save_to`, the
+    quantized model and tokenizer are also saved there (`lowbit.io`).
 
     The model is quantized in place after the FP evaluation, so only one copy is ever in memory."""
     start = time.time()
@@ -108,6 +113,9 @@ def quantize_job(
         report["algorithm_args"] = asdict(recipe.gptq if recipe.algorithm == "gptq" else recipe.awq)
     if qmodel.lowbit_layer_errors:
         report["layer_errors"] = qmodel.lowbit_layer_errors
+    if save_to is not None:
+        saved = save_quantized(qmodel, save_to, tokenizer)
+        report["saved_model"] = {"path": RUN_SUBDIR, "bytes_on_disk": sum(f.stat().st_size for f in saved.iterdir())}
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
@@ -125,18 +133,27 @@ def peak_rss_bytes() -> int:
 def evaluate_job(
     model_name: str, *, data: str | None = None, windows: int | None = 8, seq_len: int = 2048, progress: bool = True
 ) -> dict:
+    """Perplexity and cost of a model, or of a saved quantized model (a `lowbit quantize --out`
+    run folder or its model/ folder), reported under "quantized" with its scheme."""
     start = time.time()
-    model, tokenizer = load_model(model_name)
+    saved = saved_model_dir(model_name)
+    if saved is not None:
+        model, tokenizer = load_quantized(saved)
+        if tokenizer is None:
+            raise UserError(f"{saved} was saved without a tokenizer; save it again with one to evaluate it")
+    else:
+        model, tokenizer = load_model(model_name)
     get_arch(model)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
-    fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
-    return {
-        "lowbit_version": __version__,
-        "model": model_name,
-        "eval": {"data": data or DEFAULT_DATA, "windows": fp.windows, "seq_len": seq_len, "tokens": fp.tokens},
-        "fp": {"ppl": fp.ppl, **cost_summary(model, None, seq_len)},
-        "seconds": time.time() - start,
-    }
+    result = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
+    report = {"lowbit_version": __version__, "model": model_name}
+    if saved is not None:
+        report.update(scheme=model.lowbit_scheme.name, scheme_args=model.lowbit_scheme.to_dict(), transform=model.lowbit_transform.get("kind", "none"))
+    report["eval"] = {"data": data or DEFAULT_DATA, "windows": result.windows, "seq_len": seq_len, "tokens": result.tokens}
+    scheme = model.lowbit_scheme if saved is not None else None
+    report["quantized" if saved is not None else "fp"] = {"ppl": result.ppl, **cost_summary(model, scheme, seq_len)}
+    report["seconds"] = time.time() - start
+    return report
 
 
 def info_job(model_name: str, scheme: Scheme | None = None) -> dict:

@@ -21,8 +21,10 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def write_run_dir(out: str | Path, files: dict[str, str]) -> Path:
-    """Write `files` (name -> text) into a fresh folder and move it to `out` in one rename.
+def write_run_dir(out: str | Path, files: dict[str, str], dirs: dict[str, Path] | None = None) -> Path:
+    """Write `files` (name -> text) into a fresh folder, move the finished folders `dirs`
+    (name -> a folder already written on the same filesystem) into it, and move it to `out` in
+    one rename.
 
     An existing `out` is replaced only after the new one is complete; a crash leaves either the
     old folder or the new one, never a mix."""
@@ -32,6 +34,8 @@ def write_run_dir(out: str | Path, files: dict[str, str]) -> Path:
     try:
         for name, text in files.items():
             (tmp / name).write_text(text)
+        for name, folder in (dirs or {}).items():
+            os.replace(folder, tmp / name)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
             os.replace(out, old / out.name)
