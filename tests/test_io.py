@@ -47,7 +47,7 @@ def assert_round_trip(q, path, tokenizer=None):
 # ---------------------------------------------------------------- exact codes
 
 
-@pytest.mark.parametrize("name", ["W4", "W4a", "W4g16", "W4g16a", "W3g32a", "W8", "W8a", "W2", "W4c80", "W4ac80", "W4m", "W4am", "W8t"])
+@pytest.mark.parametrize("name", ["W4", "W4f", "W8f", "W4a", "W4g16", "W4g16a", "W3g32a", "W8", "W8a", "W2", "W4c80", "W4ac80", "W4m", "W4am", "W8t"])
 @pytest.mark.parametrize("algorithm", ["rtn", "gptq", "gptq-no-act-order"])
 def test_codes_reproduce_every_quantized_weight_bit_for_bit(name, algorithm):
     torch.manual_seed(0)
@@ -81,6 +81,7 @@ SCHEMES = [
     "W4A8KV4",  # KV cache per token
     "W8tA8tKV8a",  # per-tensor, asymmetric KV
     "W4mA4c90KV4",  # MSE observer, clipped activations
+    "W4g16fA8fKV4",  # full-range symmetric grid (compressed-tensors' grid)
     "W16A8KV8",  # activations only
 ]
 
