@@ -35,6 +35,7 @@ def test_quantize_writes_the_report(tiny_model_dir, sample_text_file, tmp_path, 
     assert report["quantized"]["ops"] < report["fp"]["ops"]
     assert "perplexity" in (out / "report.md").read_text() and "W4A8KV4" in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sample.txt", "tiny-llama"]  # no temp leftovers
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.json", "report.md"]
 
 
 def test_existing_out_is_refused_unless_overwrite(tiny_model_dir, sample_text_file, tmp_path, capsys):
@@ -153,7 +154,8 @@ def test_bad_transform_options(tiny_model_dir, sample_text_file, capsys, extra, 
 
 def test_evaluate_refuses_a_run_folder_without_a_model(tiny_model_dir, sample_text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run(quantize_args(tiny_model_dir, sample_text_file, "--out", str(out), "--no-fp"), capsys)[0] == 0
+    assert run(quantize_args(tiny_model_dir, sample_text_file, "--out", str(out), "--no-fp", "--no-save-model"), capsys)[0] == 0
+    assert not (out / "model").exists()
     assert "fp" not in json.loads((out / "report.json").read_text())  # --no-fp: absent, not null
     code, _, err = run(["-q", "evaluate", str(out)], capsys)
     assert code == 2 and "run folder without a saved model" in err
@@ -225,3 +227,27 @@ def test_quantize_never_modifies_the_model_files(tiny_model_dir, sample_text_fil
         code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, *extra), capsys)
         assert code == 0, err
     assert digest() == before
+
+
+@pytest.mark.parametrize("extra", [["--scheme", "W4g16aA8KV4", "--transform", "rotate"], ["--recipe", "w4a8kv4-smoothrot-gptq", "--calib-samples", "4", "--calib-seq-len", "32"]])
+def test_evaluate_a_saved_run_reproduces_its_perplexity(tiny_model_dir, sample_text_file, tmp_path, capsys, extra):
+    """quantize --out saves the model; evaluate on the run folder (or its model folder) reloads it and
+    gets the very perplexity quantize measured in memory (identical logits)."""
+    out = tmp_path / "run"
+    assert run(quantize_args(tiny_model_dir, sample_text_file, *extra, "--out", str(out), "--no-fp"), capsys)[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["saved_model"]["bytes_on_disk"] == sum(p.stat().st_size for p in (out / "model").iterdir())
+    for target in (out, out / "model"):
+        code, stdout, _ = run(["-q", "evaluate", str(target), "--data", str(sample_text_file), "--seq-len", "32", "--windows", "3", "--json"], capsys)
+        assert code == 0
+        again = json.loads(stdout)
+        assert again["quantized"]["ppl"] == report["quantized"]["ppl"] and again["scheme"] == report["scheme"]
+        assert again["quantized"]["size_bytes"] == report["quantized"]["size_bytes"]
+
+
+def test_evaluate_a_damaged_saved_run_exits_2(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(quantize_args(tiny_model_dir, sample_text_file, "--scheme", "W4A16", "--out", str(out), "--no-fp"), capsys)[0] == 0
+    (out / "model" / "model.safetensors").write_bytes(b"truncated")
+    code, _, err = run(["-q", "evaluate", str(out)], capsys)
+    assert code == 2 and "corrupted" in err and len(err.strip().splitlines()) == 1
