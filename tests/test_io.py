@@ -12,10 +12,10 @@ from lowbit import UserError
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize
 from lowbit.algorithms.rtn import rtn_weight
 from lowbit.io import load_quantized, save_quantized
-from lowbit.quant.codes import InexactCodesError, encode_weight
 from lowbit.io.native import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from lowbit.pipeline import PipelineConfig
 from lowbit.quant import packed_nbytes
+from lowbit.quant.codes import InexactCodesError, encode_weight
 from lowbit.runtime import QuantLinear
 from lowbit.scheme import parse_scheme
 from lowbit.transforms.apply import TransformConfig

@@ -202,6 +202,24 @@ def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, as_json):
 
 
 @cli.command()
+@click.argument("run_or_model_dir")
+@click.option("--format", "fmt", default="compressed-tensors", show_default=True, help="Export format (compressed-tensors: what vLLM and transformers load).")
+@click.option("--out", required=True, help="Folder to write (refused if it exists).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def export(run_or_model_dir, fmt, out, overwrite):
+    """Export a saved quantized model (a `lowbit quantize --out` folder) to a serving format."""
+    from .io import EXPORT_FORMATS, export_compressed_tensors, load_quantized
+    from .report import check_out_dir
+
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
+    check_out_dir(out, overwrite)
+    model, tokenizer = load_quantized(run_or_model_dir)
+    export_compressed_tensors(model, out, tokenizer, overwrite=overwrite)
+    log.info("exported %s to %s (%s)", model.lowbit_scheme.name, out, fmt)
+
+
+@cli.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--scheme", default=None, help="Also show which linears this scheme quantizes and its size/OPs.")
 def info(model, scheme):

@@ -30,10 +30,10 @@ from .algorithms.gptq import GPTQ, GPTQConfig, output_error
 from .algorithms.rtn import rtn_weight
 from .arch import ArchSpec, decoder_layers, get_module, head_dim, kv_groups, set_module
 from .errors import UserError
+from .quant.codes import InexactCodesError, rescale_output_rows
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
 from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
-from .quant.codes import InexactCodesError, rescale_output_rows
 from .scheme import Granularity, Scheme
 from .transforms.rotate import norm_gain, scale_output_rows, set_norm_gain
 

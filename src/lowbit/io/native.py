@@ -34,12 +34,19 @@ from torch import nn
 from .. import __version__
 from ..arch import get_arch, get_module, set_module
 from ..errors import UserError
-from ..runtime.kv import KEY_QUANT, PREFIX, QK_ROTATION, VALUE_QUANT, register_attention, set_attention_implementation
+from ..quant.codes import InexactCodesError, WeightCodes, encode_weight
+from ..runtime.kv import (
+    KEY_QUANT,
+    PREFIX,
+    QK_ROTATION,
+    VALUE_QUANT,
+    register_attention,
+    set_attention_implementation,
+)
 from ..runtime.linear import QuantLinear
 from ..runtime.quantizer import TensorQuantizer
 from ..runtime.rotation import OnlineHadamard
 from ..scheme import Scheme, args_from_dict, args_to_dict
-from ..quant.codes import InexactCodesError, WeightCodes, encode_weight
 
 log = logging.getLogger("lowbit")
 

@@ -121,7 +121,7 @@ def _search_shifted_zero(row: torch.Tensor, args: QuantArgs):
     for d in steps[on_grid].long().tolist():
         s0 = ((hi - lo) / d).float().reshape(1)
         s = torch.stack([_step(s0, u) for u in ULP_STEPS]).reshape(-1, 1, 1)  # [S, 1, 1]
-        for k_min in range(0, args.qmax - d + 1):
+        for k_min in range(args.qmax - d + 1):
             z0 = (lo - k_min * s0.double()).float().reshape(1)
             z = torch.stack([_step(z0, u) for u in ULP_STEPS]).reshape(1, -1, 1)  # [1, Z, 1]
             q = torch.round((row - z) / s)  # [S, Z, cols]
