@@ -12,14 +12,7 @@ from torch import nn
 
 from . import __version__
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
-from .data import (
-    DEFAULT_DATA,
-    GENERATED,
-    calibration_batches,
-    generate_samples,
-    load_text,
-    tokenize,
-)
+from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
 from .errors import UserError
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir

@@ -15,7 +15,7 @@ A saved model is a folder:
 Loading rebuilds the stock transformers model from the config (no download, no modeling code of
 ours), swaps the same lowbit modules in at the same paths, and loads the tensors strictly.
 Scales are stored in float32, not fp16: they must reproduce the in-memory weights bit for bit
-(`lowbit.io.codes`). The folder is written under a temporary name and renamed into place.
+(`lowbit.quant.codes`). The folder is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
