@@ -79,6 +79,7 @@ def test_export_packs_4_bit_weights(tmp_path):
         ("W8fA8fKV8", "none", "KV cache"),
         ("W4A16", "rotate", "rotate their input online"),
         ("W16A8f", "none", "needs quantized weights"),
+        ("W8g32A8f", "none", "per-channel weights"),
     ],
 )
 def test_recipes_the_format_cannot_express_are_refused(scheme, transform, message, tmp_path):

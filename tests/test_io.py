@@ -232,3 +232,14 @@ def test_unquantized_or_uncalibrated_model_is_refused(tmp_path):
     with pytest.raises(UserError, match="not exact 4-bit grid values"):
         save_quantized(q, tmp_path / "b")
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("count", [0, 1, 7, 33, 1000])
+def test_fast_packing_has_the_bit_stream_layout(bits, count):
+    from lowbit.quant.packing import pack, pack_bitstream, unpack
+
+    codes = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(count))
+    packed = pack(codes, bits)
+    assert torch.equal(packed, pack_bitstream(codes.to(torch.int32), bits))
+    assert torch.equal(unpack(packed, bits, count), codes.to(torch.uint8))

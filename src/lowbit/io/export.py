@@ -59,6 +59,8 @@ def check_exportable(model: nn.Module) -> Scheme:
     if a is not None:
         if a.bits != 8 or w.bits != 8:
             raise UserError(f"cannot export {name}: activations must be 16 bit (W4A16, W8A16) or 8 bit with 8-bit weights (W8A8)")
+        if w.granularity is not Granularity.CHANNEL:
+            raise UserError(f"cannot export {name}: W8A8 needs per-channel weights (int8 matmul kernels scale whole output channels)")
         if not a.dynamic or a.granularity is not Granularity.TOKEN:
             raise UserError(f"cannot export {name}: activations must be dynamic per token (A8), not static, per-tensor or per-group")
         if not a.symmetric or a.clip_ratio != 1.0 or a.observer is not Observer.MINMAX:

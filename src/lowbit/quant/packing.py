@@ -33,6 +33,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.reshape(-1).to(torch.int32)
     if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
         raise ValueError(f"codes out of range for {bits}-bit packing")
+    if bits == 8:  # fast paths, the same layout as the bit stream
+        return flat.to(torch.uint8)
+    if bits == 4:
+        pairs = torch.cat([flat, flat.new_zeros(flat.numel() % 2)]).view(-1, 2)
+        return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+    return pack_bitstream(flat, bits)
+
+
+def pack_bitstream(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """The general packing: every code's bits, least significant first, into one stream of bytes."""
     shifts = torch.arange(bits, dtype=torch.int32)
     bitstream = ((flat[:, None] >> shifts) & 1).reshape(-1)
     pad = (-bitstream.numel()) % 8
@@ -47,6 +57,11 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ValueError(f"bits must be 1..8, got {bits}")
     if packed.numel() != packed_nbytes(count, bits):
         raise ValueError(f"expected {packed_nbytes(count, bits)} bytes for {count} {bits}-bit codes, got {packed.numel()}")
+    if bits == 8:
+        return packed.reshape(-1).to(torch.uint8).clone()
+    if bits == 4:
+        b = packed.reshape(-1).to(torch.int32)
+        return torch.stack([b & 15, b >> 4], dim=1).reshape(-1)[:count].to(torch.uint8)
     bitstream = ((packed.reshape(-1).to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)
     bitstream = bitstream[: count * bits].reshape(count, bits)
     return (bitstream * (2 ** torch.arange(bits, dtype=torch.int32))).sum(dim=1).to(torch.uint8)
