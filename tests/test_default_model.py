@@ -153,3 +153,19 @@ def test_rotation_rescues_w4a4kv4(model_and_tokenizer, wikitext_ids):
     rotated = lowbit.perplexity(lowbit.quantize(model, "W4A4KV4", transform="rotate", progress=False), wikitext_ids, 512, 2, progress=False).ppl
     print(f"FP {fp:.2f}  W4A4KV4 {plain:.1f}  rotated {rotated:.2f}")
     assert rotated < plain / 10
+
+
+@torch.no_grad()
+def test_saved_default_model_reloads_with_identical_logits(model_and_tokenizer, wikitext_ids, tmp_path):
+    """GPTQ-free but real: W4g64 RTN weights with per-token A8 and KV8, saved at 4 bits and reloaded."""
+    model, tokenizer = model_and_tokenizer
+    x = wikitext_ids[:128][None]
+    q = lowbit.quantize(model, "W4g64A8KV8", progress=False)
+    ref = q(x).logits
+    lowbit.save_quantized(q, tmp_path / "m", tokenizer)
+    weights = (tmp_path / "m" / "model.safetensors").stat().st_size
+    fp32 = sum(p.numel() for p in model.parameters()) * 4
+    assert weights < 0.45 * fp32  # the fp32 embedding stays; the 4-bit linears shrink 8x
+    loaded, tok = lowbit.load_quantized(tmp_path / "m")
+    assert torch.equal(loaded(x).logits, ref)
+    assert tok("Hello world")["input_ids"] == tokenizer("Hello world")["input_ids"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model, word_tokenizer
+from conftest import FAMILIES, tiny_config, tiny_model, word_tokenizer
 
 import lowbit
 from lowbit import UserError
@@ -140,6 +140,20 @@ def test_round_trip_quantized_lm_head_and_tokenizer(tmp_path):
     assert isinstance(q.lm_head, QuantLinear)
     _, tok = assert_round_trip(q, tmp_path / "m", word_tokenizer())
     assert tok("the quick brown fox")["input_ids"] == word_tokenizer()("the quick brown fox")["input_ids"]
+
+
+@pytest.mark.parametrize("transform", ["none", "rotate"])  # fused R1 unties the embeddings
+def test_tied_embeddings_stay_tied_and_are_stored_once(transform, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    q = lowbit.quantize(model, "W4A8", transform=transform, progress=False)
+    loaded, _ = assert_round_trip(q, tmp_path / "m")
+    tied = q.lm_head.weight.data_ptr() == q.model.embed_tokens.weight.data_ptr()
+    assert (loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()) == tied == (transform == "none")
 
 
 def test_saved_size_is_near_the_bit_width(tmp_path):

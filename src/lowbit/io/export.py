@@ -106,6 +106,7 @@ def _plain_model(model: nn.Module) -> nn.Module:
     dtype = next(model.parameters()).dtype
     with no_init_weights():
         plain = AutoModelForCausalLM.from_config(model.config, dtype=dtype, attn_implementation=base)
+    plain.tie_weights()  # no_init_weights skips tying; a tied lm_head would be written twice
     wanted = plain.state_dict()
     state = {k: v for k, v in model.state_dict().items() if k in wanted}
     plain.load_state_dict(state, strict=True)

@@ -284,6 +284,7 @@ def _build_model(config: dict) -> nn.Module:
     dtype = getattr(torch, config["dtype"])
     with no_init_weights():  # every tensor is loaded from the file
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=config.get("attn_implementation") or "eager")
+    model.tie_weights()  # no_init_weights skips tying; a tied lm_head must share the embedding again
     return model.eval()
 
 
