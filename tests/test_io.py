@@ -238,7 +238,7 @@ def test_existing_folder_is_refused_unless_overwrite(saved):
     assert loaded.lowbit_scheme.name == q.lowbit_scheme.name and tok is None
 
 
-def test_unquantized_or_uncalibrated_model_is_refused(tmp_path):
+def test_unquantized_or_edited_model_is_refused(tmp_path):
     with pytest.raises(UserError, match="not quantized by lowbit"):
         save_quantized(tiny_model("llama"), tmp_path / "a")
     q = lowbit.quantize(tiny_model("llama"), "W4A16", progress=False)
