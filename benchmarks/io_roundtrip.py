@@ -9,7 +9,12 @@ Sizes are bytes on disk of the whole folder (weights, config, tokenizer). Evalua
 N windows of 512 tokens of the WikiText-2 raw test file (token-level perplexity). Calibration
 (GPTQ, smoothing): the calibration half of the gensim Wikipedia sample, never the evaluation text.
 
-    python benchmarks/io_roundtrip.py            # writes results/io_roundtrip.{json,md}
+    python benchmarks/io_roundtrip.py                 # all rows -> results/io_roundtrip.{jsonl,json,md}
+    python benchmarks/io_roundtrip.py --rows W4A8KV4/rotate/rtn   # one row, appended to the .jsonl
+    python benchmarks/io_roundtrip.py --render        # the tables from the .jsonl only
+
+Rows are appended to results/NAME.jsonl as they finish (a row already there is skipped), so an
+interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -59,7 +64,28 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--name", default="io_roundtrip")
+    parser.add_argument("--rows", default=None, help="comma-separated SCHEME/TRANSFORM/ALGORITHM (default: all)")
+    parser.add_argument("--render", action="store_true", help="only write the .json/.md from the .jsonl")
     args = parser.parse_args()
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    jsonl = out / f"{args.name}.jsonl"
+    if not args.render:
+        run_rows(args, jsonl)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = [r for key in ROWS for r in rows if (r["scheme"], r["transform"], r["algorithm"]) == key]
+    result = {**rows[0].pop("setup"), "rows": rows} if rows else {}
+    for r in rows[1:]:
+        r.pop("setup", None)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = render(result)
+    (out / f"{args.name}.md").write_text(md)
+    print(md)
+
+
+def run_rows(args, jsonl: Path) -> None:
+    import compressed_tensors
+    import transformers
 
     from transformers import AutoModelForCausalLM
 
@@ -70,11 +96,24 @@ def main() -> None:
 
     torch.manual_seed(0)
     fp_dir = Path(resolve_model(lowbit.DEFAULT_MODEL))
-    fp_bytes = sum(f.stat().st_size for f in fp_dir.iterdir() if f.is_file())
-    rows = []
+    setup = {
+        "model": lowbit.DEFAULT_MODEL,
+        "fp32_folder_bytes": sum(f.stat().st_size for f in fp_dir.iterdir() if f.is_file()),
+        "eval": {"data": str(DEFAULT_DATA.name), "windows": args.windows, "seq_len": args.seq_len},
+        "calibration": {"data": "enwiki-sample (calibration half)", "samples": args.calib_samples, "seq_len": 512},
+        "cpu_threads": torch.get_num_threads(),
+        "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "compressed_tensors": compressed_tensors.__version__, "python": platform.python_version()},
+    }
+    wanted = [tuple(r.split("/")) for r in args.rows.split(",")] if args.rows else ROWS
+    done = set()
+    if jsonl.is_file():
+        done = {(r["scheme"], r["transform"], r["algorithm"]) for r in map(json.loads, jsonl.read_text().splitlines()) if r}
     work = Path(tempfile.mkdtemp(prefix="lowbit-io-bench-"))
     try:
-        for scheme, transform, algorithm in ROWS:
+        for scheme, transform, algorithm in wanted:
+            if (scheme, transform, algorithm) in done:
+                continue
             model, tokenizer = lowbit.load_model()
             ids = tokenize(tokenizer, load_text(str(DEFAULT_DATA)))
             windows = ids[: args.windows * args.seq_len].view(args.windows, args.seq_len)
@@ -118,30 +157,12 @@ def main() -> None:
             shutil.rmtree(native)
             del q, model, ref
             row["load_average_1min"] = os.getloadavg()[0]  # the machine is shared: times are wall clock
-            rows.append(row)
+            row["setup"] = setup
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    import compressed_tensors
-    import transformers
-
-    result = {
-        "model": lowbit.DEFAULT_MODEL,
-        "fp32_folder_bytes": fp_bytes,
-        "eval": {"data": str(DEFAULT_DATA.name), "windows": args.windows, "seq_len": args.seq_len},
-        "calibration": {"data": "enwiki-sample (calibration half)", "samples": args.calib_samples, "seq_len": 512},
-        "cpu_threads": torch.get_num_threads(),
-        "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "compressed_tensors": compressed_tensors.__version__, "python": platform.python_version()},
-        "rows": rows,
-    }
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = render(result)
-    (out / f"{args.name}.md").write_text(md)
-    print(md)
 
 
 def render(result: dict) -> str:
