@@ -86,7 +86,6 @@ def main() -> None:
 def run_rows(args, jsonl: Path) -> None:
     import compressed_tensors
     import transformers
-
     from transformers import AutoModelForCausalLM
 
     import lowbit
@@ -170,14 +169,18 @@ def render(result: dict) -> str:
     lines = [
         f"# Save / load / export round trips: {result['model']}",
         "",
-        f"FP32 model folder: {result['fp32_folder_bytes'] / mb:.1f} MB. Evaluation: {result['eval']['data']}, first "
-        f"{result['eval']['windows']} windows x {result['eval']['seq_len']} tokens. max abs dlogits compares the reloaded model's "
-        "logits with the in-memory quantized model's (0 = bit-identical). Times are wall clock on a shared 2-core machine "
-        f"(1-minute load average during the rows: {', '.join(str(round(r['load_average_1min'], 1)) for r in result['rows'])}), "
-        "so read them as upper bounds.",
+        (
+            f"FP32 model folder: {result['fp32_folder_bytes'] / mb:.1f} MB. Evaluation: {result['eval']['data']}, first "
+            f"{result['eval']['windows']} windows x {result['eval']['seq_len']} tokens. max abs dlogits compares the reloaded "
+            "model's logits with the in-memory quantized model's (0 = bit-identical). Times are wall clock on a shared 2-core "
+            f"machine (1-minute load average during the rows: {', '.join(str(round(r['load_average_1min'], 1)) for r in result['rows'])}), "
+            "so read them as upper bounds."
+        ),
         "",
-        "| scheme | transform | algorithm | PPL in memory | lowbit saved MB | PPL reloaded | max abs dlogits | save s | load s "
-        "| compressed-tensors MB | PPL transformers reload | max abs dlogits |",
+        (
+            "| scheme | transform | algorithm | PPL in memory | lowbit saved MB | PPL reloaded | max abs dlogits | save s | load s "
+            "| compressed-tensors MB | PPL transformers reload | max abs dlogits |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
