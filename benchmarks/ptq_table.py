@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -130,6 +131,8 @@ def run_row(row: str, args) -> dict:
     result.update(
         ppl=ppl.ppl, windows=ppl.windows, tokens=ppl.tokens, eval_seconds=time.time() - t0, peak_rss_gb=rss_gb(),
         size_bytes=lowbit.evaluation.model_size_bytes(model),
+        # > 2 means other work shared the 2 cores during the row: its times are then inflated
+        load_avg_5min=os.getloadavg()[1],
     )
     return result
 
@@ -218,17 +221,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         "Quantize = wall time of `quantize_model` (transform statistics, layer-by-layer pipeline, swaps). "
         "Peak RSS = the process's peak resident memory up to the end of quantization (model load included), "
-        "and including the perplexity evaluation.",
+        "and including the perplexity evaluation. Load avg = 5-minute load average at the end of the row "
+        "(2 cores: above ~2 other work shared the machine and the row's times are inflated; '-' = not recorded).",
         "",
-        "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r.get("quantize_seconds")
+        load = f"{r['load_avg_5min']:.1f}" if "load_avg_5min" in r else "-"
         rel = "-" if fp is None or r is fp else f"{100 * (r['ppl'] / fp['ppl'] - 1):+.1f}%"
         lines.append(
             f"| {r['scheme']} | {r['transform']} | {r['algorithm']} | {r.get('options', '')} | {r['ppl']:.3f} | {rel} | "
-            f"{'-' if q is None else f'{q:.1f}'} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} |"
+            f"{'-' if q is None else f'{q:.1f}'} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} | {load} |"
         )
     return "\n".join(lines) + "\n"
 
