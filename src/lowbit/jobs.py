@@ -13,6 +13,7 @@ from . import __version__
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
 from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
+from .memory import peak_rss_bytes, release_freed_memory
 from .models import load_model
 from .pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig
 from .recipes import Recipe
@@ -64,6 +65,7 @@ def quantize_job(
     data_name = data or DEFAULT_DATA
     log.info("tokenizing evaluation text %s", data_name)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+    release_freed_memory()  # the tokenizer's temporaries for a whole text are large
     report: dict = {
         "lowbit_version": __version__,
         "model": model_name,
@@ -88,6 +90,7 @@ def quantize_job(
         else:
             log.info("calibration text %s: %d samples x %d tokens", calib or DEFAULT_DATA, calib_samples, calib_seq_len)
             calibration = calibration_batches(tokenizer, calib, calib_samples, calib_seq_len, seed)
+            release_freed_memory()
         report["calibration"] = {
             "data": calib or DEFAULT_DATA, "samples": calib_samples, "seq_len": calib_seq_len, "seconds": time.time() - t0,
         }
@@ -99,6 +102,7 @@ def quantize_job(
     )
     quant_seconds = time.time() - t0
     del model, calibration
+    release_freed_memory()
     log.info("evaluating quantized model")
     q = perplexity(qmodel, eval_ids, seq_len, windows, progress=progress, desc="perplexity quantized")
     report["eval"] = {"data": data_name, "windows": q.windows, "seq_len": seq_len, "tokens": q.tokens}
@@ -113,15 +117,6 @@ def quantize_job(
     return report
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def evaluate_job(
     model_name: str, *, data: str | None = None, windows: int | None = 8, seq_len: int = 2048, progress: bool = True
 ) -> dict:
@@ -129,6 +124,7 @@ def evaluate_job(
     model, tokenizer = load_model(model_name)
     get_arch(model)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+    release_freed_memory()  # the tokenizer's temporaries for a whole text are large
     fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
     return {
         "lowbit_version": __version__,

@@ -30,6 +30,7 @@ from .algorithms.gptq import GPTQ, GPTQConfig, output_error
 from .algorithms.rtn import rtn_weight
 from .arch import ArchSpec, decoder_layers, get_module, head_dim, kv_groups, set_module
 from .errors import UserError
+from .memory import release_freed_memory
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
 from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
@@ -104,6 +105,7 @@ def quantize_sequential(
             entry[group.role] = _quantize_group(layer, spec, group, scheme, config, runner, n_rep, dim)
         runner.run_all()
         layer.to(home)
+        release_freed_memory()  # this layer's temporaries, before the next layer's peak
         report.append(entry)
         summary = " ".join(f"{k}={v[config.algorithm]:.2e}" for k, v in entry.items() if k != "layer")
         log.debug("layer %d: relative output error (RTN in the report) %s", i, summary)
