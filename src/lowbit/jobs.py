@@ -50,6 +50,7 @@ def quantize_job(
     seed: int = 0,
     evaluate_fp: bool = True,
     device: str | None = None,
+    calib_dtype: str = "float32",
     progress: bool = True,
 ) -> dict:
     """Load, quantize and evaluate; returns the report (DESIGN.md §5).
@@ -79,7 +80,7 @@ def quantize_job(
         fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity FP")
         report["fp"] = {"ppl": fp.ppl, **cost_summary(model, None, seq_len)}
     calibration = None
-    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq, device=device)
+    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq, device=device, dtype=calib_dtype)
     if recipe.algorithm in SEQUENTIAL_ALGORITHMS:
         pipeline.check(recipe.scheme)
     if recipe.scheme.needs_calibration or recipe.transform.needs_calibration or recipe.algorithm in SEQUENTIAL_ALGORITHMS:
@@ -94,6 +95,8 @@ def quantize_job(
         report["calibration"] = {
             "data": calib or DEFAULT_DATA, "samples": calib_samples, "seq_len": calib_seq_len, "seconds": time.time() - t0,
         }
+        if recipe.algorithm in SEQUENTIAL_ALGORITHMS:
+            report["calibration"]["dtype"] = calib_dtype
     log.info("quantizing to %s with %s", recipe.scheme.name, recipe.algorithm)
     t0 = time.time()
     qmodel = quantize_model(
