@@ -15,6 +15,7 @@ from .arch import decoder_layers, get_arch, head_dim, layer_linears
 from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
 from .errors import UserError
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
+from .memory import peak_rss_bytes, release_freed_memory
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
 from .models import load_model
 from .pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig
@@ -52,6 +53,7 @@ def quantize_job(
     seed: int = 0,
     evaluate_fp: bool = True,
     device: str | None = None,
+    calib_dtype: str = "float32",
     progress: bool = True,
     save_to: str | Path | None = None,
 ) -> dict:
@@ -69,6 +71,7 @@ def quantize_job(
     data_name = data or DEFAULT_DATA
     log.info("tokenizing evaluation text %s", data_name)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+    release_freed_memory()  # the tokenizer's temporaries for a whole text are large
     report: dict = {
         "lowbit_version": __version__,
         "model": model_name,
@@ -82,7 +85,7 @@ def quantize_job(
         fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity FP")
         report["fp"] = {"ppl": fp.ppl, **cost_summary(model, None, seq_len)}
     calibration = None
-    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq, device=device)
+    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq, device=device, dtype=calib_dtype)
     if recipe.algorithm in SEQUENTIAL_ALGORITHMS:
         pipeline.check(recipe.scheme)
     if recipe.scheme.needs_calibration or recipe.transform.needs_calibration or recipe.algorithm in SEQUENTIAL_ALGORITHMS:
@@ -93,9 +96,12 @@ def quantize_job(
         else:
             log.info("calibration text %s: %d samples x %d tokens", calib or DEFAULT_DATA, calib_samples, calib_seq_len)
             calibration = calibration_batches(tokenizer, calib, calib_samples, calib_seq_len, seed)
+            release_freed_memory()
         report["calibration"] = {
             "data": calib or DEFAULT_DATA, "samples": calib_samples, "seq_len": calib_seq_len, "seconds": time.time() - t0,
         }
+        if recipe.algorithm in SEQUENTIAL_ALGORITHMS:
+            report["calibration"]["dtype"] = calib_dtype
     log.info("quantizing to %s with %s", recipe.scheme.name, recipe.algorithm)
     t0 = time.time()
     qmodel = quantize_model(
@@ -104,6 +110,7 @@ def quantize_job(
     )
     quant_seconds = time.time() - t0
     del model, calibration
+    release_freed_memory()
     log.info("evaluating quantized model")
     q = perplexity(qmodel, eval_ids, seq_len, windows, progress=progress, desc="perplexity quantized")
     report["eval"] = {"data": data_name, "windows": q.windows, "seq_len": seq_len, "tokens": q.tokens}
@@ -121,15 +128,6 @@ def quantize_job(
     return report
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def evaluate_job(
     model_name: str, *, data: str | None = None, windows: int | None = 8, seq_len: int = 2048, progress: bool = True
 ) -> dict:
@@ -145,6 +143,7 @@ def evaluate_job(
         model, tokenizer = load_model(model_name)
     get_arch(model)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+    release_freed_memory()  # the tokenizer's temporaries for a whole text are large
     result = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
     report = {"lowbit_version": __version__, "model": model_name}
     if saved is not None:
