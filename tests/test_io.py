@@ -132,6 +132,20 @@ def test_round_trip_calibrated_algorithms(family, scheme, algorithm, transform, 
     assert_round_trip(q, tmp_path / "m")
 
 
+@pytest.mark.parametrize("scheme", ["W4g16A8KV8", "W8aA16"])
+def test_round_trip_bfloat16_model(scheme, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # built in bf16 (as from_pretrained(dtype=bf16) would): `.to(bf16)` would also round the
+    # rotary frequencies, which are not saved but recomputed from the config on load
+    fp32 = tiny_model("llama")
+    model = AutoModelForCausalLM.from_config(fp32.config, dtype=torch.bfloat16).eval()
+    model.load_state_dict(fp32.state_dict())
+    q = lowbit.quantize(model, scheme, progress=False)
+    loaded, _ = assert_round_trip(q, tmp_path / "m")
+    assert loaded.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
 def test_round_trip_quantized_lm_head_and_tokenizer(tmp_path):
     from dataclasses import replace
 

@@ -70,6 +70,7 @@ def _candidate_codes(args: QuantArgs) -> list[int]:
 def encode_weight(weight: torch.Tensor, args: QuantArgs, name: str = "weight") -> WeightCodes:
     """Codes, scales and zero points that dequantize to exactly `weight` (raises if none exist)."""
     rows = as_rows(weight.detach().float(), args)
+    dtype = weight.dtype  # a bf16 / fp16 weight holds float32 grid values rounded once more: compare in its dtype
     n = rows.shape[0]
     if args.symmetric:
         zero = torch.zeros(n, 1)
@@ -90,13 +91,13 @@ def encode_weight(weight: torch.Tensor, args: QuantArgs, name: str = "weight") -
             r, z = rows[todo], zero[todo]
             q = torch.round((r - z) / s)
             ok = ((q >= args.qmin) & (q <= args.qmax)).all(dim=1)
-            ok &= (dequantize_rows(q, QParams(s, z)) == r).all(dim=1)
+            ok &= (dequantize_rows(q, QParams(s, z)).to(dtype).float() == r).all(dim=1)
             hit = todo[ok]
             scale[hit], codes[hit] = s[ok], q[ok]
             done[hit] = True
     if not args.symmetric:
         for i in (~done).nonzero().reshape(-1).tolist():
-            found = _search_shifted_zero(rows[i], args)
+            found = _search_shifted_zero(rows[i], args, dtype)
             if found is not None:
                 scale[i], zero[i], codes[i] = found
                 done[i] = True
@@ -110,7 +111,7 @@ def encode_weight(weight: torch.Tensor, args: QuantArgs, name: str = "weight") -
     return WeightCodes(packed, scale.reshape(-1), None if args.symmetric else zero.reshape(-1), tuple(weight.shape))
 
 
-def _search_shifted_zero(row: torch.Tensor, args: QuantArgs):
+def _search_shifted_zero(row: torch.Tensor, args: QuantArgs, dtype: torch.dtype = torch.float32):
     """An asymmetric row whose smallest value is not on code 0 (GPTQ: the zero point came from the
     weights before quantization). Find the grid step from the row's spacing, then try each
     possible code of the minimum, with scale and zero a few ulps around their estimates."""
@@ -126,7 +127,7 @@ def _search_shifted_zero(row: torch.Tensor, args: QuantArgs):
             z = torch.stack([_step(z0, u) for u in ULP_STEPS]).reshape(1, -1, 1)  # [1, Z, 1]
             q = torch.round((row - z) / s)  # [S, Z, cols]
             ok = ((q >= args.qmin) & (q <= args.qmax)).all(dim=-1)
-            ok &= (q * s + z == row).all(dim=-1)
+            ok &= ((q * s + z).to(dtype).float() == row).all(dim=-1)
             if bool(ok.any()):
                 i, j = ok.nonzero()[0].tolist()
                 return s[i, 0, 0], z[0, j, 0], q[i, j]
