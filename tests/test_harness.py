@@ -105,3 +105,49 @@ def test_unreachable_dataset_is_a_clear_error(tmp_path, monkeypatch):
     config = HarnessConfig(tasks=["lowbit_hub_task"], task_paths=[str(tmp_path)])
     with pytest.raises(UserError, match="cannot load the dataset of task 'lowbit_hub_task'.*--task-path"):
         evaluate_tasks(tiny_model("llama"), word_tokenizer(), config, progress=False)
+
+
+def run_cli(args, capsys):
+    from lowbit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def test_cli_evaluate_tasks_costs_and_int_kernels(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    (tmp_path / "tasks").mkdir()
+    tasks = write_task(tmp_path / "tasks")
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(
+        ["-q", "evaluate", str(tiny_model_dir), "--data", str(sample_text_file), "--seq-len", "32", "--windows", "2",
+         "--scheme", "W8A8", "--int-kernels", "--tasks", TASK, "--task-path", str(tasks), "--out", str(out)],
+        capsys,
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kernels"] == "int" and report["scheme"] == "W8A8KV16" and report["quantized"]["ppl"] > 1
+    result = report["tasks"]["results"][TASK]
+    assert 0 <= result["acc"] <= 1 and 0 <= result["acc_norm"] <= 1 and result["samples"] == len(DOCS)
+    schemes = [row["scheme"] for row in report["cost_table"]]
+    assert schemes == ["FP16", "W8A8KV8", "W4A16KV16", "W4A8KV4", "W4A4KV4", "W8A8KV16"]
+    assert report["cost_table"][-1]["size_bytes"] == report["quantized"]["size_bytes"]
+    md = (out / "report.md").read_text()
+    assert "| task | shots | samples | acc | acc_norm |" in md and f"| {TASK} | 0 | {len(DOCS)} |" in md
+    assert "| W4A4KV4 |" in md and "KV 32k" in md and md.strip() in stdout
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--tasks", "lowbit_tiny_mcq"], "unknown task 'lowbit_tiny_mcq'"),
+        (["--int-kernels"], "give a --scheme"),
+        (["--scheme", "W8A16", "--int-kernels"], "2-4 bit"),
+        (["--limit", "3"], "add --tasks"),
+    ],
+)
+def test_cli_evaluate_errors(tiny_model_dir, sample_text_file, tmp_path, capsys, extra, needle):
+    args = ["-q", "evaluate", str(tiny_model_dir), "--data", str(sample_text_file), "--seq-len", "32", "--windows", "1"]
+    code, _, err = run_cli(args + ["--task-path", str(write_task(tmp_path))] * ("--tasks" in extra) + extra, capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

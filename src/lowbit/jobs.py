@@ -12,11 +12,14 @@ from torch import nn
 from . import __version__
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
 from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
-from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
+from .errors import UserError
+from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity, scheme_cost
+from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
 from .models import load_model
 from .pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig
 from .recipes import Recipe
 from .runtime import check_scheme, quantize_model
+from .runtime.int_linear import convert_to_int_kernels
 from .scheme import Scheme
 from .transforms.apply import check_transform
 
@@ -122,21 +125,59 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+COST_SCHEMES = ("W8A8KV8", "W4A16", "W4A8KV4", "W4A4KV4")  # the comparison table of `lowbit evaluate`
+
+
 def evaluate_job(
-    model_name: str, *, data: str | None = None, windows: int | None = 8, seq_len: int = 2048, progress: bool = True
+    model_name: str,
+    *,
+    data: str | None = None,
+    windows: int | None = 8,
+    seq_len: int = 2048,
+    scheme: Scheme | None = None,
+    int_kernels: bool = False,
+    harness: HarnessConfig | None = None,
+    cost_schemes: tuple[str, ...] | None = COST_SCHEMES,
+    evaluate_ppl: bool = True,
+    progress: bool = True,
 ) -> dict:
+    """Perplexity, zero-/few-shot tasks and costs of a model, optionally RTN-quantized in memory
+    (`scheme`) and run on integer kernels (`int_kernels`). Costs of other schemes (`cost_schemes`)
+    are computed from the unquantized model, without quantizing it."""
     start = time.time()
+    if int_kernels and scheme is None:
+        raise UserError("--int-kernels runs quantized layers on integer kernels; give a --scheme (e.g. W8A8 or W4A16)")
     model, tokenizer = load_model(model_name)
-    get_arch(model)
-    eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
-    fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
-    return {
-        "lowbit_version": __version__,
-        "model": model_name,
-        "eval": {"data": data or DEFAULT_DATA, "windows": fp.windows, "seq_len": seq_len, "tokens": fp.tokens},
-        "fp": {"ppl": fp.ppl, **cost_summary(model, None, seq_len)},
-        "seconds": time.time() - start,
-    }
+    spec = get_arch(model)
+    if scheme is not None:
+        check_scheme(model, spec, scheme)
+        if scheme.needs_calibration:
+            raise UserError(f"{scheme.name} has static quantizers that need calibration; use lowbit quantize for it")
+    tasks = load_tasks(harness) if harness is not None else None  # unknown task, unreachable dataset: fail early
+    report: dict = {"lowbit_version": __version__, "model": model_name}
+    if cost_schemes is not None:
+        names = [None, *cost_schemes] + ([scheme.name] if scheme is not None and scheme.name not in cost_schemes else [])
+        report["cost_table"] = [scheme_cost(model, name, seq_len) for name in names]
+    part = "fp"
+    if scheme is not None:
+        log.info("quantizing to %s (RTN, in memory)", scheme.name)
+        model = quantize_model(model, scheme, inplace=True, progress=progress)
+        report.update(scheme=scheme.name, scheme_args=scheme.to_dict(), transform="none", algorithm="rtn")
+        part = "quantized"
+    if int_kernels:
+        model = convert_to_int_kernels(model, inplace=True)
+        report["kernels"] = "int"
+    report[part] = cost_summary(model, scheme, seq_len)
+    if evaluate_ppl:
+        eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+        result = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
+        report["eval"] = {"data": data or DEFAULT_DATA, "windows": result.windows, "seq_len": seq_len, "tokens": result.tokens}
+        report[part] = {"ppl": result.ppl, **report[part]}
+    if harness is not None:
+        report["tasks"] = evaluate_tasks(model, tokenizer, harness, progress=progress, loaded=tasks)
+    report["seconds"] = time.time() - start
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    return report
 
 
 def info_job(model_name: str, scheme: Scheme | None = None) -> dict:

@@ -114,17 +114,18 @@ def load_tasks(config: HarnessConfig):
     return manager, top
 
 
-def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress: bool = True) -> dict:
+def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress: bool = True, loaded=None) -> dict:
     """Run lm-eval on `model` as it is in memory; returns {"lm_eval_version", ..., "results": {task: metrics}}.
 
     Each task's entry has acc and acc_norm (and their standard errors) where the task reports them,
-    exact_match for generation tasks, the number of few-shot examples and of evaluated samples."""
+    exact_match for generation tasks, the number of few-shot examples and of evaluated samples.
+    `loaded` is what `load_tasks(config)` returned, for callers that checked the tasks early."""
     lm_eval, HFLM, _ = _lm_eval()
     if config.num_fewshot is not None and config.num_fewshot < 0:
         raise UserError(f"--num-fewshot must be 0 or more; got {config.num_fewshot}")
     if config.limit is not None and config.limit < 1:
         raise UserError(f"--limit must be at least 1; got {config.limit}")
-    manager, tasks = load_tasks(config)
+    manager, tasks = loaded or load_tasks(config)
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
     log.info("lm-eval %s: %s", getattr(lm_eval, "__version__", "?"), ", ".join(config.tasks))
