@@ -71,6 +71,13 @@ def test_int8_layer_equals_fake_quant(shape, w_bits, a_bits):
 
 
 @torch.no_grad()
+def test_int8_layer_per_tensor_weights_and_inputs():
+    ref = quant_linear(40, 64, QuantArgs(bits=8, granularity=Granularity.TENSOR), QuantArgs(bits=8, granularity=Granularity.TENSOR))
+    x = inputs(8, 64)
+    assert rel_err(Int8Linear(ref)(x), ref(x)) < EXACT
+
+
+@torch.no_grad()
 def test_int8_layer_static_per_tensor_input():
     a_static = QuantArgs(bits=8, granularity=Granularity.TENSOR, dynamic=False)
     ref = quant_linear(48, 64, W8, a_static)
@@ -90,6 +97,7 @@ def test_int8_layer_static_per_tensor_input():
         QuantArgs(bits=4, granularity=Granularity.GROUP, group_size=32),
         QuantArgs(bits=4, symmetric=False, granularity=Granularity.GROUP, group_size=64),
         QuantArgs(bits=4, symmetric=False),
+        QuantArgs(bits=4, granularity=Granularity.TENSOR),
     ],
     ids=lambda a: a.name(),
 )

@@ -138,6 +138,8 @@ class Int4Linear(nn.Module):
         n, k = self.out_features, self.in_features
         group = args.group_size if args.granularity is Granularity.GROUP else next(g for g in INT4_GROUP_SIZES if k % g == 0)
         # per-channel / per-tensor: every kernel group of a row repeats the row's scale (exact)
+        if args.granularity is Granularity.TENSOR:  # one scale for all rows
+            scale, zero = scale.expand(n, 1), zero.expand(n, 1)
         codes, scale, zero = (t.reshape(n, -1) for t in (codes, scale, zero))
         repeat = k // group // scale.shape[1]
         scale, zero = scale.repeat_interleave(repeat, dim=1), zero.repeat_interleave(repeat, dim=1)
