@@ -15,7 +15,8 @@ in one invocation of this script. Measured per variant:
                   non-quantized tensors, fp16 scales), the figure in reports
   peak_rss        peak resident memory of the child during inference only (the kernel's peak is
                   reset, via /proc/self/clear_refs, once the model is built); build_peak_rss: while
-                  building it (load + quantize + convert)
+                  building it (load + quantize + convert). Parameters are copied out of the
+                  memory-mapped checkpoint first (see `build`), for every variant alike
   prefill_ms      one forward pass of 512 tokens (batch 1, with KV cache), median of --repeats
   decode_tok_s    greedy decoding, one token per forward, --decode-tokens tokens after the 512-token
                   prefill, median of --repeats
@@ -72,6 +73,12 @@ def build(variant: str):
 
     scheme, integer = VARIANTS[variant]
     model, tokenizer = lowbit.load_model(lowbit.DEFAULT_MODEL)
+    # The checkpoint is memory-mapped: quantized weights are copy-on-write pages of that mapping,
+    # which stay resident while any tensor (the embeddings) still uses it, even after the integer
+    # kernels replaced them. Give every variant its own anonymous memory so RSS compares storage.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     if scheme is not None:
         model = lowbit.quantize(model, scheme, inplace=True, progress=False)
         if integer:
