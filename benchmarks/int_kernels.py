@@ -145,7 +145,9 @@ def run_variant(args) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    mb = lambda n: "-" if n is None else f"{n / 1e6:.1f}"  # noqa: E731
+    def mb(n: int | None) -> str:
+        return "-" if n is None else f"{n / 1e6:.1f}"
+
     lines = [
         "# Integer kernels vs fp32 and fake quantization (SmolLM2-135M-Instruct, CPU)",
         "",

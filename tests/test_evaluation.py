@@ -97,8 +97,8 @@ def test_kv_cache_bytes_by_hand():
 def test_scheme_cost_equals_the_quantized_models_cost(family, name):
     from dataclasses import replace
 
-    from lowbit.jobs import cost_summary
     from lowbit.evaluation import scheme_cost
+    from lowbit.jobs import cost_summary
 
     model = tiny_model(family)
     for scheme in (lowbit.parse_scheme(name), replace(lowbit.parse_scheme(name), quantize_lm_head=True)):

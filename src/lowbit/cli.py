@@ -180,7 +180,7 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
 @click.option("--int-kernels", is_flag=True, help="Run the quantized linears on integer kernels (int8 x int8, packed int4).")
 @click.option(
     "--cost-schemes",
-    default=",".join(("W8A8KV8", "W4A16", "W4A8KV4", "W4A4KV4")),
+    default="W8A8KV8,W4A16,W4A8KV4,W4A4KV4",
     show_default=True,
     help="Schemes in the size/OPs/KV-cache table ('none' for no table).",
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -122,7 +123,7 @@ def _metric(entry: dict, name: str) -> str:
     if name not in entry:
         return "-"
     stderr = entry.get(f"{name}_stderr")
-    return f"{entry[name]:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) and stderr == stderr else "")
+    return f"{entry[name]:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) and not math.isnan(stderr) else "")
 
 
 def task_table(tasks: dict) -> list[str]:

@@ -101,7 +101,7 @@ def load_tasks(config: HarnessConfig):
         log.info("loading task %s", name)
         try:
             loaded.append(manager.load([name]))
-        except Exception as exc:  # datasets/hub raise many types (ConnectionError, LocalEntryNotFoundError, ...)
+        except Exception as exc:  # noqa: BLE001 -- datasets/hub raise many types (ConnectionError, LocalEntryNotFoundError, ...)
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(
                 f"cannot load the dataset of task {name!r} ({type(exc).__name__}: {first}). Its data comes from the "
@@ -147,7 +147,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress:
         entry = {}
         for metric in METRICS:
             for key, value in metrics.items():
-                base, _, flt = key.partition(",")
+                base = key.partition(",")[0]  # 'acc,none': metric, filter
                 if base == metric and isinstance(value, (int, float)):
                     entry[metric] = float(value)
                 elif base == f"{metric}_stderr" and isinstance(value, (int, float)):
@@ -156,10 +156,11 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress:
         samples = out.get("n-samples", {}).get(name, {})
         entry["samples"] = samples.get("effective") if isinstance(samples, dict) else None
         results[name] = {k: v for k, v in entry.items() if v is not None}
-    return {
+    summary = {
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
         "tasks": list(config.tasks),
         "num_fewshot": config.num_fewshot,
         "limit": config.limit,
         "results": results,
     }
+    return {k: v for k, v in summary.items() if v is not None}  # absent, not null (DESIGN.md §5)
