@@ -135,7 +135,7 @@ def test_cli_evaluate_tasks_costs_and_int_kernels(tiny_model_dir, sample_text_fi
     assert report["cost_table"][-1]["size_bytes"] == report["quantized"]["size_bytes"]
     md = (out / "report.md").read_text()
     assert "| task | shots | samples | acc | acc_norm |" in md and f"| {TASK} | 0 | {len(DOCS)} |" in md
-    assert "| W4A4KV4 |" in md and "KV 32k" in md and md.strip() in stdout
+    assert "| W4A4KV4 |" in md and "KV 32k" in md and "integer kernels" in md and md.strip() in stdout
 
 
 @pytest.mark.parametrize(

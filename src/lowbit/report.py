@@ -65,6 +65,8 @@ def report_markdown(report: dict) -> str:
         "",
         f"- transform: {report.get('transform', 'none')}, algorithm: {report.get('algorithm', '-')}",
     ]
+    if report.get("kernels") == "int":
+        lines.append("- linears run on integer kernels (int8 x int8 with int32 accumulation, or packed int4)")
     if ev:
         lines.append(
             f"- evaluation: {ev.get('data')}, {ev.get('windows')} windows x {ev.get('seq_len')} tokens "
