@@ -190,3 +190,13 @@ def test_recovered_codes_reproduce_the_weight():
         codes, scale, zero = recover_codes(w, args)
         assert codes.min() >= args.qmin and codes.max() <= args.qmax
         assert torch.allclose((codes * scale + zero).reshape(w.shape), w, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_full_range_grids_convert():
+    """The 'f' grid (codes down to -2^(N-1)) is recovered like the restricted one."""
+    ref = quant_linear(48, 64, QuantArgs(bits=8, full_range=True), QuantArgs(bits=8, granularity=Granularity.TOKEN, full_range=True))
+    x = inputs(8, 64)
+    assert rel_err(Int8Linear(ref)(x), ref(x)) < EXACT
+    ref4 = quant_linear(48, 64, QuantArgs(bits=4, full_range=True), None)
+    assert rel_err(Int4Linear(ref4, torch.float32)(x), ref4(x)) < EXACT

@@ -15,6 +15,7 @@ from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples
 from .errors import UserError
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity, scheme_cost
 from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
+from .memory import peak_rss_bytes, release_freed_memory
 from .models import load_model
 from .pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig
 from .recipes import Recipe
@@ -52,6 +53,7 @@ def quantize_job(
     seed: int = 0,
     evaluate_fp: bool = True,
     device: str | None = None,
+    calib_dtype: str = "float32",
     progress: bool = True,
 ) -> dict:
     """Load, quantize and evaluate; returns the report (DESIGN.md §5).
@@ -67,6 +69,7 @@ def quantize_job(
     data_name = data or DEFAULT_DATA
     log.info("tokenizing evaluation text %s", data_name)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+    release_freed_memory()  # the tokenizer's temporaries for a whole text are large
     report: dict = {
         "lowbit_version": __version__,
         "model": model_name,
@@ -80,7 +83,7 @@ def quantize_job(
         fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity FP")
         report["fp"] = {"ppl": fp.ppl, **cost_summary(model, None, seq_len)}
     calibration = None
-    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq, device=device)
+    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq, device=device, dtype=calib_dtype)
     if recipe.algorithm in SEQUENTIAL_ALGORITHMS:
         pipeline.check(recipe.scheme)
     if recipe.scheme.needs_calibration or recipe.transform.needs_calibration or recipe.algorithm in SEQUENTIAL_ALGORITHMS:
@@ -91,9 +94,12 @@ def quantize_job(
         else:
             log.info("calibration text %s: %d samples x %d tokens", calib or DEFAULT_DATA, calib_samples, calib_seq_len)
             calibration = calibration_batches(tokenizer, calib, calib_samples, calib_seq_len, seed)
+            release_freed_memory()
         report["calibration"] = {
             "data": calib or DEFAULT_DATA, "samples": calib_samples, "seq_len": calib_seq_len, "seconds": time.time() - t0,
         }
+        if recipe.algorithm in SEQUENTIAL_ALGORITHMS:
+            report["calibration"]["dtype"] = calib_dtype
     log.info("quantizing to %s with %s", recipe.scheme.name, recipe.algorithm)
     t0 = time.time()
     qmodel = quantize_model(
@@ -102,6 +108,7 @@ def quantize_job(
     )
     quant_seconds = time.time() - t0
     del model, calibration
+    release_freed_memory()
     log.info("evaluating quantized model")
     q = perplexity(qmodel, eval_ids, seq_len, windows, progress=progress, desc="perplexity quantized")
     report["eval"] = {"data": data_name, "windows": q.windows, "seq_len": seq_len, "tokens": q.tokens}
@@ -114,15 +121,6 @@ def quantize_job(
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 COST_SCHEMES = ("W8A8KV8", "W4A16", "W4A8KV4", "W4A4KV4")  # the comparison table of `lowbit evaluate`
@@ -170,6 +168,7 @@ def evaluate_job(
     report[part] = cost_summary(model, scheme, seq_len)
     if evaluate_ppl:
         eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+        release_freed_memory()  # the tokenizer's temporaries for a whole text are large
         result = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
         report["eval"] = {"data": data or DEFAULT_DATA, "windows": result.windows, "seq_len": seq_len, "tokens": result.tokens}
         report[part] = {"ppl": result.ppl, **report[part]}
