@@ -186,24 +186,77 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
 @cli.command()
 @click.argument("model_or_run_dir", default=DEFAULT_MODEL)
 @_eval_options
-@click.option("--tasks", default=None, help="Zero-shot tasks (not available yet).")
+@click.option(
+    "--tasks",
+    default=None,
+    help="lm-evaluation-harness tasks, comma-separated (e.g. piqa,arc_easy), or a preset: seed001 (BoolQ, PIQA, "
+    "SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA; 0-shot) or seed001-fewshot (MMLU, TriviaQA; 5-shot).",
+)
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per task [default: the preset's, else the task's].")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N examples of each task.")
+@click.option("--task-path", multiple=True, help="Folder of lm-eval task YAMLs (local datasets); repeatable.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="lm-eval batch size.")
+@click.option("--scheme", default=None, help="Quantize in memory first (RTN), e.g. W8A8 or W4A16.")
+@click.option("--int-kernels", is_flag=True, help="Run the quantized linears on integer kernels (int8 x int8, packed int4).")
+@click.option(
+    "--cost-schemes",
+    default="W8A8KV8,W4A16,W4A8KV4,W4A4KV4",
+    show_default=True,
+    help="Schemes in the size/OPs/KV-cache table ('none' for no table).",
+)
+@click.option("--no-ppl", is_flag=True, help="Skip perplexity (e.g. tasks only).")
+@click.option("--out", default=None, help="Folder for report.json and report.md (refused if it exists).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of lm-eval's few-shot sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
-def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, as_json):
-    """Perplexity, size, OPs and KV-cache memory of a model, or of a saved quantized model
-    (a `lowbit quantize --out` folder or its model/ folder)."""
+def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, limit, task_path, batch_size, scheme, int_kernels, cost_schemes, no_ppl, out, overwrite, seed, as_json):
+    """Perplexity, zero-/few-shot tasks, size, OPs and KV-cache memory of a model, or of a saved
+    quantized model (a `lowbit quantize --out` folder or its model/ folder)."""
     from pathlib import Path
 
+    from .evaluation.harness import HarnessConfig, parse_tasks, preset_fewshot
     from .io.native import saved_model_dir
     from .jobs import evaluate_job
-    from .report import report_markdown
+    from .report import check_out_dir, report_files, report_markdown, write_run_dir
+    from .scheme import parse_scheme
 
-    if tasks:
-        raise UserError("--tasks (zero-shot evaluation) is not available yet; perplexity only")
     path = Path(model_or_run_dir)
     if path.is_dir() and (path / "report.json").is_file() and not (path / "config.json").is_file() and saved_model_dir(path) is None:
         raise UserError(f"{path} is a lowbit run folder without a saved model (quantize with --out and without --no-save-model); evaluate a model name, folder or .gguf")
-    report = evaluate_job(model_or_run_dir, data=data, windows=_windows(windows), seq_len=seq_len, progress=ctx.obj["progress"])
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1; got {batch_size}")
+    for folder in task_path:
+        if not Path(folder).is_dir():
+            raise UserError(f"--task-path {folder}: no such folder (give a folder of lm-eval task .yaml files)")
+    harness = None
+    if tasks:
+        fewshot = num_fewshot if num_fewshot is not None else preset_fewshot(tasks)
+        harness = HarnessConfig(
+            tasks=parse_tasks(tasks), num_fewshot=fewshot, limit=limit, batch_size=batch_size, task_paths=list(task_path), seed=seed
+        )
+    elif num_fewshot is not None or limit is not None or task_path:
+        raise UserError("--num-fewshot, --limit and --task-path apply to --tasks; add --tasks")
+    if no_ppl and not tasks:
+        raise UserError("--no-ppl leaves nothing to evaluate; add --tasks")
+    costs = None if cost_schemes.strip().lower() == "none" else tuple(parse_scheme(s).name for s in cost_schemes.split(",") if s.strip())
+    if out:
+        check_out_dir(out, overwrite)
+    report = evaluate_job(
+        model_or_run_dir,
+        data=data,
+        windows=_windows(windows),
+        seq_len=seq_len,
+        scheme=parse_scheme(scheme) if scheme else None,
+        int_kernels=int_kernels,
+        harness=harness,
+        cost_schemes=costs,
+        evaluate_ppl=not no_ppl,
+        progress=ctx.obj["progress"],
+    )
+    if out:
+        write_run_dir(out, report_files(report))
+        log.info("wrote %s/report.json and report.md", out)
     click.echo(json.dumps(report, indent=2) if as_json else report_markdown(report))
 
 

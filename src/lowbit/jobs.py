@@ -14,13 +14,15 @@ from . import __version__
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
 from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
 from .errors import UserError
-from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
-from .memory import peak_rss_bytes, release_freed_memory
+from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity, scheme_cost
+from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
+from .memory import peak_rss_bytes, release_freed_memory
 from .models import load_model
 from .pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig
 from .recipes import Recipe
 from .runtime import check_scheme, quantize_model
+from .runtime.int_linear import convert_to_int_kernels
 from .scheme import Scheme
 from .transforms.apply import check_transform
 
@@ -128,30 +130,71 @@ def quantize_job(
     return report
 
 
+COST_SCHEMES = ("W8A8KV8", "W4A16", "W4A8KV4", "W4A4KV4")  # the comparison table of `lowbit evaluate`
+
+
 def evaluate_job(
-    model_name: str, *, data: str | None = None, windows: int | None = 8, seq_len: int = 2048, progress: bool = True
+    model_name: str,
+    *,
+    data: str | None = None,
+    windows: int | None = 8,
+    seq_len: int = 2048,
+    scheme: Scheme | None = None,
+    int_kernels: bool = False,
+    harness: HarnessConfig | None = None,
+    cost_schemes: tuple[str, ...] | None = COST_SCHEMES,
+    evaluate_ppl: bool = True,
+    progress: bool = True,
 ) -> dict:
-    """Perplexity and cost of a model, or of a saved quantized model (a `lowbit quantize --out`
-    run folder or its model/ folder), reported under "quantized" with its scheme."""
+    """Perplexity, zero-/few-shot tasks and costs of a model, optionally RTN-quantized in memory
+    (`scheme`) and run on integer kernels (`int_kernels`). Costs of other schemes (`cost_schemes`)
+    are computed from the unquantized model, without quantizing it."""
     start = time.time()
-    saved = saved_model_dir(model_name)
+    saved = saved_model_dir(model_name)  # a `lowbit quantize --out` folder, or its model/ folder
+    if int_kernels and scheme is None and saved is None:
+        raise UserError("--int-kernels runs quantized layers on integer kernels; give a --scheme (e.g. W8A8 or W4A16)")
     if saved is not None:
+        if scheme is not None:
+            raise UserError(f"{model_name} holds a saved quantized model already; drop --scheme")
         model, tokenizer = load_quantized(saved)
         if tokenizer is None:
             raise UserError(f"{saved} was saved without a tokenizer; save it again with one to evaluate it")
     else:
         model, tokenizer = load_model(model_name)
-    get_arch(model)
-    eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
-    release_freed_memory()  # the tokenizer's temporaries for a whole text are large
-    result = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
-    report = {"lowbit_version": __version__, "model": model_name}
+    spec = get_arch(model)
+    if scheme is not None:
+        check_scheme(model, spec, scheme)
+        if scheme.needs_calibration:
+            raise UserError(f"{scheme.name} has static quantizers that need calibration; use lowbit quantize for it")
+    tasks = load_tasks(harness) if harness is not None else None  # unknown task, unreachable dataset: fail early
+    report: dict = {"lowbit_version": __version__, "model": model_name}
+    if cost_schemes is not None and saved is None:  # the table is computed from the unquantized model
+        names = [None, *cost_schemes] + ([scheme.name] if scheme is not None and scheme.name not in cost_schemes else [])
+        report["cost_table"] = [scheme_cost(model, name, seq_len) for name in names]
+    part = "fp"
     if saved is not None:
-        report.update(scheme=model.lowbit_scheme.name, scheme_args=model.lowbit_scheme.to_dict(), transform=model.lowbit_transform.get("kind", "none"))
-    report["eval"] = {"data": data or DEFAULT_DATA, "windows": result.windows, "seq_len": seq_len, "tokens": result.tokens}
-    scheme = model.lowbit_scheme if saved is not None else None
-    report["quantized" if saved is not None else "fp"] = {"ppl": result.ppl, **cost_summary(model, scheme, seq_len)}
+        scheme = model.lowbit_scheme
+        report.update(scheme=scheme.name, scheme_args=scheme.to_dict(), transform=model.lowbit_transform.get("kind", "none"))
+        part = "quantized"
+    elif scheme is not None:
+        log.info("quantizing to %s (RTN, in memory)", scheme.name)
+        model = quantize_model(model, scheme, inplace=True, progress=progress)
+        report.update(scheme=scheme.name, scheme_args=scheme.to_dict(), transform="none", algorithm="rtn")
+        part = "quantized"
+    if int_kernels:
+        model = convert_to_int_kernels(model, inplace=True)
+        report["kernels"] = "int"
+    report[part] = cost_summary(model, scheme, seq_len)
+    if evaluate_ppl:
+        eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+        release_freed_memory()  # the tokenizer's temporaries for a whole text are large
+        result = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
+        report["eval"] = {"data": data or DEFAULT_DATA, "windows": result.windows, "seq_len": seq_len, "tokens": result.tokens}
+        report[part] = {"ppl": result.ppl, **report[part]}
+    if harness is not None:
+        report["tasks"] = evaluate_tasks(model, tokenizer, harness, progress=progress, loaded=tasks)
     report["seconds"] = time.time() - start
+    report["peak_rss_bytes"] = peak_rss_bytes()
     return report
 
 
