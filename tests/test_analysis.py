@@ -18,6 +18,7 @@ from lowbit.analysis.metrics import (
     difficulty,
     layer_error,
     pearson,
+    spearman,
     transform_pair,
 )
 from lowbit.analysis.outliers import InputScan, OutlierConfig, massive_entries
@@ -132,9 +133,11 @@ def test_transforms_preserve_the_layer_output():
         torch.testing.assert_close(xt @ wt.T, x @ w.T)
 
 
-def test_pearson():
+def test_pearson_and_spearman():
     assert pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) == pytest.approx(float(torch.corrcoef(torch.tensor([[1, 2, 3, 4], [2, 4, 6, 8.5]]))[0, 1]))
     assert math.isnan(pearson([1, 2], [1, 2]))
+    assert spearman([1, 2, 3, 4], [1, 10, 100, 1e6]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
 
 
 def _batches(n=4, seq=32, vocab=512, seed=0):
@@ -184,29 +187,40 @@ def run(args, capsys):
     return exc.value.code, out, err
 
 
-def test_analyze_command_writes_report_plots_and_raw(tiny_model_dir, sample_text_file, tmp_path, capsys):
+def test_analyze_command_writes_report_and_plots(tiny_model_dir, sample_text_file, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "analysis"
     args = ["-q", "analyze", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--tokens", "64",
-            "--seq-len", "32", "--keep-raw", "1", "--massive-ratio", "5", "--out", str(out)]
+            "--seq-len", "32", "--massive-ratio", "5", "--out", str(out)]
     code, stdout, _ = run(args, capsys)
     assert code == 0
     result = json.loads((out / "analysis.json").read_text())
     assert result["scheme"] == "W4A4" and result["sample"]["tokens"] == 64
+    contract = json.loads((out / "report.json").read_text())
+    assert contract["scheme"] == "W4A4" and contract["seconds"] > 0 and contract["analysis"] == "analysis.json"
     report = (out / "report.md").read_text()
-    assert "## Findings" in report and "## Massive outliers" in report
+    assert "## Findings" in report and "## Massive outliers" in report and result["recommendation"][0] in stdout
     for name in ["layers_qkv.png", "layers_down.png", "layers_modules.png", "error_vs_difficulty.png"] + [
         f"surface_{s}.png" for s in result["plot_sites"]
     ]:
         assert (out / name).stat().st_size > 1000 and name in result["plots"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis", "sample.txt", "tiny-llama"]  # no temp leftovers
+    code, _, err = run(args, capsys)  # an existing folder is refused
+    assert code == 2 and "exists; pass --overwrite" in err
+
+
+def test_analyze_keeps_raw_inputs_of_named_layers(tiny_model_dir, sample_text_file, tmp_path, capsys):
     from safetensors.torch import load_file
 
+    out = tmp_path / "analysis"
+    args = ["-q", "analyze", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--tokens", "64",
+            "--seq-len", "32", "--keep-raw", "1", "--no-plots", "--out", str(out)]
+    code, _, _ = run(args, capsys)
+    assert code == 0 and not list(out.glob("*.png"))
+    assert sorted(p.name for p in (out / "raw").iterdir()) == [f"{r}.1.safetensors" for r in ("down", "gate_up", "o", "qkv")]
     raw = load_file(str(out / "raw" / "down.1.safetensors"))["input"]
     assert raw.shape == (64, 128)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis", "sample.txt", "tiny-llama"]  # no temp leftovers
-    # an existing folder is refused
-    code, _, err = run(args, capsys)
-    assert code == 2 and "exists; pass --overwrite" in err
+    assert "surface_down.1.png" not in json.loads((out / "analysis.json").read_text())["plots"]
 
 
 @pytest.mark.parametrize(
@@ -229,3 +243,22 @@ def test_analyze_bad_input_exits_2_with_one_line(tiny_model_dir, sample_text_fil
     code, _, err = run(args, capsys)
     assert code == 2 and message in err and err.startswith("lowbit: error:") and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_default_model_has_massive_outliers_at_down_proj_and_eq8_holds(default_model):
+    model, tokenizer = default_model
+    from lowbit.data import calibration_batches
+
+    batches = calibration_batches(tokenizer, None, 1, 128, 0)
+    result, _ = analyze_model(model, tokenizer, batches, AnalysisConfig(tokens=128, seq_len=128), progress=False)
+    massive = result["massive_outliers"]
+    assert massive and all(r["role"] == "down" for r in massive)  # seed 003: massive outliers live in down_proj
+    big = [r for r in massive if r["max_abs"] > 1000]  # down_proj 11 and 28 (seed 003: > 1000 in LLaMA2-7B)
+    assert {r["site"] for r in big} == {"down.11", "down.28"}
+    for r in big:  # where the outliers dominate the token, eq. 8 is within 10% of the measured max
+        assert r["rotate_measured"] == pytest.approx(r["rotate_eq8"], rel=0.1)
+    for r in massive:  # elsewhere the rest of the token (eps) adds a few sigma at most
+        assert abs(r["rotate_measured"] - r["rotate_eq8_outlier_part"]) < 6 * r["eps_sigma"]
+    c = result["correlation_error_vs_difficulty_sq"]["none"]
+    assert c["points"] == 120 and c["points_kept"] == 120 - len(result["set_aside"])

@@ -52,23 +52,28 @@ def stream_inputs(
     desc: str = "capturing inputs",
 ) -> None:
     """Run `batches` ([b, seq] token ids) through the model; every site's input, flattened to
-    [b * seq, channels] in fp32, goes to `consume(site, x, first_token_index)`."""
+    [b * seq, channels] in fp32, goes to `consume(site, x, first_token_index)`. The progress bar
+    counts inputs consumed (sites x batches)."""
     batches = list(batches)
+    sites = input_sites(model, spec)
     offset = [0]
     handles = []
-    for site in input_sites(model, spec):
+    bar = tqdm(total=len(sites) * len(batches), desc=desc, unit="input", disable=not progress, leave=False)
+    for site in sites:
         first = next(iter(site.linears(model, spec).values()))
 
         def hook(module, args, site=site):
             x = args[0]
             consume(site, x.reshape(-1, x.shape[-1]).float(), offset[0])
+            bar.update(1)
 
         handles.append(first.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
-        for ids in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        for ids in batches:
             model(input_ids=ids.to(device), use_cache=False)
             offset[0] += ids.numel()
     finally:
+        bar.close()
         for h in handles:
             h.remove()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from statistics import median
 
-from .metrics import pearson
+from .metrics import pearson, spearman
 
 
 def set_aside(layers: list[dict]) -> list[dict]:
@@ -37,6 +37,9 @@ def correlations(layers: list[dict], transforms: list[str]) -> dict:
             "points": len(layers),
             "without_set_aside": pearson([d2[i] for i in kept], [err[i] for i in kept]),
             "points_kept": len(kept),
+            # Pearson on raw values is led by the few largest errors; the rank correlation is not
+            "spearman_all": spearman(d2, err),
+            "spearman_without_set_aside": spearman([d2[i] for i in kept], [err[i] for i in kept]),
         }
     return out
 
@@ -62,6 +65,10 @@ def theory_summary(rows: list[dict]) -> dict:
         "tokens": len(rows),
         "rotate_measured_over_eq8": median(r["rotate_measured"] / r["rotate_eq8"] for r in rows),
         "smoothrot_measured_over_eq9": median(r["smoothrot_measured"] / r["smoothrot_eq9"] for r in rows if r["smoothrot_eq9"] > 0),
+        "smoothrot_measured_over_eq9_plus_eps": median(
+            r["smoothrot_measured"] / r["smoothrot_eq9_plus_eps"] for r in rows if r["smoothrot_eq9_plus_eps"] > 0
+        ),
+        "rotate_measured_over_eq8_outlier_part": median(r["rotate_measured"] / r["rotate_eq8_outlier_part"] for r in rows),
     }
 
 

@@ -186,7 +186,7 @@ def analyze_model(
                 }
             )
 
-    log.info("pass 2/2: error, difficulty and outliers under %s at %s", ", ".join(config.transforms), parse_scheme(config.scheme).name)
+    log.info("pass 2/2: error, difficulty and outliers under %s at %s", ", ".join(config.transforms), parse_scheme(config.scheme).name.replace("KV16", ""))
     stream_inputs(model, spec, groups, measure, progress=progress, desc="pass 2/2 measure")
 
     layers = []
@@ -320,4 +320,7 @@ def _write_outputs(folder, result: dict, plot_data: dict, config: AnalysisConfig
     result["plots"] = names
     result["seconds"] = time.time() - start
     (folder / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    # every --out folder holds report.json (DESIGN.md §5): the contract's fields this command has
+    contract = {k: result[k] for k in ("lowbit_version", "model", "scheme", "seconds")}
+    (folder / "report.json").write_text(json.dumps({**contract, "analysis": "analysis.json"}, indent=2) + "\n")
     (folder / "report.md").write_text(analysis_markdown(result, names))

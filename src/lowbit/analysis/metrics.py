@@ -149,3 +149,15 @@ def pearson(a: list[float], b: list[float]) -> float:
     x, y = x - x.mean(), y - y.mean()
     denom = float(x.norm() * y.norm())
     return float((x * y).sum()) / denom if denom > 0 else math.nan
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation: Pearson of the ranks (no ties expected among measured errors)."""
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = float(rank)
+        return r
+
+    return pearson(ranks(a), ranks(b))

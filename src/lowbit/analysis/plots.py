@@ -19,7 +19,8 @@ from ..quant import quantize
 from ..scheme import QuantArgs
 
 DPI = 100
-SURFACE_BINS = 128  # channels are max-pooled to at most this many bins, so no spike is lost
+SURFACE_BINS = 96  # channels (and tokens) are max-pooled to at most this many bins, so no spike is lost
+SURFACE_TOKENS = 64
 COLORS = {"none": "tab:gray", "smooth": "tab:blue", "rotate": "tab:orange", "smoothrot": "tab:green"}
 
 
@@ -51,15 +52,16 @@ def surface(site: str, tensors: dict[str, torch.Tensor], path: Path) -> Path:
     for i, kind in enumerate(kinds):
         a = tensors[kind]
         block = -(-a.shape[1] // SURFACE_BINS)
-        z = _pool_channels(a, SURFACE_BINS).numpy()
-        tok, ch = torch.meshgrid(torch.arange(z.shape[0]), torch.arange(z.shape[1]) * block, indexing="ij")
+        tblock = -(-a.shape[0] // SURFACE_TOKENS)
+        z = _pool_channels(_pool_channels(a, SURFACE_BINS).T, SURFACE_TOKENS).T.numpy()
+        tok, ch = torch.meshgrid(torch.arange(z.shape[0]) * tblock, torch.arange(z.shape[1]) * block, indexing="ij")
         ax = fig.add_subplot(1, len(kinds), i + 1, projection="3d")
         ax.plot_surface(ch.numpy(), tok.numpy(), z, cmap="coolwarm", rcount=z.shape[0], ccount=z.shape[1], linewidth=0)
         ax.set_title(f"{site} {kind}\nmax |x| = {float(a.max()):.3g}", fontsize=9)
         ax.set_xlabel("channel", fontsize=8)
         ax.set_ylabel("token", fontsize=8)
         ax.tick_params(labelsize=6)
-    fig.suptitle(f"input magnitudes at {site} (channels max-pooled in blocks of {block})", fontsize=9)
+    fig.suptitle(f"|x| at {site}, first sequence (max-pooled in blocks of {block} channels x {tblock} tokens)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -33,7 +33,8 @@ def analysis_markdown(result: dict, plots: list[str] = ()) -> str:
         c = corr["none"]
         lines.append(
             f"- error vs activation difficulty^2 (no transform): Pearson r = {fmt(c['all'])} over all {c['points']} inputs, "
-            f"r = {fmt(c['without_set_aside'])} over {c['points_kept']} with the massive-outlier inputs set aside"
+            f"r = {fmt(c['without_set_aside'])} over {c['points_kept']} with the massive-outlier inputs set aside "
+            f"(rank correlation: {fmt(c['spearman_all'])} and {fmt(c['spearman_without_set_aside'])})"
         )
     for a in result["set_aside"]:
         lines.append(f"  - set aside {a['site']}: {a['reason']}")
@@ -46,9 +47,10 @@ def analysis_markdown(result: dict, plots: list[str] = ()) -> str:
     th_sum = result.get("theory")
     if th_sum:
         lines.append(
-            f"- theory check over {th_sum['tokens']} massive-outlier tokens: measured / predicted max after rotation "
-            f"(eq. 8) median {th_sum['rotate_measured_over_eq8']:.3f}, after smooth rotation (eq. 9) median "
-            f"{th_sum['smoothrot_measured_over_eq9']:.3f}"
+            f"- theory check over {th_sum['tokens']} massive-outlier tokens, median measured / predicted max: after rotation "
+            f"{th_sum['rotate_measured_over_eq8']:.3f} (eq. 8 with |eps| = sigma; {th_sum['rotate_measured_over_eq8_outlier_part']:.3f} "
+            f"against the outlier part alone), after smooth rotation {th_sum['smoothrot_measured_over_eq9']:.3f} (eq. 9 as "
+            f"written), {th_sum['smoothrot_measured_over_eq9_plus_eps']:.3f} (eq. 9 + sigma of the smoothed token's other entries)"
         )
     lines += ["", "## Total error by input role", "", "| role | " + " | ".join(t) + " | lowest in (layers) |", "|---|" + "---|" * (len(t) + 1)]
     for role, r in result["by_role"].items():
@@ -88,17 +90,17 @@ def _massive_table(result: dict) -> list[str]:
         return lines + ["None at the chosen threshold."]
     lines += [
         "Each row is one token; predicted maxima from seed 003 eq. 8 (rotation; |eps| = std of the token's other entries) "
-        "and eq. 9 (smoothing with alpha 0.5, then rotation).",
+        "and eq. 9 (smoothing with alpha 0.5, then rotation; as written, and + the std of the smoothed token's other entries).",
         "",
-        "| input | sequence:position | token | channels | values | max |x| | rotate eq. 8 | rotate measured | smoothrot eq. 9 | smoothrot measured |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| input | sequence:position | token | channels | values | max \\|x\\| | rotate eq. 8 | rotate measured | smoothrot eq. 9 | eq. 9 + eps | smoothrot measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         token = repr(r["token"]).replace("|", "\\|")
         lines.append(
             f"| {r['site']} | {r['sequence']}:{r['position']} | {token} | {', '.join(map(str, r['outlier_channels']))} | "
             f"{', '.join(f'{v:.4g}' for v in r['outlier_values'])} | {r['max_abs']:.4g} | {r['rotate_eq8']:.4g} | "
-            f"{r['rotate_measured']:.4g} | {r['smoothrot_eq9']:.4g} | {r['smoothrot_measured']:.4g} |"
+            f"{r['rotate_measured']:.4g} | {r['smoothrot_eq9']:.4g} | {r['smoothrot_eq9_plus_eps']:.4g} | {r['smoothrot_measured']:.4g} |"
         )
     return lines
 

@@ -7,8 +7,11 @@ values eps elsewhere, d channels):
 
 eq. 8 is exact when some column of the Hadamard matrix has the same sign at every outlier
 channel; |eps| is taken as the standard deviation of the token's other entries (seed 003's
-eps ~ N(0, sigma^2)). eq. 9 assumes the token holds the channel maximum max|X_i| = |o_i|, so that
-o_i / s_i = sqrt(|o_i| max|W_i|), and ignores eps.
+eps ~ N(0, sigma^2)). The measured maximum sits at the sign-aligned column with the largest
+noise, so it exceeds the outlier part by a few sigma. eq. 9 assumes the token holds the channel
+maximum max|X_i| = |o_i|, so that o_i / s_i = sqrt(|o_i| max|W_i|), and ignores eps; beside it we
+give eq. 9 + sigma of the smoothed token's other entries, which matters once smoothing has shrunk
+the outliers to the size of the rest.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ def theory_check(token: torch.Tensor, channels: list[int], scales: torch.Tensor,
     rest = torch.ones(d, dtype=torch.bool)
     rest[channels] = False
     sigma = float(token[rest].std(correction=0)) if int(rest.sum()) > 1 else 0.0
+    smoothed = token / scales.double()
+    sigma_smoothed = float(smoothed[rest].std(correction=0)) if int(rest.sum()) > 1 else 0.0
     rotated = hadamard_transform(token[None])[0]
-    smoothrot = hadamard_transform((token / scales.double())[None])[0]
+    smoothrot = hadamard_transform(smoothed[None])[0]
+    eq9 = eq9_smoothrot_max(outliers, [float(w_absmax[c]) for c in channels], d)
     return {
         "outlier_channels": channels,
         "outlier_values": outliers,
@@ -50,6 +56,8 @@ def theory_check(token: torch.Tensor, channels: list[int], scales: torch.Tensor,
         "rotate_eq8_outlier_part": eq8_rotation_max(outliers, d),
         "rotate_eq8": eq8_rotation_max(outliers, d, sigma),
         "rotate_measured": float(rotated.abs().max()),
-        "smoothrot_eq9": eq9_smoothrot_max(outliers, [float(w_absmax[c]) for c in channels], d),
+        "smoothrot_eq9": eq9,
+        "smoothed_eps_sigma": sigma_smoothed,
+        "smoothrot_eq9_plus_eps": eq9 + sigma_smoothed,
         "smoothrot_measured": float(smoothrot.abs().max()),
     }
