@@ -35,15 +35,18 @@ def main() -> None:
     start = time.time()
     subprocess.run(cmd, check=True)
     seconds = time.time() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss * 1024
     result = json.loads((out / "analysis.json").read_text())
     timing = {
         "command": "lowbit analyze --out benchmarks/results/" + args.name + " --overwrite " + " ".join(args.extra),
         "wall_seconds": seconds,
         "analysis_seconds": result["seconds"],
         "peak_rss_bytes": peak,
+        # CPU time does not depend on how busy the machine is: on 2 otherwise idle cores the wall
+        # time is at most about this (the work is at most 2-way parallel, never worse than serial)
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "cpu_count": os.cpu_count(),
-        "torch_threads_default": "min(2, cores) in lowbit's CLI process is torch's default here",
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "machine": platform.machine(),
@@ -57,7 +60,8 @@ def main() -> None:
     print("| role | " + " | ".join(result["transforms"]) + " |")
     for role, r in result["by_role"].items():
         print(f"| {role} | " + " | ".join(f"{r['total_error'][k]:.3g}" for k in result["transforms"]) + " |")
-    print(f"wall time {seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB, load average before {load_before[0]:.1f}")
+    print(f"wall time {seconds:.1f} s, CPU time {timing['cpu_seconds']:.1f} s, peak RSS {peak / 1e9:.2f} GB, "
+          f"load average before {load_before[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from lowbit.analysis.capture import input_sites, stream_inputs
 from lowbit.analysis.job import AnalysisConfig, analyze_model
 from lowbit.analysis.metrics import (
@@ -67,7 +67,7 @@ def test_streamed_statistics_equal_the_whole_tensor():
     kurt = float((central**4).mean() / (central**2).mean() ** 2)
     s = stats.summary()
     assert s["difficulty"] == pytest.approx(difficulty(channel_magnitudes(x)), rel=1e-9)
-    assert s["kurtosis"] == pytest.approx(kurt, rel=1e-6)
+    assert s["kurtosis"] == pytest.approx(kurt, rel=1e-4)
     assert s["max_abs"] == pytest.approx(80.0)
     assert torch.equal(scan.channel_absmax, x.abs().amax(0))
     assert scan.typical_token_max == pytest.approx(float(x.abs().amax(1).median()))
@@ -151,7 +151,7 @@ def test_analysis_runs_on_every_family_and_matches_direct_capture(family):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = _batches()
     config = AnalysisConfig(tokens=128, seq_len=32, batch_size=2)
-    result, plots = analyze_model(model, None, batches, config, progress=False)
+    result, _ = analyze_model(model, None, batches, config, progress=False)
     spec = get_arch(model)
     assert len(result["layers"]) == 2 * len(spec.input_groups)
     assert {e["role"] for e in result["layers"]} == {"qkv", "o", "gate_up", "down"}

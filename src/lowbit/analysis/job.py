@@ -149,7 +149,7 @@ def analyze_model(
         if not m.reference:
             m.reference = dict.fromkeys(names, 0.0)
         for name, r in zip(names, refs):
-            m.reference[name] += float((r * r).sum(dtype=torch.float64))
+            m.reference[name] += float((r * r).sum())
         first_batch = offset == 0
         for kind in config.transforms:
             xt, wt = transform_pair(kind, x, weights[site], scales[site])
@@ -262,7 +262,9 @@ def analyze_job(
     start = time.time()
     config.quant_args()  # a bad scheme fails before the model loads
     if plots and out:
-        _pyplot_available()
+        from .plots import require_pyplot
+
+        require_pyplot()  # a missing matplotlib fails before the model loads
     log.info("loading %s", model_name)
     model, tokenizer = load_model(model_name)
     check_model(model, get_arch(model), config)
@@ -278,12 +280,6 @@ def analyze_job(
     else:
         result["seconds"] = time.time() - start
     return result
-
-
-def _pyplot_available() -> None:
-    from .plots import _pyplot
-
-    _pyplot()
 
 
 def _write_outputs(folder, result: dict, plot_data: dict, config: AnalysisConfig, plots: bool, start: float) -> None:

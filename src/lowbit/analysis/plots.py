@@ -24,7 +24,7 @@ SURFACE_TOKENS = 64
 COLORS = {"none": "tab:gray", "smooth": "tab:blue", "rotate": "tab:orange", "smoothrot": "tab:green"}
 
 
-def _pyplot():
+def require_pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -46,7 +46,7 @@ def _pool_channels(a: torch.Tensor, bins: int) -> torch.Tensor:
 
 
 def surface(site: str, tensors: dict[str, torch.Tensor], path: Path) -> Path:
-    plt = _pyplot()
+    plt = require_pyplot()
     kinds = list(tensors)
     fig = plt.figure(figsize=(4.2 * len(kinds), 3.8))
     for i, kind in enumerate(kinds):
@@ -69,7 +69,7 @@ def surface(site: str, tensors: dict[str, torch.Tensor], path: Path) -> Path:
 
 
 def layer_curves(layers: list[dict], role: str, transforms: list[str], path: Path) -> Path:
-    plt = _pyplot()
+    plt = require_pyplot()
     rows = [e for e in layers if e["role"] == role]
     idx = [e["layer"] for e in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
@@ -93,7 +93,7 @@ def layer_curves(layers: list[dict], role: str, transforms: list[str], path: Pat
 
 
 def module_curves(layers: list[dict], kind: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = require_pyplot()
     roles = list(dict.fromkeys(e["role"] for e in layers))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     panels = (
@@ -117,7 +117,7 @@ def module_curves(layers: list[dict], kind: str, path: Path) -> Path:
 
 
 def error_scatter(layers: list[dict], aside: set[str], kind: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = require_pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for role in dict.fromkeys(e["role"] for e in layers):
         rows = [e for e in layers if e["role"] == role and e["site"] not in aside]
@@ -146,7 +146,7 @@ def occupied_bins(token: torch.Tensor, args: QuantArgs) -> int:
 
 
 def worst_token(site: str, position: str, tokens: dict[str, torch.Tensor], args: QuantArgs, path: Path) -> Path:
-    plt = _pyplot()
+    plt = require_pyplot()
     kinds = list(tokens)
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):

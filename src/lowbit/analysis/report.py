@@ -22,7 +22,7 @@ def analysis_markdown(result: dict, plots: list[str] = ()) -> str:
         f"transforms {', '.join(t)}, smoothing alpha {result['alpha']}, Hadamard {result['hadamard']}",
         f"- massive outlier: |x| >= {th['massive_ratio']:g} x the median over tokens of each token's max |x|; systematic "
         f"channel: |x| >= {th['systematic_ratio']:g} x the token's median |x| in >= {th['systematic_fraction']:.0%} of tokens",
-        f"- error = ||XW - Q(X)Q(W)||_F^2 summed over the linears reading an input; difficulty = std of the input channels' L2 norms",
+        "- error = ||XW - Q(X)Q(W)||_F^2 summed over the linears reading an input; difficulty = std of the input channels' L2 norms",
         "",
         "## Findings",
         "",
