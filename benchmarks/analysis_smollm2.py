@@ -3,7 +3,8 @@
 Runs exactly `lowbit analyze --out benchmarks/results/analysis_smollm2 --overwrite` in a child
 process (so the wall time and peak RSS are those of the command a user runs, model loading
 included), then prints the findings and the per-role table from the analysis.json it wrote and
-records the timing in benchmarks/results/analysis_smollm2/timing.json.
+records the timing in benchmarks/results/analysis_smollm2/timing.json. A README.md already in
+that folder is put back after the run.
 
     python benchmarks/analysis_smollm2.py                 # default: enwiki-sample, 512 tokens
     python benchmarks/analysis_smollm2.py --name analysis_smollm2_wikitext2 -- --data wiki.test.raw
@@ -31,6 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     out = ROOT / "results" / args.name
     cmd = [sys.executable, "-m", "lowbit.cli", "analyze", "--out", str(out), "--overwrite", *args.extra]
+    # the folder's hand-written README (the reading of the results) survives the --overwrite
+    readme = (out / "README.md").read_text() if (out / "README.md").is_file() else None
     load_before = os.getloadavg()
     start = time.time()
     subprocess.run(cmd, check=True)
@@ -53,6 +56,8 @@ def main() -> None:
         "python": sys.version.split()[0],
     }
     (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    if readme is not None:
+        (out / "README.md").write_text(readme)
     print("\n".join(result["recommendation"]))
     corr = result["correlation_error_vs_difficulty_sq"]["none"]
     print(f"error vs difficulty^2: r = {corr['all']:.3f} (all {corr['points']}), {corr['without_set_aside']:.3f} "
