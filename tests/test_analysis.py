@@ -262,3 +262,21 @@ def test_default_model_has_massive_outliers_at_down_proj_and_eq8_holds(default_m
         assert abs(r["rotate_measured"] - r["rotate_eq8_outlier_part"]) < 6 * r["eps_sigma"]
     c = result["correlation_error_vs_difficulty_sq"]["none"]
     assert c["points"] == 120 and c["points_kept"] == 120 - len(result["set_aside"])
+
+
+def test_analyze_on_generated_text(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    args = ["-q", "analyze", "--model", str(tiny_model_dir), "--data", "generated", "--tokens", "32", "--seq-len", "16",
+            "--no-plots", "--out", str(out)]
+    code, _, _ = run(args, capsys)
+    assert code == 0
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["data"] == "generated" and result["sample"] == {"sequences": 2, "seq_len": 16, "tokens": 32}
+
+
+def test_batches_of_different_shapes_are_refused():
+    from lowbit.errors import UserError
+
+    with pytest.raises(UserError, match="one shape"):
+        analyze_model(tiny_model("llama"), None, [torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 9, dtype=torch.long)],
+                      AnalysisConfig(tokens=16, seq_len=8), progress=False)

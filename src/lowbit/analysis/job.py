@@ -117,6 +117,8 @@ def analyze_model(
     spec = get_arch(model)
     check_model(model, spec, config)
     w_args, a_args = config.quant_args()
+    if not batches or len({tuple(b.shape) for b in batches}) != 1 or batches[0].dim() != 2:
+        raise UserError("analysis needs a non-empty list of token-id tensors of one shape [1, seq_len]")
     sites = input_sites(model, spec)
     ids = torch.cat([b.reshape(-1) for b in batches])
     groups = [torch.cat(batches[i : i + config.batch_size]) for i in range(0, len(batches), config.batch_size)]
