@@ -289,6 +289,62 @@ def info(model, scheme):
     click.echo(json.dumps(info_job(model, parse_scheme(scheme) if scheme else None), indent=2))
 
 
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
+@click.option("--out", default=None, help="Folder for analysis.json, report.md and the plots (refused if it exists).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option(
+    "--data",
+    "--calib",
+    "data",
+    default=None,
+    help="Text to analyse: a file, 'enwiki-sample' (its calibration half; the default), a hub dataset id, or 'generated' "
+    "(text the model writes itself).",
+)
+@click.option("--tokens", type=int, default=512, show_default=True, help="Tokens analysed (a multiple of --seq-len).")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (seed 003: one sample of 128).")
+@click.option("--scheme", default="W4A4", show_default=True, help="W and A quantization (RTN), e.g. W4A4, W8A8, W4g64A8; KV is ignored.")
+@click.option("--transforms", default="none,smooth,rotate,smoothrot", show_default=True, help="Comma-separated transforms to compare.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Smoothing migration strength.")
+@click.option("--keep-raw", default=None, help="Comma-separated layer indices whose raw inputs are saved (raw/*.safetensors) and plotted.")
+@click.option("--massive-ratio", type=float, default=50.0, show_default=True, help="Massive outlier: |x| >= this x the median token max.")
+@click.option("--systematic-ratio", type=float, default=10.0, show_default=True, help="Systematic outlier: |x| >= this x the token median ...")
+@click.option("--systematic-fraction", type=float, default=0.5, show_default=True, help="... in at least this share of tokens.")
+@click.option("--no-plots", is_flag=True, help="Write analysis.json and report.md only.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def analyze(ctx, model, out, overwrite, data, tokens, seq_len, scheme, transforms, alpha, keep_raw, massive_ratio, systematic_ratio, systematic_fraction, no_plots, seed):
+    """Outliers, layer-wise error and quantization difficulty per transform (seed 003), with plots and a report."""
+    from .analysis.job import AnalysisConfig, analyze_job
+    from .analysis.outliers import OutlierConfig
+    from .analysis.report import analysis_markdown
+    from .report import check_out_dir
+
+    config = AnalysisConfig(
+        tokens=tokens,
+        seq_len=seq_len,
+        scheme=scheme,
+        transforms=tuple(t.strip() for t in transforms.split(",") if t.strip()),
+        alpha=alpha,
+        outliers=OutlierConfig(massive_ratio, systematic_ratio, systematic_fraction),
+        keep_raw=_layer_list(keep_raw),
+        seed=seed,
+    )
+    if out:
+        check_out_dir(out, overwrite)
+    result = analyze_job(model, config, data=data, out=out, plots=not no_plots, progress=ctx.obj["progress"])
+    click.echo(analysis_markdown(result, result.get("plots", [])) if not out else "\n".join(result["recommendation"]))
+
+
+def _layer_list(value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--keep-raw takes comma-separated layer indices such as 1,28; got {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="lowbit", standalone_mode=False)

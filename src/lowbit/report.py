@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -25,7 +26,19 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
 def write_run_dir(out: str | Path, files: dict[str, str], dirs: dict[str, Path] | None = None) -> Path:
     """Write `files` (name -> text) into a fresh folder, move the finished folders `dirs`
     (name -> a folder already written on the same filesystem) into it, and move it to `out` in
-    one rename.
+    one rename."""
+
+    def fill(tmp: Path) -> None:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        for name, folder in (dirs or {}).items():
+            os.replace(folder, tmp / name)
+
+    return write_dir_atomically(out, fill)
+
+
+def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write into a fresh temporary folder beside `out`, then move it to `out` in one rename.
 
     An existing `out` is replaced only after the new one is complete; a crash leaves either the
     old folder or the new one, never a mix."""
@@ -33,10 +46,7 @@ def write_run_dir(out: str | Path, files: dict[str, str], dirs: dict[str, Path] 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        for name, folder in (dirs or {}).items():
-            os.replace(folder, tmp / name)
+        fill(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
             os.replace(out, old / out.name)
