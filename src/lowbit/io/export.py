@@ -18,9 +18,6 @@ model at inference time; this export writes weights and a quantization config on
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +26,7 @@ from torch import nn
 from ..arch import get_arch
 from ..errors import UserError
 from ..quant.codes import InexactCodesError, encode_weight
+from ..report import write_dir_atomically
 from ..runtime.kv import KEY_QUANT, QK_ROTATION, VALUE_QUANT
 from ..runtime.linear import QuantLinear
 from ..scheme import Granularity, Observer, QuantArgs, Scheme
@@ -156,20 +154,12 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
                 target.weight_zero_point.data = torch.zeros_like(target.weight_scale, dtype=target.weight_zero_point.dtype)
     compressor = ModelCompressor.from_pretrained_model(plain)
     compressor.compress_model(plain)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         compressor.update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomically(out, fill)
     return out

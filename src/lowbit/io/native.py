@@ -23,9 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +32,7 @@ from .. import __version__
 from ..arch import get_arch, get_module, set_module
 from ..errors import UserError
 from ..quant.codes import InexactCodesError, WeightCodes, encode_weight
+from ..report import write_dir_atomically
 from ..runtime.kv import (
     KEY_QUANT,
     PREFIX,
@@ -183,9 +181,8 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
     modules = describe_modules(model)
     base_attention = (model.config._attn_implementation or "eager").removeprefix(PREFIX)
     dtype = next(model.parameters()).dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         tensors, aliases, quantized = _state_tensors(model, modules["linears"])
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         del tensors
@@ -209,15 +206,8 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
             "files": files,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomically(out, fill)
     log.info("saved quantized model (%s) to %s", scheme.name, out)
     return out
 
