@@ -8,18 +8,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_model, word_tokenizer
 from torch import nn
 
 import lowbit
 from lowbit.data.generate import Sampling, generate_batch
 from lowbit.errors import UserError
-from lowbit.qat import DatagenConfig, TrainConfig, generate_dataset, load_dataset, train
+from lowbit.qat import (
+    DatagenConfig,
+    TrainConfig,
+    distill,
+    generate_dataset,
+    load_dataset,
+    train,
+)
 from lowbit.qat import datagen as datagen_module
-from lowbit.qat import distill
 from lowbit.qat.train import trainable_parameters
 from lowbit.runtime import QuantLinear, TensorQuantizer
-
-from conftest import tiny_model, word_tokenizer
 
 V = 64
 
@@ -42,7 +47,7 @@ class BigramModel(nn.Module):
 
 
 class NoSpecial:
-    all_special_ids: list[int] = []
+    all_special_ids = ()
     eos_token_id = None
 
     def __len__(self) -> int:
@@ -90,7 +95,7 @@ def test_stop_at_eos_ends_sequences():
 
 
 def _config(**kw) -> DatagenConfig:
-    base = dict(samples=7, max_length=10, shard_size=3, batch_size=2, seed=3, sampling=Sampling(stop_at_eos=True))
+    base = {"samples": 7, "max_length": 10, "shard_size": 3, "batch_size": 2, "seed": 3, "sampling": Sampling(stop_at_eos=True)}
     return DatagenConfig(**{**base, **kw})
 
 
@@ -243,39 +248,44 @@ def test_other_losses_train(losses):
 def test_teacher_topk_matches_full_logits_for_full_k():
     teacher = tiny_model("llama")
     a, b = _student(teacher, "W4A8KV4"), _student(teacher, "W4A8KV4")
-    base = dict(steps=2, batch_size=2, lr=1e-3)
+    base = {"steps": 2, "batch_size": 2, "lr": 1e-3}
     la = train(a, teacher, _data(), TrainConfig(**base), progress=False)["history"]
     lb = train(b, teacher, _data(), TrainConfig(**base, teacher_topk=512), progress=False)["history"]
     assert [h["loss"] for h in la] == pytest.approx([h["loss"] for h in lb], rel=1e-4)
 
 
-def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
+def _ddp_data() -> list[torch.Tensor]:
+    return [torch.randint(2, 512, (10,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+
+def _distributed_worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
     teacher = tiny_model("llama")
-    student = _student(teacher, "W4A8KV4")
-    data = [torch.randint(2, 512, (10,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    train(student, teacher, data, TrainConfig(steps=3, batch_size=4, lr=1e-3), progress=False)
-    torch.save(_weights(student), os.path.join(out, f"rank{rank}.pt"))
+    for mode in ("ddp", "fsdp"):
+        student = _student(teacher, "W4A8KV4")
+        train(student, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, fsdp=mode == "fsdp"), progress=False)
+        weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in student.named_parameters()}
+        torch.save(weights, os.path.join(out, f"{mode}{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_agree_with_each_other_and_one_process(tmp_path):
+def test_ddp_and_fsdp_two_processes_agree_with_each_other_and_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert all(torch.equal(r0[n], r1[n]) for n in r0)
+    mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2, join=True)
     teacher = tiny_model("llama")
     single = _student(teacher, "W4A8KV4")
-    data = [torch.randint(2, 512, (10,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    train(single, teacher, data, TrainConfig(steps=3, batch_size=4, lr=1e-3), progress=False)
+    train(single, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3), progress=False)
     start = _weights(_student(teacher, "W4A8KV4"))
-    for n, p in _weights(single).items():  # the same global batches: the same update, up to float summation order
-        torch.testing.assert_close(r0[n], p, rtol=1e-4, atol=1e-6)
-    assert any(not torch.equal(start[n], r0[n]) for n in r0)
+    for mode in ("ddp", "fsdp"):
+        r0, r1 = torch.load(tmp_path / f"{mode}0.pt"), torch.load(tmp_path / f"{mode}1.pt")
+        assert all(torch.equal(r0[n], r1[n]) for n in r0), mode
+        for n, p in _weights(single).items():  # the same global batches: the same update, up to float summation order
+            torch.testing.assert_close(r0[n], p, rtol=1e-4, atol=1e-6)
+        assert any(not torch.equal(start[n], r0[n]) for n in r0)
 
 
 def test_cli_generate_data_and_qat(tiny_model_dir, sample_text_file, tmp_path):

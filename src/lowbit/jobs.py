@@ -11,7 +11,14 @@ from torch import nn
 
 from . import __version__
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
-from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
+from .data import (
+    DEFAULT_DATA,
+    GENERATED,
+    calibration_batches,
+    generate_samples,
+    load_text,
+    tokenize,
+)
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
 from .models import load_model
 from .pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig

@@ -90,9 +90,10 @@ def _check_meta(out: Path, meta: dict) -> None:
 
 
 def generate_dataset(
-    model: nn.Module, tokenizer, out: str | Path, config: DatagenConfig = DatagenConfig(), progress: bool = True
+    model: nn.Module, tokenizer, out: str | Path, config: DatagenConfig | None = None, progress: bool = True
 ) -> dict:
     """Generate (or finish generating) the shards in `out`; returns the summary statistics."""
+    config = config or DatagenConfig()
     config.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +116,8 @@ def generate_dataset(
         tokens += sum(s.numel() for s in seqs)
         ids = torch.cat([s.view(-1) for s in seqs]).to(torch.int32)
         lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.int32)
-        _write_atomic(shard_path(out, index), lambda tmp: torch.save({"ids": ids, "lengths": lengths}, tmp))
+        shard = {"ids": ids, "lengths": lengths}
+        _write_atomic(shard_path(out, index), lambda tmp, shard=shard: torch.save(shard, tmp))
     bar.close()
     seconds = time.time() - start
     stats = dataset_stats(load_dataset(out))

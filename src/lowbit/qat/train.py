@@ -206,7 +206,7 @@ def train(
     student: nn.Module,
     teacher: nn.Module,
     dataset: list[torch.Tensor],
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     *,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
@@ -215,6 +215,7 @@ def train(
 
     With `checkpoint_dir`, a checkpoint found there is resumed and new ones are written (rank 0).
     Returns the training summary: per-step loss, seconds, tokens seen."""
+    config = config or TrainConfig()
     config.check(world_size())
     if not dataset:
         raise UserError("the training data has no sequences")
@@ -227,13 +228,18 @@ def train(
     if config.grad_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
+    sharded = config.fsdp and world_size() > 1
+    if sharded and checkpoint_dir is not None:
+        raise UserError("checkpoints of FSDP-sharded training are not supported yet; train without a checkpoint folder")
+    model = _wrap_distributed(student, config, device)
+    if sharded:  # fully_shard replaced the parameters with sharded ones: the optimizer must see those
+        params = {n: p for n, p in student.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     step, history = 0, []
     if path is not None and path.is_file():
         step, history = load_checkpoint(path, params, optimizer, config)
         log.info("resuming from %s at step %d", path, step)
-    model = _wrap_distributed(student, config, device)
     want_hidden = "hidden" in config.losses
     want_attn = "attention" in config.losses
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
@@ -291,8 +297,6 @@ def train(
 
 
 def _save(path: Path, step: int, params, optimizer, history, config) -> None:
-    if config.fsdp and world_size() > 1:
-        raise UserError("checkpoints of FSDP-sharded training are not supported yet; set checkpoint_every 0 and no checkpoint dir")
     if rank() == 0:
         save_checkpoint(path, step, params, optimizer, history, config)
     if world_size() > 1:
