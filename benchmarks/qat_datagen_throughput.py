@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16")
     parser.add_argument("--slow-sequences", type=int, default=4, help="sequences for the one-at-a-time loops")
     parser.add_argument("--name", default="qat_datagen_throughput")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 by default: on a shared machine 2 threads ran ~10x slower from oversubscription)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     model, tok = lowbit.load_model()
     sampling = Sampling()
     rows = []
