@@ -307,3 +307,18 @@ def test_cli_generate_data_and_qat(tiny_model_dir, sample_text_file, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert {"fp", "ptq", "quantized", "qat", "eval"} <= set(report) and report["qat"]["steps"] == 3
     assert not (tmp_path / "run.checkpoints").exists()
+
+
+def test_cli_qat_bad_input_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    missing = run("qat", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "lowbit generate-data" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    loss = run("qat", "--data", str(tmp_path), "--loss", "kl", "--out", str(tmp_path / "o"))
+    assert loss.returncode == 2 and "logits" in loss.stderr
+    assert not (tmp_path / "o").exists()
