@@ -214,10 +214,9 @@ def qat_job(
 
     Calibration, where the recipe needs it, uses the generated data too (data-free throughout).
     Under torchrun every rank trains; rank 0 evaluates and returns the report (others return {})."""
-    from .qat import init_distributed, load_dataset, train
+    from .qat import freeze_student, init_distributed, load_dataset, train
     from .qat.datagen import dataset_stats
     from .qat.train import rank
-    from .runtime.linear import QuantLinear
 
     start = time.time()
     device = init_distributed()
@@ -254,9 +253,7 @@ def qat_job(
         report["ptq"] = {"ppl": before.ppl}
     log.info("QAT: %d steps x %d sequences on %d generated sequences", config.steps, config.batch_size, len(dataset))
     summary = train(student, teacher, dataset, config, checkpoint_dir=checkpoint_dir, progress=progress)
-    for module in student.modules():
-        if isinstance(module, QuantLinear):
-            module.freeze()
+    freeze_student(student)
     if not main:
         return {}
     del teacher

@@ -109,6 +109,14 @@ def trainable_parameters(student: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def freeze_student(student: nn.Module) -> nn.Module:
+    """End QAT: every trainable quantized linear keeps its quantized weight (no latent weight left)."""
+    for module in student.modules():
+        if isinstance(module, QuantLinear):
+            module.freeze()
+    return student
+
+
 def batch_indices(step: int, micro: int, config: TrainConfig, dataset_size: int) -> list[int]:
     """The sequences this rank trains on at (step, micro-batch): a seeded permutation per epoch."""
     per_rank = config.micro_batch
