@@ -174,6 +174,13 @@ def test_trainable_student_matches_ptq_and_gradients_pass_every_quantizer(family
     assert all(p.grad is None for n, p in student.named_parameters() if n not in params)
 
 
+def test_trainable_student_starts_from_rtn_only():
+    model = tiny_model("llama")
+    calib = [torch.randint(0, 512, (1, 16)) for _ in range(2)]
+    with pytest.raises(UserError, match="starts from RTN"):
+        lowbit.quantize_model(model, "W4A8KV4", algorithm="gptq", calibration=calib, trainable=True, progress=False)
+
+
 def test_weight_quantizer_is_straight_through():
     model = tiny_model("llama")
     student = _student(model, "W4A16")

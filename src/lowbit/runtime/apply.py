@@ -78,9 +78,10 @@ def quantize_model(
     `calibration` (token-id batches) is needed for smoothing, static quantizers, GPTQ and AWQ.
     GPTQ and AWQ run layer by layer (`lowbit.pipeline`); `pipeline` holds their options.
     Per-layer errors of the pipeline are left in `model.lowbit_layer_errors`.
-    With `trainable=True` (quantization-aware training) every `QuantLinear` keeps a latent weight
-    that it fake-quantizes in forward: the full-precision (transformed) weight for RTN, the
-    algorithm's quantized weight for GPTQ/AWQ. Its forward equals the non-trainable model's.
+    With `trainable=True` (quantization-aware training) every `QuantLinear` keeps the full-precision
+    (transformed) weight as a latent weight and fake-quantizes it in forward (MinMax, recomputed each
+    time, as LLM-QAT does); its forward equals the RTN model's. Only RTN: GPTQ/AWQ weights re-quantized
+    with fresh MinMax scales are not the GPTQ/AWQ model (their scales would have to be kept).
     """
     scheme = parse_scheme(scheme)
     transform = transform if isinstance(transform, TransformConfig) else TransformConfig(kind=transform)
@@ -90,6 +91,11 @@ def quantize_model(
     if algorithm not in ALGORITHMS:
         raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
     sequential = algorithm in SEQUENTIAL_ALGORITHMS
+    if trainable and algorithm != "rtn":
+        raise UserError(
+            f"quantization-aware training starts from RTN (full-precision latent weights); algorithm {algorithm!r} "
+            "is not supported as a starting point yet: use --algorithm rtn (transforms are fine)"
+        )
     if sequential:
         pipeline = replace(pipeline or PipelineConfig(), algorithm=algorithm)
         pipeline.check(scheme)
@@ -118,10 +124,6 @@ def quantize_model(
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # tied: keep the embeddings exact
             model.config.tie_word_embeddings = False
         set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, quantize_weight, trainable))
-    if trainable:  # the pipeline's linears: their latent weight starts from the algorithm's result
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                module.trainable = True
     if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
         calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
     model.lowbit_scheme = scheme
