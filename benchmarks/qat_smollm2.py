@@ -12,7 +12,7 @@ WikiText-2 perplexity before (its PTQ starting point) and after, training time a
 Rows are appended to results/NAME.jsonl as they finish (a rerun skips finished rows);
 results/NAME.md is rendered from all rows.
 
-    python benchmarks/qat_smollm2.py --samples 32 --max-length 48 --steps 8 --batch-size 2 --lr 1e-4 --windows 1
+    python benchmarks/qat_smollm2.py --samples 96 --max-length 64 --steps 20 --batch-size 4 --lr 1e-4 --windows 2
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT.parent / "runs" / "qat_bench"))
     parser.add_argument("--name", default="qat_smollm2")
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 by default: on a shared machine 2 threads ran ~10x slower from oversubscription)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     jsonl = RESULTS / f"{args.name}.jsonl"
     if not args.render:
         run_all(args, jsonl)
@@ -136,7 +139,7 @@ def render(args, jsonl: Path) -> None:
         f"LLM-QAT on {lowbit.DEFAULT_MODEL} (fp32, {rows[0]['threads']} CPU threads, torch {rows[0]['torch']}). "
         f"Perplexity: wiki.test.raw, first {rows[0]['windows']} window(s) x 2048 tokens (token level). The best-PTQ column "
         "is read from ptq_wikitext2.json, measured on the first 5 windows: it is comparable with the other columns only "
-        "when --windows is 5. Training: {c['steps']} steps x {c['batch_size']} sequences (<= {c['max_seq_len']} tokens), "
+        f"when --windows is 5. Training: {c['steps']} steps x {c['batch_size']} sequences (<= {c['max_seq_len']} tokens), "
         f"AdamW lr {c['lr']} cosine, weight decay {c['weight_decay']}, on {rows[0]['data_stats']['sequences']} generated "
         "sequences (batch-size 32 generation, stop at end of sequence); trainable: the latent weights of every quantized linear; starting point: RTN (the latent weights start "
         "from the full-precision, transformed weights).",
@@ -144,7 +147,7 @@ def render(args, jsonl: Path) -> None:
         f"Reproduce: `python benchmarks/qat_smollm2.py --samples {args.samples} --max-length {args.max_length} "
         f"--steps {c['steps']} --batch-size {c['batch_size']} --lr {c['lr']} --windows {rows[0]['windows']}`",
         "",
-        "| scheme | transform | start | data | loss | FP32 PPL | PPL before QAT | PPL after QAT | change | best PTQ (ptq_wikitext2) | train time (s) | loss first -> last |",
+        "| scheme | transform | start | data | loss | FP32 PPL | PPL before QAT | PPL after QAT | change | best PTQ (ptq_wikitext2) | train time (s) | batch loss, first -> last step |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
