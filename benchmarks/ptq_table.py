@@ -12,12 +12,16 @@ finish, so an interrupted run resumes; results/NAME.{json,md} are written from a
     python benchmarks/ptq_table.py --name ptq_headline --windows 40 \
         --rows W4A16/none/gptq,W8A8/smooth/gptq,W4A4KV4/rotate/gptq
     python benchmarks/ptq_table.py --name ptq_wikitext2 --render   # tables from the .jsonl only
+
+A row may end with pipeline options: `/bf16` (calibration forwards under bfloat16 autocast; Hessians
+and weights stay fp32), `/noactorder` (GPTQ in natural column order), e.g. W4A16/none/gptq/bf16.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -45,7 +49,10 @@ def sort_key(r: dict) -> tuple:
     def index(order, value):
         return order.index(value) if value in order else len(order)
 
-    return index(SCHEME_ORDER, r["scheme"]), index(TRANSFORM_ORDER, r["transform"]), index(ALGORITHM_ORDER, r["algorithm"])
+    return (
+        index(SCHEME_ORDER, r["scheme"]), index(TRANSFORM_ORDER, r["transform"]), index(ALGORITHM_ORDER, r["algorithm"]),
+        r.get("options", ""),
+    )
 
 
 def transform_variants():
@@ -62,6 +69,19 @@ def transform_variants():
     }
 
 
+def pipeline_config(algorithm: str, options: list[str]):
+    from lowbit import GPTQConfig, PipelineConfig
+
+    unknown = set(options) - {"bf16", "noactorder"}
+    if unknown:
+        raise SystemExit(f"unknown row options {sorted(unknown)}; known: bf16, noactorder")
+    return PipelineConfig(
+        algorithm=algorithm,
+        gptq=GPTQConfig(act_order="noactorder" not in options),
+        dtype="bfloat16" if "bf16" in options else "float32",
+    )
+
+
 def run_row(row: str, args) -> dict:
     """One setting, measured in this process."""
     import resource
@@ -74,13 +94,15 @@ def run_row(row: str, args) -> dict:
     def rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
-    scheme_name, transform, algorithm = row.split("/")
+    scheme_name, transform, algorithm, *options = row.split("/")
     torch.manual_seed(0)
     t0 = time.time()
     model, tokenizer = lowbit.load_model()
     load_seconds = time.time() - t0
     ids = tokenize(tokenizer, load_text(args.data))
     result = {"row": row, "scheme": scheme_name, "transform": transform, "algorithm": algorithm, "load_seconds": load_seconds}
+    if options:
+        result["options"] = "/".join(options)
     scheme = None
     if scheme_name != "FP32":
         scheme = lowbit.parse_scheme(scheme_name)
@@ -91,7 +113,10 @@ def run_row(row: str, args) -> dict:
             calib = calibration_batches(tokenizer, None, args.calib_samples, args.calib_seq_len, seed=0)
         calib_seconds = time.time() - t0
         t0 = time.time()
-        model = lowbit.quantize_model(model, scheme, transform=config, algorithm=algorithm, calibration=calib, inplace=True)
+        pipeline = pipeline_config(algorithm, options) if algorithm in ("gptq", "awq") else None
+        model = lowbit.quantize_model(
+            model, scheme, transform=config, algorithm=algorithm, calibration=calib, pipeline=pipeline, inplace=True
+        )
         result["quantize_seconds"] = time.time() - t0
         result["calib_seconds"] = calib_seconds
         del calib
@@ -106,6 +131,8 @@ def run_row(row: str, args) -> dict:
     result.update(
         ppl=ppl.ppl, windows=ppl.windows, tokens=ppl.tokens, eval_seconds=time.time() - t0, peak_rss_gb=rss_gb(),
         size_bytes=lowbit.evaluation.model_size_bytes(model),
+        # > 2 means other work shared the 2 cores during the row: its times are then inflated
+        load_avg_5min=os.getloadavg()[1],
     )
     return result
 
@@ -147,7 +174,9 @@ def main() -> None:
             with jsonl.open("a") as f:
                 f.write(json.dumps(result) + "\n")
             print(format_row(result), flush=True)
-    meta = metadata(args)
+    previous = out.with_suffix(".json")
+    # --render keeps the settings the rows were measured with; a run records its own
+    meta = json.loads(previous.read_text())["meta"] if args.render and previous.exists() else metadata(args)
     rows = sorted(done.values(), key=sort_key)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(meta, rows))
@@ -192,17 +221,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         "Quantize = wall time of `quantize_model` (transform statistics, layer-by-layer pipeline, swaps). "
         "Peak RSS = the process's peak resident memory up to the end of quantization (model load included), "
-        "and including the perplexity evaluation.",
+        "and including the perplexity evaluation. Load avg = 5-minute load average at the end of the row "
+        "(2 cores: above ~2 other work shared the machine and the row's times are inflated; '-' = not recorded).",
         "",
-        "| scheme | transform | algorithm | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r.get("quantize_seconds")
+        load = f"{r['load_avg_5min']:.1f}" if "load_avg_5min" in r else "-"
         rel = "-" if fp is None or r is fp else f"{100 * (r['ppl'] / fp['ppl'] - 1):+.1f}%"
         lines.append(
-            f"| {r['scheme']} | {r['transform']} | {r['algorithm']} | {r['ppl']:.3f} | {rel} | "
-            f"{'-' if q is None else f'{q:.1f}'} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} |"
+            f"| {r['scheme']} | {r['transform']} | {r['algorithm']} | {r.get('options', '')} | {r['ppl']:.3f} | {rel} | "
+            f"{'-' if q is None else f'{q:.1f}'} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} | {load} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -163,7 +163,7 @@ def test_evaluate_refuses_a_run_folder_without_a_model(tiny_model_dir, sample_te
     "extra",
     [
         ["--algorithm", "gptq", "--scheme", "W4g32A16", "--act-order", "--damp", "0.05"],
-        ["--algorithm", "awq", "--scheme", "W4A8KV8"],
+        ["--algorithm", "awq", "--scheme", "W4A8KV8", "--calib-dtype", "bfloat16"],
         ["--recipe", "w4a4kv4-rotate-gptq"],
         ["--recipe", "w8a8-smoothquant-gptq"],
     ],
@@ -182,6 +182,7 @@ def test_calibrated_algorithms_from_the_cli(tiny_model_dir, sample_text_file, tm
     assert "Relative output error" in stdout
     if "--act-order" in extra:
         assert report["algorithm_args"]["act_order"] and report["algorithm_args"]["damp"] == 0.05
+    assert report["calibration"]["dtype"] == ("bfloat16" if "--calib-dtype" in extra else "float32")
 
 
 def test_data_free_calibration_from_the_cli(tiny_model_dir, sample_text_file, tmp_path, capsys):

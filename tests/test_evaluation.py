@@ -90,3 +90,36 @@ def test_kv_cache_bytes_by_hand():
     assert kv_cache_bytes(config, scheme, 1000) == 2 * (vectors * 16 // 2 + vectors * 2)
     asym = lowbit.parse_scheme("W4A8K8aV4")
     assert kv_cache_bytes(config, asym, 1000) == vectors * 16 + vectors * 4 + vectors * 8 + vectors * 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: tied embeddings
+@pytest.mark.parametrize("name", ["W8A8KV8", "W4A16", "W4g32aA8KV4", "W16A16KV4"])
+def test_scheme_cost_equals_the_quantized_models_cost(family, name):
+    from dataclasses import replace
+
+    from lowbit.evaluation import scheme_cost
+    from lowbit.jobs import cost_summary
+
+    model = tiny_model(family)
+    for scheme in (lowbit.parse_scheme(name), replace(lowbit.parse_scheme(name), quantize_lm_head=True)):
+        predicted = scheme_cost(model, scheme, 64)
+        measured = cost_summary(lowbit.quantize(model, scheme, progress=False), scheme, 64)
+        for key in ("size_bytes", "ops", "macs", "kv_cache_bytes"):
+            assert predicted[key] == measured[key], (scheme.name, key)
+    assert scheme_cost(model, None, 64)["size_bytes"] == model_size_bytes(model)
+
+
+def test_integer_kernels_cost_like_the_fake_quantized_model():
+    from lowbit.evaluation import stored_bytes
+    from lowbit.runtime.int_linear import convert_to_int_kernels
+
+    model = tiny_model("llama")
+    for name in ("W8A8", "W4A16"):
+        q = lowbit.quantize(model, name, progress=False)
+        qi = convert_to_int_kernels(q)
+        assert model_size_bytes(qi) == model_size_bytes(q)
+        assert model_ops(qi, q.lowbit_scheme, 16) == model_ops(q, q.lowbit_scheme, 16)
+        assert stored_bytes(qi) < stored_bytes(q)  # codes in 8 or 4 bits instead of fp32 weights
+    assert stored_bytes(model) == 4 * sum(p.numel() for p in model.parameters()) + sum(
+        b.untyped_storage().nbytes() for b in model.buffers()
+    )

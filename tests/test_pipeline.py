@@ -9,6 +9,7 @@ from lowbit import UserError
 from lowbit.algorithms import awq as awq_module
 from lowbit.algorithms.gptq import GPTQ, GPTQConfig
 from lowbit.data import generate_samples
+from lowbit import pipeline as pipeline_module
 from lowbit.pipeline import PipelineConfig
 from lowbit.runtime import QuantLinear
 from lowbit.transforms.apply import TransformConfig
@@ -222,14 +223,35 @@ def test_awq_scale_search_includes_no_scaling():
 
 
 @torch.no_grad()
-def test_bfloat16_calibration_forwards_stay_close_to_float32():
+def test_bfloat16_calibration_forwards_stay_close_to_float32(monkeypatch):
     model = tiny_model("llama")
     data = calib(n=8, length=32)
+    stored = []
+    capture = pipeline_module._capture_layer_inputs
+
+    def spy(*args):
+        hidden, kwargs = capture(*args)
+        stored.append({h.dtype for h in hidden})
+        return hidden, kwargs
+
+    monkeypatch.setattr(pipeline_module, "_capture_layer_inputs", spy)
     fp32 = lowbit.quantize_model(model, "W4A16", algorithm="gptq", calibration=data, progress=False)
     bf16 = lowbit.quantize_model(model, "W4A16", algorithm="gptq", calibration=data, pipeline=PipelineConfig(dtype="bfloat16"), progress=False)
     assert next(bf16.parameters()).dtype == torch.float32  # only the calibration passes ran in bf16
+    assert stored == [{torch.float32}, {torch.bfloat16}]  # layer inputs kept at the pipeline's precision
     x = probe()
     fp = model(x).logits
     assert (bf16(x).logits - fp).pow(2).mean() < 2 * (fp32(x).logits - fp).pow(2).mean()
     with pytest.raises(UserError, match="float32 or bfloat16"):
         PipelineConfig(dtype="float16").check(lowbit.parse_scheme("W4A16"))
+
+
+@torch.no_grad()
+def test_pipeline_on_a_bfloat16_model():
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    q = lowbit.quantize_model(model, "W4A16", algorithm="gptq", calibration=calib(n=4), progress=False)
+    assert next(q.parameters()).dtype == torch.bfloat16
+    x = probe()
+    err = (q(x).logits.float() - model(x).logits.float()).pow(2).mean()
+    rtn = lowbit.quantize_model(model, "W4A16", progress=False)
+    assert err < 2 * (rtn(x).logits.float() - model(x).logits.float()).pow(2).mean()

@@ -30,6 +30,18 @@ def test_asymmetric_per_token_by_hand():
     assert torch.allclose(fake_quantize(x, args), expected)
 
 
+def test_full_range_symmetric_by_hand():
+    w = torch.tensor([[0.75, -0.7, 0.1, 0.05]])
+    args = QuantArgs(bits=3, granularity="channel", full_range=True)  # a = 0.75 / 3.5, codes -4..3
+    a = 0.75 / 3.5
+    # 0.75/a = 3.5 -> 4, clamped to 3 (the half step clipped at +max); -0.7/a = -3.27 -> -3; 0.1/a = 0.47 -> 0;
+    # the restricted grid (a = 0.75/3) would use only -3..3
+    expected = torch.tensor([[3 * a, -3 * a, 0.0, 0.0]])
+    assert torch.allclose(fake_quantize(w, args), expected)
+    codes, _ = quantize(torch.tensor([[-0.75, 0.7, 0.2]]), args)
+    assert codes.tolist() == [[-4, 3, 1]]  # -3.5 rounds (half to even) to -4: the code LLM-QAT's grid leaves unused
+
+
 def test_per_group_by_hand():
     x = torch.tensor([[1.0, -0.5, 10.0, 2.5]])
     args = QuantArgs(bits=2, granularity="group", group_size=2)  # qmax = 1: a = max|group|
@@ -55,11 +67,11 @@ def test_zero_rows_stay_zero():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_error_bound_half_step(bits, symmetric):
+@pytest.mark.parametrize("symmetric, full_range", [(True, False), (False, False), (True, True)])
+def test_error_bound_half_step(bits, symmetric, full_range):
     torch.manual_seed(0)
     x = torch.randn(16, 64)
-    args = QuantArgs(bits=bits, symmetric=symmetric, granularity="channel")
+    args = QuantArgs(bits=bits, symmetric=symmetric, granularity="channel", full_range=full_range)
     rows = as_rows(x, args)
     qp = minmax_qparams(rows, args)
     err = (fake_quantize(x, args) - x).abs()

@@ -35,7 +35,7 @@ def test_clipping_suffixes():
 
 
 @pytest.mark.parametrize(
-    "name", ["W4A8KV4", "W4g64A16", "W8aA8tKV8", "W3g32aA16K4V8", "W8A8sKV8s", "W16A16KV16", "W4mA8c90KV4c95", "W8A8sc80"]
+    "name", ["W4A8KV4", "W4g64A16", "W8aA8tKV8", "W3g32aA16K4V8", "W8A8sKV8s", "W16A16KV16", "W4mA8c90KV4c95", "W8A8sc80", "W4fA16", "W4g64fmA8fKV4f"]
 )
 def test_name_round_trip(name):
     assert parse_scheme(parse_scheme(name).name) == parse_scheme(name)
@@ -59,6 +59,7 @@ def test_name_round_trip(name):
         ("W4A8c0", "percentage of the range"),
         ("W4A8c150", "percentage of the range"),
         ("W8A8sm", "MSE clip search"),
+        ("W4afA16", "'f' \\(full signed range\\) is for symmetric"),
     ],
 )
 def test_invalid_names_fail_with_the_field(name, words):
@@ -85,3 +86,11 @@ def test_quant_args_validation():
         QuantArgs(bits=8, granularity="row")
     with pytest.raises(UserError, match="observer must be one of"):
         QuantArgs(bits=8, observer="percentile")
+
+
+def test_full_range_suffix():
+    w = parse_scheme("W4fA16").weights
+    assert w.full_range and w.symmetric and w.max_steps == 7.5
+    assert parse_scheme("W4A16").weights.max_steps == 7
+    with pytest.raises(UserError, match="full_range is for symmetric"):
+        QuantArgs(bits=4, symmetric=False, full_range=True)

@@ -90,13 +90,18 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 )
 @click.option("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean Hessian diagonal [default: 0.01].")
 @click.option("--device", default=None, help="Run the layer-by-layer pipeline on this device (e.g. cuda); the model stays on CPU.")
+@click.option(
+    "--calib-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+    help="gptq/awq: precision of the layer-by-layer calibration forwards and stored layer inputs (bfloat16: "
+    "faster on CPUs with bf16 units, half the activation memory); Hessians and weights stay fp32.",
+)
 @_eval_options
 @click.option("--out", default=None, help="Folder for report.json and report.md (refused if it exists).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
 @click.pass_context
-def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, recipe, calib, calib_samples, calib_seq_len, act_order, damp, device, data, windows, seq_len, out, overwrite, seed, no_fp):
+def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, recipe, calib, calib_samples, calib_seq_len, act_order, damp, device, calib_dtype, data, windows, seq_len, out, overwrite, seed, no_fp):
     """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
     from dataclasses import replace
 
@@ -153,6 +158,7 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
         device=device,
+        calib_dtype=calib_dtype,
         seed=seed,
         evaluate_fp=not no_fp,
         progress=ctx.obj["progress"],
@@ -166,22 +172,75 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
 @cli.command()
 @click.argument("model_or_run_dir", default=DEFAULT_MODEL)
 @_eval_options
-@click.option("--tasks", default=None, help="Zero-shot tasks (not available yet).")
+@click.option(
+    "--tasks",
+    default=None,
+    help="lm-evaluation-harness tasks, comma-separated (e.g. piqa,arc_easy), or a preset: seed001 (BoolQ, PIQA, "
+    "SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA; 0-shot) or seed001-fewshot (MMLU, TriviaQA; 5-shot).",
+)
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per task [default: the preset's, else the task's].")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N examples of each task.")
+@click.option("--task-path", multiple=True, help="Folder of lm-eval task YAMLs (local datasets); repeatable.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="lm-eval batch size.")
+@click.option("--scheme", default=None, help="Quantize in memory first (RTN), e.g. W8A8 or W4A16.")
+@click.option("--int-kernels", is_flag=True, help="Run the quantized linears on integer kernels (int8 x int8, packed int4).")
+@click.option(
+    "--cost-schemes",
+    default="W8A8KV8,W4A16,W4A8KV4,W4A4KV4",
+    show_default=True,
+    help="Schemes in the size/OPs/KV-cache table ('none' for no table).",
+)
+@click.option("--no-ppl", is_flag=True, help="Skip perplexity (e.g. tasks only).")
+@click.option("--out", default=None, help="Folder for report.json and report.md (refused if it exists).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of lm-eval's few-shot sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
-def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, as_json):
-    """Perplexity, size, OPs and KV-cache memory of a model."""
+def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, limit, task_path, batch_size, scheme, int_kernels, cost_schemes, no_ppl, out, overwrite, seed, as_json):
+    """Perplexity, zero-/few-shot tasks, size, OPs and KV-cache memory of a model."""
     from pathlib import Path
 
+    from .evaluation.harness import HarnessConfig, parse_tasks, preset_fewshot
     from .jobs import evaluate_job
-    from .report import report_markdown
+    from .report import check_out_dir, report_files, report_markdown, write_run_dir
+    from .scheme import parse_scheme
 
-    if tasks:
-        raise UserError("--tasks (zero-shot evaluation) is not available yet; perplexity only")
     path = Path(model_or_run_dir)
     if path.is_dir() and (path / "report.json").is_file() and not (path / "config.json").is_file():
         raise UserError(f"{path} is a lowbit run folder without a saved model; evaluate a model name, folder or .gguf")
-    report = evaluate_job(model_or_run_dir, data=data, windows=_windows(windows), seq_len=seq_len, progress=ctx.obj["progress"])
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1; got {batch_size}")
+    for folder in task_path:
+        if not Path(folder).is_dir():
+            raise UserError(f"--task-path {folder}: no such folder (give a folder of lm-eval task .yaml files)")
+    harness = None
+    if tasks:
+        fewshot = num_fewshot if num_fewshot is not None else preset_fewshot(tasks)
+        harness = HarnessConfig(
+            tasks=parse_tasks(tasks), num_fewshot=fewshot, limit=limit, batch_size=batch_size, task_paths=list(task_path), seed=seed
+        )
+    elif num_fewshot is not None or limit is not None or task_path:
+        raise UserError("--num-fewshot, --limit and --task-path apply to --tasks; add --tasks")
+    if no_ppl and not tasks:
+        raise UserError("--no-ppl leaves nothing to evaluate; add --tasks")
+    costs = None if cost_schemes.strip().lower() == "none" else tuple(parse_scheme(s).name for s in cost_schemes.split(",") if s.strip())
+    if out:
+        check_out_dir(out, overwrite)
+    report = evaluate_job(
+        model_or_run_dir,
+        data=data,
+        windows=_windows(windows),
+        seq_len=seq_len,
+        scheme=parse_scheme(scheme) if scheme else None,
+        int_kernels=int_kernels,
+        harness=harness,
+        cost_schemes=costs,
+        evaluate_ppl=not no_ppl,
+        progress=ctx.obj["progress"],
+    )
+    if out:
+        write_run_dir(out, report_files(report))
+        log.info("wrote %s/report.json and report.md", out)
     click.echo(json.dumps(report, indent=2) if as_json else report_markdown(report))
 
 
@@ -305,6 +364,60 @@ def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_s
         shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
         log.info("wrote %s/report.json and report.md", out)
         click.echo(report_markdown(report))
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
+@click.option("--out", default=None, help="Folder for analysis.json, report.md and the plots (refused if it exists).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option(
+    "--data",
+    "--calib",
+    "data",
+    default=None,
+    help="Text to analyse: a file, 'enwiki-sample' (its calibration half; the default), a hub dataset id, or 'generated' "
+    "(text the model writes itself).",
+)
+@click.option("--tokens", type=int, default=512, show_default=True, help="Tokens analysed (a multiple of --seq-len).")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (seed 003: one sample of 128).")
+@click.option("--scheme", default="W4A4", show_default=True, help="W and A quantization (RTN), e.g. W4A4, W8A8, W4g64A8; KV is ignored.")
+@click.option("--transforms", default="none,smooth,rotate,smoothrot", show_default=True, help="Comma-separated transforms to compare.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Smoothing migration strength.")
+@click.option("--keep-raw", default=None, help="Comma-separated layer indices whose raw inputs are saved (raw/*.safetensors) and plotted.")
+@click.option("--massive-ratio", type=float, default=50.0, show_default=True, help="Massive outlier: |x| >= this x the median token max.")
+@click.option("--systematic-ratio", type=float, default=10.0, show_default=True, help="Systematic outlier: |x| >= this x the token median ...")
+@click.option("--systematic-fraction", type=float, default=0.5, show_default=True, help="... in at least this share of tokens.")
+@click.option("--no-plots", is_flag=True, help="Write analysis.json and report.md only.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def analyze(ctx, model, out, overwrite, data, tokens, seq_len, scheme, transforms, alpha, keep_raw, massive_ratio, systematic_ratio, systematic_fraction, no_plots, seed):
+    """Outliers, layer-wise error and quantization difficulty per transform (seed 003), with plots and a report."""
+    from .analysis.job import AnalysisConfig, analyze_job
+    from .analysis.outliers import OutlierConfig
+    from .analysis.report import analysis_markdown
+    from .report import check_out_dir
+
+    config = AnalysisConfig(
+        tokens=tokens,
+        seq_len=seq_len,
+        scheme=scheme,
+        transforms=tuple(t.strip() for t in transforms.split(",") if t.strip()),
+        alpha=alpha,
+        outliers=OutlierConfig(massive_ratio, systematic_ratio, systematic_fraction),
+        keep_raw=_layer_list(keep_raw),
+        seed=seed,
+    )
+    if out:
+        check_out_dir(out, overwrite)
+    result = analyze_job(model, config, data=data, out=out, plots=not no_plots, progress=ctx.obj["progress"])
+    click.echo(analysis_markdown(result, result.get("plots", [])) if not out else "\n".join(result["recommendation"]))
+
+
+def _layer_list(value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--keep-raw takes comma-separated layer indices such as 1,28; got {value!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,19 +11,16 @@ from torch import nn
 
 from . import __version__
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
-from .data import (
-    DEFAULT_DATA,
-    GENERATED,
-    calibration_batches,
-    generate_samples,
-    load_text,
-    tokenize,
-)
-from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
+from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
+from .errors import UserError
+from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity, scheme_cost
+from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
+from .memory import peak_rss_bytes, release_freed_memory
 from .models import load_model
 from .pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig
 from .recipes import Recipe
 from .runtime import check_scheme, quantize_model
+from .runtime.int_linear import convert_to_int_kernels
 from .scheme import Scheme
 from .transforms.apply import check_transform
 
@@ -56,6 +53,7 @@ def quantize_job(
     seed: int = 0,
     evaluate_fp: bool = True,
     device: str | None = None,
+    calib_dtype: str = "float32",
     progress: bool = True,
 ) -> dict:
     """Load, quantize and evaluate; returns the report (DESIGN.md §5).
@@ -71,6 +69,7 @@ def quantize_job(
     data_name = data or DEFAULT_DATA
     log.info("tokenizing evaluation text %s", data_name)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+    release_freed_memory()  # the tokenizer's temporaries for a whole text are large
     report: dict = {
         "lowbit_version": __version__,
         "model": model_name,
@@ -84,7 +83,7 @@ def quantize_job(
         fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity FP")
         report["fp"] = {"ppl": fp.ppl, **cost_summary(model, None, seq_len)}
     calibration = None
-    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq, device=device)
+    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq, device=device, dtype=calib_dtype)
     if recipe.algorithm in SEQUENTIAL_ALGORITHMS:
         pipeline.check(recipe.scheme)
     if recipe.scheme.needs_calibration or recipe.transform.needs_calibration or recipe.algorithm in SEQUENTIAL_ALGORITHMS:
@@ -95,9 +94,12 @@ def quantize_job(
         else:
             log.info("calibration text %s: %d samples x %d tokens", calib or DEFAULT_DATA, calib_samples, calib_seq_len)
             calibration = calibration_batches(tokenizer, calib, calib_samples, calib_seq_len, seed)
+            release_freed_memory()
         report["calibration"] = {
             "data": calib or DEFAULT_DATA, "samples": calib_samples, "seq_len": calib_seq_len, "seconds": time.time() - t0,
         }
+        if recipe.algorithm in SEQUENTIAL_ALGORITHMS:
+            report["calibration"]["dtype"] = calib_dtype
     log.info("quantizing to %s with %s", recipe.scheme.name, recipe.algorithm)
     t0 = time.time()
     qmodel = quantize_model(
@@ -106,6 +108,7 @@ def quantize_job(
     )
     quant_seconds = time.time() - t0
     del model, calibration
+    release_freed_memory()
     log.info("evaluating quantized model")
     q = perplexity(qmodel, eval_ids, seq_len, windows, progress=progress, desc="perplexity quantized")
     report["eval"] = {"data": data_name, "windows": q.windows, "seq_len": seq_len, "tokens": q.tokens}
@@ -120,30 +123,60 @@ def quantize_job(
     return report
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+COST_SCHEMES = ("W8A8KV8", "W4A16", "W4A8KV4", "W4A4KV4")  # the comparison table of `lowbit evaluate`
 
 
 def evaluate_job(
-    model_name: str, *, data: str | None = None, windows: int | None = 8, seq_len: int = 2048, progress: bool = True
+    model_name: str,
+    *,
+    data: str | None = None,
+    windows: int | None = 8,
+    seq_len: int = 2048,
+    scheme: Scheme | None = None,
+    int_kernels: bool = False,
+    harness: HarnessConfig | None = None,
+    cost_schemes: tuple[str, ...] | None = COST_SCHEMES,
+    evaluate_ppl: bool = True,
+    progress: bool = True,
 ) -> dict:
+    """Perplexity, zero-/few-shot tasks and costs of a model, optionally RTN-quantized in memory
+    (`scheme`) and run on integer kernels (`int_kernels`). Costs of other schemes (`cost_schemes`)
+    are computed from the unquantized model, without quantizing it."""
     start = time.time()
+    if int_kernels and scheme is None:
+        raise UserError("--int-kernels runs quantized layers on integer kernels; give a --scheme (e.g. W8A8 or W4A16)")
     model, tokenizer = load_model(model_name)
-    get_arch(model)
-    eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
-    fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
-    return {
-        "lowbit_version": __version__,
-        "model": model_name,
-        "eval": {"data": data or DEFAULT_DATA, "windows": fp.windows, "seq_len": seq_len, "tokens": fp.tokens},
-        "fp": {"ppl": fp.ppl, **cost_summary(model, None, seq_len)},
-        "seconds": time.time() - start,
-    }
+    spec = get_arch(model)
+    if scheme is not None:
+        check_scheme(model, spec, scheme)
+        if scheme.needs_calibration:
+            raise UserError(f"{scheme.name} has static quantizers that need calibration; use lowbit quantize for it")
+    tasks = load_tasks(harness) if harness is not None else None  # unknown task, unreachable dataset: fail early
+    report: dict = {"lowbit_version": __version__, "model": model_name}
+    if cost_schemes is not None:
+        names = [None, *cost_schemes] + ([scheme.name] if scheme is not None and scheme.name not in cost_schemes else [])
+        report["cost_table"] = [scheme_cost(model, name, seq_len) for name in names]
+    part = "fp"
+    if scheme is not None:
+        log.info("quantizing to %s (RTN, in memory)", scheme.name)
+        model = quantize_model(model, scheme, inplace=True, progress=progress)
+        report.update(scheme=scheme.name, scheme_args=scheme.to_dict(), transform="none", algorithm="rtn")
+        part = "quantized"
+    if int_kernels:
+        model = convert_to_int_kernels(model, inplace=True)
+        report["kernels"] = "int"
+    report[part] = cost_summary(model, scheme, seq_len)
+    if evaluate_ppl:
+        eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
+        release_freed_memory()  # the tokenizer's temporaries for a whole text are large
+        result = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity")
+        report["eval"] = {"data": data or DEFAULT_DATA, "windows": result.windows, "seq_len": seq_len, "tokens": result.tokens}
+        report[part] = {"ppl": result.ppl, **report[part]}
+    if harness is not None:
+        report["tasks"] = evaluate_tasks(model, tokenizer, harness, progress=progress, loaded=tasks)
+    report["seconds"] = time.time() - start
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    return report
 
 
 def info_job(model_name: str, scheme: Scheme | None = None) -> dict:

@@ -30,6 +30,7 @@ from .algorithms.gptq import GPTQ, GPTQConfig, output_error
 from .algorithms.rtn import rtn_weight
 from .arch import ArchSpec, decoder_layers, get_module, head_dim, kv_groups, set_module
 from .errors import UserError
+from .memory import release_freed_memory
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
 from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
@@ -52,8 +53,9 @@ class PipelineConfig:
     awq: AWQConfig = field(default_factory=AWQConfig)
     batch_size: int = 4  # calibration samples per forward of a layer (memory ~ batch x seq_len)
     device: str | None = None  # run layers there (e.g. "cuda"); the model stays on its device
-    # Precision of the calibration forwards: "float32", or "bfloat16" (autocast; ~4x faster
-    # matmuls on CPUs with bf16 units). Hessians and quantized weights are always fp32.
+    # Precision of the calibration forwards and of the stored layer inputs: "float32", or
+    # "bfloat16" (autocast, ~4x faster matmuls on CPUs with bf16 units, and half the memory for
+    # the [samples, tokens, hidden] buffer). Hessians and quantized weights are always fp32.
     dtype: str = "float32"
 
     def check(self, scheme: Scheme) -> None:
@@ -90,7 +92,9 @@ def quantize_sequential(
     ids = _stack(calibration)
     layers = decoder_layers(model, spec)
     t0 = time.time()
-    hidden, kwargs_by_layer = _capture_layer_inputs(model, spec, ids, config.batch_size)
+    store = torch.bfloat16 if config.dtype == "bfloat16" else None
+    hidden, kwargs_by_layer = _capture_layer_inputs(model, spec, ids, config.batch_size, store)
+    feed = next(model.parameters()).dtype  # stored inputs go back to the layers in the model's dtype
     log.debug("captured layer-0 inputs for %d samples in %.1f s", ids.shape[0], time.time() - t0)
     dim, n_rep = head_dim(model.config), kv_groups(model.config)
     report = []
@@ -98,12 +102,13 @@ def quantize_sequential(
     for i, layer in enumerate(bar):
         layer.to(device)
         kwargs = [_to(k, device) for k in kwargs_by_layer[i]]
-        runner = _LayerRunner(layer, hidden, kwargs, device, config.dtype == "bfloat16")
+        runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16")
         entry = {"layer": i}
         for group in spec.input_groups:
             entry[group.role] = _quantize_group(layer, spec, group, scheme, config, runner, n_rep, dim)
         runner.run_all()
         layer.to(home)
+        release_freed_memory()  # this layer's temporaries, before the next layer's peak
         report.append(entry)
         summary = " ".join(f"{k}={v[config.algorithm]:.2e}" for k, v in entry.items() if k != "layer")
         log.debug("layer %d: relative output error (RTN in the report) %s", i, summary)
@@ -125,8 +130,9 @@ def _backbone(model: nn.Module, spec: ArchSpec) -> nn.Module:
     return get_module(model, spec.layers.rsplit(".", 1)[0])
 
 
-def _capture_layer_inputs(model, spec, ids, batch_size):
-    """Layer-0 inputs, one CPU tensor per batch of samples, and per layer the keyword arguments
+def _capture_layer_inputs(model, spec, ids, batch_size, store_dtype=None):
+    """Layer-0 inputs, one CPU tensor per batch of samples (in `store_dtype`, default their own),
+    and per layer the keyword arguments
     it receives for each batch (masks, rotary embeddings; batches of one shape share them).
 
     Every layer's forward is replaced by a recorder that returns its input unchanged, so the
@@ -142,7 +148,7 @@ def _capture_layer_inputs(model, spec, ids, batch_size):
     def recorder(index):
         def forward(hidden_states, *args, **kwargs):
             if index == 0:
-                hidden.append(hidden_states.detach().to("cpu", copy=True))
+                hidden.append(hidden_states.detach().to("cpu", store_dtype or hidden_states.dtype, copy=True))
             if current["record"]:
                 current["kwargs"][index] = {k: v for k, v in kwargs.items() if k != "past_key_values"}
             if not current["record"] and index == 0:
@@ -184,11 +190,15 @@ def _to(obj, device):
 
 
 class _LayerRunner:
-    """Runs one layer over every batch of the current inputs."""
+    """Runs one layer over every batch of the current inputs, fed in the model's dtype whatever
+    they are stored in (so an fp32 model keeps an fp32 residual stream under bf16 autocast)."""
 
-    def __init__(self, layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device, bf16: bool = False) -> None:
+    def __init__(
+        self, layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device,
+        feed_dtype: torch.dtype = torch.float32, bf16: bool = False,
+    ) -> None:
         self.layer, self.hidden, self.kwargs, self.device = layer, hidden, kwargs, device
-        self.bf16 = bf16
+        self.feed_dtype, self.bf16 = feed_dtype, bf16
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -205,7 +215,7 @@ class _LayerRunner:
             for x, kw in zip(self.hidden, self.kwargs):
                 try:
                     with self._autocast():
-                        self.layer(x.to(self.device), **kw)
+                        self.layer(x.to(self.device, self.feed_dtype), **kw)
                 except _StopForward:
                     pass
         finally:
@@ -215,7 +225,7 @@ class _LayerRunner:
         """The whole layer on every batch; its outputs overwrite its inputs (the next layer's)."""
         for j, (x, kw) in enumerate(zip(self.hidden, self.kwargs)):
             with self._autocast():
-                out = self.layer(x.to(self.device), **kw)
+                out = self.layer(x.to(self.device, self.feed_dtype), **kw)
             out = out[0] if isinstance(out, tuple) else out
             self.hidden[j].copy_(out.to(self.hidden[j].device))
 

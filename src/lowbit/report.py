@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -22,7 +24,17 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 def write_run_dir(out: str | Path, files: dict[str, str]) -> Path:
-    """Write `files` (name -> text) into a fresh folder and move it to `out` in one rename.
+    """Write `files` (name -> text) into a fresh folder and move it to `out` in one rename."""
+
+    def fill(tmp: Path) -> None:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+
+    return write_dir_atomically(out, fill)
+
+
+def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write into a fresh temporary folder beside `out`, then move it to `out` in one rename.
 
     An existing `out` is replaced only after the new one is complete; a crash leaves either the
     old folder or the new one, never a mix."""
@@ -30,8 +42,7 @@ def write_run_dir(out: str | Path, files: dict[str, str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
+        fill(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -64,6 +75,8 @@ def report_markdown(report: dict) -> str:
         "",
         f"- transform: {report.get('transform', 'none')}, algorithm: {report.get('algorithm', '-')}",
     ]
+    if report.get("kernels") == "int":
+        lines.append("- linears run on integer kernels (int8 x int8 with int32 accumulation, or packed int4)")
     if ev:
         lines.append(
             f"- evaluation: {ev.get('data')}, {ev.get('windows')} windows x {ev.get('seq_len')} tokens "
@@ -80,6 +93,10 @@ def report_markdown(report: dict) -> str:
     kv = q.get("kv_cache_bytes") or fp.get("kv_cache_bytes")
     if kv:
         lines += ["", "KV cache per sequence: " + ", ".join(f"{ctx} tokens: {n / 1e6:.1f} MB" for ctx, n in kv.items())]
+    if report.get("tasks"):
+        lines += ["", *task_table(report["tasks"])]
+    if report.get("cost_table"):
+        lines += ["", *cost_table(report["cost_table"])]
     cal = report.get("calibration")
     if cal:
         lines += ["", f"Calibration: {cal['data']}, {cal['samples']} x {cal['seq_len']} tokens."]
@@ -118,4 +135,43 @@ def layer_error_table(errors: list[dict], algorithm: str) -> list[str]:
     for entry in errors:
         cells = [f"{entry[g].get(algorithm, 0):.2e} ({entry[g].get('rtn', 0):.2e})" for g in groups]
         lines.append(f"| {entry['layer']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _metric(entry: dict, name: str) -> str:
+    if name not in entry:
+        return "-"
+    stderr = entry.get(f"{name}_stderr")
+    return f"{entry[name]:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) and not math.isnan(stderr) else "")
+
+
+def task_table(tasks: dict) -> list[str]:
+    """Markdown rows: acc and acc_norm (and exact_match) of each lm-eval task, with standard errors."""
+    limit = f", first {tasks['limit']} examples per task" if tasks.get("limit") else ""
+    lines = [
+        f"Tasks (lm-evaluation-harness {tasks.get('lm_eval_version')}{limit}):",
+        "",
+        "| task | shots | samples | acc | acc_norm | exact_match |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in tasks["results"].items():
+        lines.append(
+            f"| {name} | {entry.get('num_fewshot', '-')} | {entry.get('samples', '-')} | {_metric(entry, 'acc')} | "
+            f"{_metric(entry, 'acc_norm')} | {_metric(entry, 'exact_match')} |"
+        )
+    return lines
+
+
+def cost_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: size, OPs and KV-cache memory per scheme (computed, not measured)."""
+    contexts = list(rows[0]["kv_cache_bytes"])
+    lines = [
+        f"Cost per scheme (OPs for one sequence of {rows[0]['ops_seq_len']} tokens; KV cache per sequence):",
+        "",
+        "| scheme | size | OPs | " + " | ".join(f"KV {int(c) // 1024}k" for c in contexts) + " |",
+        "|---|---|---|" + "---|" * len(contexts),
+    ]
+    for row in rows:
+        kv = " | ".join(f"{row['kv_cache_bytes'][c] / 1e6:.1f} MB" for c in contexts)
+        lines.append(f"| {row['scheme']} | {_gb(row['size_bytes'])} | {_gops(row['ops'])} | {kv} |")
     return lines

@@ -7,6 +7,9 @@ Each bit width may carry suffixes that refine it:
     a      asymmetric MinMax instead of symmetric              (W4g64a, KV4a)
     t      per-tensor instead of per-channel / per-token       (W8t, A8t)
     s      static (calibrated) instead of dynamic; implies t   (A8s)
+    m      MSE-searched clipping per row                       (W4m)
+    c<P>   fixed clip ratio, P percent of the range            (A4c90)
+    f      symmetric over the full signed range: all 2^N codes (W4f)
 
 16 (or a missing part) means "not quantized". ``K4V8`` sets keys and values separately.
 Defaults follow LLM-QAT: per-channel symmetric weights, per-token dynamic activations and
@@ -52,6 +55,11 @@ class QuantArgs:
     clip_ratio: float = 1.0
     observer: Observer = Observer.MINMAX
     dynamic: bool = True
+    # Symmetric only. False (LLM-QAT eq. 2): scale = max|x| / (2^(N-1) - 1), codes in +-(2^(N-1) - 1),
+    # so one of the 2^N codes is unused. True (the GPTQ reference, compressed-tensors, torchao):
+    # scale = max|x| / (2^(N-1) - 1/2), codes in [-2^(N-1), 2^(N-1) - 1]: a step 1/(2^N - 2) finer,
+    # at the price of clipping +max|x| by half a step.
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "granularity", _enum(Granularity, self.granularity, "granularity"))
@@ -66,6 +74,8 @@ class QuantArgs:
                 raise UserError(f"group_size must be a positive integer for per-group quantization; got {self.group_size!r}")
         elif self.group_size is not None:
             raise UserError(f"group_size={self.group_size} is only valid with granularity 'group', not '{self.granularity.value}'")
+        if self.full_range and not self.symmetric:
+            raise UserError("full_range is for symmetric quantization; asymmetric MinMax already uses all 2^N codes")
         if not 0.0 < float(self.clip_ratio) <= 1.0:
             raise UserError(f"clip_ratio must be in (0, 1]; got {self.clip_ratio!r}")
         if not self.dynamic and self.granularity is not Granularity.TENSOR:
@@ -80,6 +90,11 @@ class QuantArgs:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     @property
+    def max_steps(self) -> float:
+        """How many steps of the scale the largest magnitude (symmetric) or the range (asymmetric) spans."""
+        return self.qmax + 0.5 if self.full_range else self.qmax
+
+    @property
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
@@ -90,6 +105,8 @@ class QuantArgs:
             s += f"g{self.group_size}"
         if not self.symmetric:
             s += "a"
+        if self.full_range:
+            s += "f"
         if self.observer is Observer.MSE:
             s += "m"
         if self.clip_ratio != 1.0:
@@ -158,6 +175,7 @@ class Scheme:
                 "clip_ratio": q.clip_ratio,
                 "observer": q.observer.value,
                 "dynamic": q.dynamic,
+                "full_range": q.full_range,
             }
 
         return {
@@ -171,7 +189,7 @@ class Scheme:
 
 
 _PART = re.compile(r"(W|A|KV|K|V)(\d+)([a-z0-9]*)")
-_SUFFIX = re.compile(r"g(\d+)|c(\d+)|a|t|s|m")
+_SUFFIX = re.compile(r"g(\d+)|c(\d+)|a|t|s|m|f")
 
 
 def parse_scheme(name: str) -> Scheme:
@@ -196,7 +214,7 @@ def parse_scheme(name: str) -> Scheme:
         raise UserError(
             f"cannot parse scheme {text!r}: expected W<bits>A<bits>KV<bits> with optional suffixes "
             "g<N> (group size), a (asymmetric), t (per-tensor), s (static), m (MSE clip search), c<percent> "
-            "(clip ratio), e.g. W4A8KV4, W4g64A16 or W4mA4c90KV4"
+            "(clip ratio), f (full signed range), e.g. W4A8KV4, W4g64A16 or W4mA4c90KV4"
         )
     kv = parts.pop("KV", None)
     return Scheme(
@@ -218,7 +236,7 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
             f"scheme {text!r}: {field_name} bits must be {MIN_BITS}-{MAX_BITS} or 16 (unquantized); got {bits}"
         )
     group, clip = None, 1.0
-    symmetric, per_tensor, static, mse = True, False, False, False
+    symmetric, per_tensor, static, mse, full = True, False, False, False, False
     pos = 0
     for m in _SUFFIX.finditer(suffix):
         if m.start() != pos:
@@ -232,6 +250,8 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
                 raise UserError(f"scheme {text!r}: clip c{m.group(2)} is a percentage of the range, 1-100 (e.g. c90)")
         elif m.group(0) == "m":
             mse = True
+        elif m.group(0) == "f":
+            full = True
         elif m.group(0) == "a":
             symmetric = False
         elif m.group(0) == "t":
@@ -239,7 +259,9 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
         else:
             static = True
     if pos != len(suffix):
-        raise UserError(f"scheme {text!r}: unknown suffix {suffix[pos:]!r} after {kind}{bits}; use g<N>, a, t, s, m or c<percent>")
+        raise UserError(f"scheme {text!r}: unknown suffix {suffix[pos:]!r} after {kind}{bits}; use g<N>, a, t, s, m, f or c<percent>")
+    if full and not symmetric:
+        raise UserError(f"scheme {text!r}: 'f' (full signed range) is for symmetric quantization; asymmetric 'a' already uses all 2^N codes")
     if static and kind == "W":
         raise UserError(f"scheme {text!r}: weights are always quantized once; 's' (static) applies to A, K and V")
     if group is not None and (per_tensor or static):
@@ -257,7 +279,7 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
     observer = Observer.MSE if mse else Observer.MINMAX
     return QuantArgs(
         bits=bits, symmetric=symmetric, granularity=granularity, group_size=group, dynamic=not static,
-        clip_ratio=clip, observer=observer,
+        clip_ratio=clip, observer=observer, full_range=full,
     )
 
 

@@ -8,6 +8,10 @@ Conventions (stated in every report):
   attention matmuls (Q K^T and P V, causal) at 16 x KV bits, for one sequence of `seq_len` tokens.
 - KV cache: keys and values of every layer at their bit width plus one fp16 scale per token and
   head (and offset if asymmetric), for a full (not sliding-window) cache.
+
+`scheme_cost` gives the same numbers for any scheme from the unquantized model, without
+quantizing it (a table comparing schemes); `stored_bytes` is what the tensors really take in
+memory (e.g. the integer kernels' packed codes and their scale layout).
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from ..arch import head_dim
+from ..arch import decoder_layers, get_arch, get_module, head_dim, layer_linears
 from ..quant import packed_nbytes
+from ..runtime.int_linear import INT_LINEARS, Int8Linear
 from ..runtime.linear import QuantLinear
-from ..scheme import Granularity, QuantArgs, Scheme
+from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
 
 SCALE_BYTES = 2  # fp16
 
@@ -38,11 +43,14 @@ def quantized_weight_bytes(rows: int, cols: int, args: QuantArgs) -> int:
 
 
 def model_size_bytes(model: nn.Module) -> int:
-    quantized = {}
+    quantized = {}  # id(weight parameter) -> bytes, for fake-quantized linears
+    total = 0
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.weight_args is not None:
             quantized[id(module.weight)] = quantized_weight_bytes(module.out_features, module.in_features, module.weight_args)
-    total, seen = 0, set()
+        elif isinstance(module, INT_LINEARS):  # weights are buffers of codes: count them at their bit width
+            total += quantized_weight_bytes(module.out_features, module.in_features, module.weight_args)
+    seen = set()
     for param in model.parameters():
         key = param.data_ptr()
         if key in seen:
@@ -50,6 +58,28 @@ def model_size_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += quantized.get(id(param), param.numel() * 2)
     return total
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers take in memory as they are stored (shared storage once)."""
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _linear_bits(module: nn.Module) -> tuple[int, int] | None:
+    """(W_bits, A_bits) of a linear layer in any of its forms, None for anything else."""
+    if isinstance(module, QuantLinear):
+        return (module.weight_args.bits if module.weight_args else 16, module.input_quant.args.bits if module.input_quant else 16)
+    if isinstance(module, Int8Linear):
+        return module.weight_args.bits, module.input_args.bits
+    if isinstance(module, INT_LINEARS):
+        return module.weight_args.bits, 16
+    if isinstance(module, nn.Linear):
+        return 16, 16
+    return None
 
 
 @dataclass
@@ -65,24 +95,69 @@ class OpsCount:
 def model_ops(model: nn.Module, scheme: Scheme | None, seq_len: int) -> OpsCount:
     macs = ops = 0
     for module in model.modules():
-        if isinstance(module, QuantLinear):
-            w = module.weight_args.bits if module.weight_args else 16
-            a = module.input_quant.args.bits if module.input_quant else 16
-            n = module.in_features * module.out_features * seq_len
-        elif isinstance(module, nn.Linear):
-            w = a = 16
-            n = module.in_features * module.out_features * seq_len
-        else:
+        bits = _linear_bits(module)
+        if bits is None:
             continue
+        n = module.in_features * module.out_features * seq_len
         macs += n
-        ops += n * w * a
-    config = model.config
+        ops += n * bits[0] * bits[1]
+    attn_macs, attn_ops = _attention_ops(model.config, scheme, seq_len)
+    return OpsCount(macs=macs + attn_macs, ops=ops + attn_ops, seq_len=seq_len)
+
+
+def _attention_ops(config, scheme: Scheme | None, seq_len: int) -> tuple[int, int]:
+    """MACs and OPs of Q K^T and P V (causal) over all layers, queries at 16 bits."""
     per_matmul = config.num_hidden_layers * config.num_attention_heads * head_dim(config) * seq_len * (seq_len + 1) // 2
     k_bits = scheme.k_bits if scheme else 16
     v_bits = scheme.v_bits if scheme else 16
-    macs += 2 * per_matmul
-    ops += per_matmul * 16 * k_bits + per_matmul * 16 * v_bits
-    return OpsCount(macs=macs, ops=ops, seq_len=seq_len)
+    return 2 * per_matmul, per_matmul * 16 * k_bits + per_matmul * 16 * v_bits
+
+
+def scheme_cost(model: nn.Module, scheme: Scheme | str | None, seq_len: int, contexts=(2048, 8192, 32768)) -> dict:
+    """Size, OPs and KV-cache memory `scheme` would give this (unquantized) model, without quantizing it.
+
+    Counts exactly what `quantize_model` does: every decoder linear (and lm_head if the scheme
+    says so) at the scheme's bits, everything else at 16 bits."""
+    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    spec = get_arch(model)
+    quantized: dict[int, tuple[nn.Module, QuantArgs | None, QuantArgs | None]] = {}
+    if scheme is not None and (scheme.weights is not None or scheme.inputs is not None):
+        for layer in decoder_layers(model, spec):
+            for linear in layer_linears(layer, spec).values():
+                quantized[id(linear)] = (linear, scheme.weights, scheme.inputs)
+        if scheme.quantize_lm_head:
+            head = get_module(model, spec.lm_head)
+            quantized[id(head)] = (head, scheme.weights, scheme.inputs)
+    size = macs = ops = 0
+    weights = {id(m.weight): w for m, w, _ in quantized.values() if w is not None}
+    tied_head = scheme is not None and scheme.quantize_lm_head and id(get_module(model, spec.lm_head).weight) == id(
+        get_module(model, spec.embed).weight
+    )
+    seen = set()
+    for param in model.parameters():
+        if param.data_ptr() in seen:
+            continue
+        seen.add(param.data_ptr())
+        w = weights.get(id(param))
+        size += param.numel() * 2 if w is None else quantized_weight_bytes(param.shape[0], param.shape[1], w)
+    if tied_head:  # quantize_model unties the head: the embeddings stay at 16 bits beside it
+        size += get_module(model, spec.embed).weight.numel() * 2
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        _, w, a = quantized.get(id(module), (module, None, None))
+        n = module.in_features * module.out_features * seq_len
+        macs += n
+        ops += n * (w.bits if w else 16) * (a.bits if a else 16)
+    attn_macs, attn_ops = _attention_ops(model.config, scheme, seq_len)
+    return {
+        "scheme": scheme.name if scheme else "FP16",
+        "size_bytes": size,
+        "ops": ops + attn_ops,
+        "macs": macs + attn_macs,
+        "ops_seq_len": seq_len,
+        "kv_cache_bytes": {str(c): kv_cache_bytes(model.config, scheme, c) for c in contexts},
+    }
 
 
 def kv_cache_bytes(config, scheme: Scheme | None, context: int, batch: int = 1) -> int:

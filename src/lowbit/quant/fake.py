@@ -1,7 +1,8 @@
 """Scales, zero points and (fake) quantization as plain tensor functions.
 
 MinMax quantizer of LLM-QAT (eq. 1-3): ``Q(x) = a * round((x - b) / a) + b`` with
-symmetric ``a = max|x| / (2^(N-1) - 1), b = 0`` or asymmetric ``a = (max x - min x) / (2^N - 1),
+symmetric ``a = max|x| / (2^(N-1) - 1), b = 0`` (or, with `full_range`, ``max|x| / (2^(N-1) - 1/2)``
+as in the GPTQ reference code) or asymmetric ``a = (max x - min x) / (2^N - 1),
 b = min x``. The range is shrunk by `clip_ratio`, or searched per row (`Observer.MSE`).
 
 Every granularity is handled by viewing the tensor as rows that each share one scale:
@@ -49,7 +50,7 @@ def minmax_qparams(rows: torch.Tensor, args: QuantArgs, ratio: torch.Tensor | fl
     ratio = args.clip_ratio if ratio is None else ratio
     if args.symmetric:
         amax = rows.abs().amax(dim=1, keepdim=True) * ratio
-        scale = amax / args.qmax
+        scale = amax / args.max_steps
         zero = torch.zeros_like(scale)
     else:
         lo = rows.amin(dim=1, keepdim=True) * ratio
@@ -66,7 +67,7 @@ def range_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> QParam
     lo = lo.reshape(-1, 1) * args.clip_ratio
     hi = hi.reshape(-1, 1) * args.clip_ratio
     if args.symmetric:
-        scale = torch.maximum(lo.abs(), hi.abs()) / args.qmax
+        scale = torch.maximum(lo.abs(), hi.abs()) / args.max_steps
         zero = torch.zeros_like(scale)
     else:
         scale = (hi - lo) / args.qmax

@@ -1,7 +1,17 @@
-"""The quantized model at run time: quantized linears, KV-cache quantization."""
+"""The quantized model at run time: quantized linears, KV-cache quantization, integer kernels."""
 
 from .apply import calibrate_static, check_scheme, quantize_model
+from .int_linear import Int4Linear, Int8Linear, convert_to_int_kernels
 from .linear import QuantLinear
 from .quantizer import TensorQuantizer
 
-__all__ = ["QuantLinear", "TensorQuantizer", "calibrate_static", "check_scheme", "quantize_model"]
+__all__ = [
+    "Int4Linear",
+    "Int8Linear",
+    "QuantLinear",
+    "TensorQuantizer",
+    "calibrate_static",
+    "check_scheme",
+    "convert_to_int_kernels",
+    "quantize_model",
+]
