@@ -329,3 +329,18 @@ def test_cli_qat_bad_input_is_a_clear_error(tmp_path):
     loss = run("qat", "--data", str(tmp_path), "--loss", "kl", "--out", str(tmp_path / "o"))
     assert loss.returncode == 2 and "logits" in loss.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_int_kernels_refuse_an_unfrozen_student_and_take_a_frozen_one():
+    from lowbit.qat import freeze_student
+    from lowbit.runtime.int_linear import convert_to_int_kernels
+
+    model = tiny_model("llama")
+    student = _student(model, "W8A8")
+    with pytest.raises(UserError, match="freeze_student"):
+        convert_to_int_kernels(student)
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        fake = freeze_student(student)(input_ids=ids).logits
+        real = convert_to_int_kernels(student)(input_ids=ids).logits
+    torch.testing.assert_close(real, fake, rtol=1e-3, atol=1e-3)
