@@ -289,6 +289,115 @@ def info(model, scheme):
     click.echo(json.dumps(info_job(model, parse_scheme(scheme) if scheme else None), indent=2))
 
 
+def _sampling_options(f):
+    f = click.option("--top-p", type=float, default=None, help="Sample only from the smallest set of tokens reaching this probability.")(f)
+    f = click.option("--top-k", type=int, default=None, help="Sample only from the k most likely tokens.")(f)
+    f = click.option("--temperature", type=float, default=1.0, show_default=True)(f)
+    f = click.option(
+        "--strategy", type=click.Choice(["hybrid", "greedy", "sample"]), default="hybrid", show_default=True,
+        help="hybrid: first 3-5 tokens greedy, then sampled (LLM-QAT); greedy: top-1 only; sample: sampled only.",
+    )(f)
+    return f
+
+
+@cli.command("generate-data")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
+@click.option("--out", required=True, help="Folder for the shards; rerunning the same command resumes an interrupted run.")
+@click.option("--samples", type=int, default=256, show_default=True, help="Sequences to generate.")
+@click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per sequence at most (end of sequence stops earlier).")
+@click.option("--shard-size", type=int, default=64, show_default=True, help="Sequences per shard file.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences generated together.")
+@_sampling_options
+@click.option("--no-eos", is_flag=True, help="Never stop at end of sequence: every sequence gets --max-length tokens.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def generate_data(ctx, model, out, samples, max_length, shard_size, batch_size, strategy, temperature, top_k, top_p, no_eos, seed):
+    """Data-free training text: sequences the model writes itself (LLM-QAT), sharded and resumable."""
+    from .data.generate import Sampling
+    from .jobs import generate_data_job
+    from .qat import DatagenConfig
+
+    config = DatagenConfig(
+        samples=samples, max_length=max_length, shard_size=shard_size, batch_size=batch_size, seed=seed,
+        sampling=Sampling(strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=not no_eos),
+    )
+    config.check()
+    report = generate_data_job(model, out, config, progress=ctx.obj["progress"])
+    click.echo(json.dumps(report, indent=2))
+
+
+def _loss_weights(text: str) -> dict[str, float]:
+    """'logits' or 'logits+hidden' or 'logits=1,hidden=0.1'."""
+    weights = {}
+    for part in text.replace("+", ",").split(","):
+        name, _, weight = part.strip().partition("=")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise UserError(f"--loss weight of {name!r} must be a number; got {weight!r}") from None
+    return weights
+
+
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
+@click.option("--data", "data_dir", required=True, help="A folder written by lowbit generate-data.")
+@click.option("--scheme", default="W4A8KV4", show_default=True, help="W-A-KV scheme of the student.")
+@click.option("--transform", default="none", show_default=True, help="Equivalent transformation fused before QAT: none, smooth, rotate, smoothrot.")
+@click.option("--algorithm", default="rtn", show_default=True, help="Starting point: rtn only for now (latent weights start from the full-precision, transformed weights).")
+@click.option("--loss", default="logits", show_default=True, help="Distillation loss(es): logits, label, hidden, attention; combine as logits+hidden or logits=1,hidden=0.1.")
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per optimizer step (over all processes and accumulation).")
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=2e-5, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--max-seq-len", type=int, default=256, show_default=True, help="Training sequences are cut to this many tokens.")
+@click.option("--teacher-topk", type=int, default=None, help="Cache the teacher's top-k probabilities per sequence instead of recomputing full logits.")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward passes.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Write a checkpoint every N steps (0: only at the end).")
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="Generated sequences used as calibration where the recipe needs it.")
+@click.option("--eval-data", default=None, help="Evaluation text (same forms as lowbit quantize --data; --data here is the training data).")
+@click.option("--windows", default=str(DEFAULT_WINDOWS), show_default=True, help="Evaluation windows ('all' for the whole text).")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Evaluation window length in tokens.")
+@click.option("--out", required=True, help="Folder for report.json and report.md; checkpoints go to OUT.checkpoints and a rerun resumes.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
+@click.pass_context
+def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_size, grad_accum, lr, warmup_steps, schedule, max_seq_len, teacher_topk, bf16, grad_checkpointing, checkpoint_every, calib_samples, eval_data, windows, seq_len, out, overwrite, seed, no_fp):
+    """Quantization-aware training by distillation from the full-precision model (LLM-QAT)."""
+    import shutil
+    from pathlib import Path
+
+    from .jobs import qat_job
+    from .qat import TrainConfig
+    from .recipes import Recipe
+    from .report import check_out_dir, report_files, report_markdown, write_run_dir
+    from .scheme import parse_scheme
+    from .transforms.apply import TransformConfig
+
+    check_out_dir(out, overwrite)
+    if algorithm != "rtn":  # fail before loading anything (quantize_model refuses it too)
+        raise UserError(f"lowbit qat starts from RTN for now; --algorithm {algorithm} is not supported as a starting point")
+    recipe = Recipe(scheme=parse_scheme(scheme), transform=TransformConfig(kind=transform), algorithm=algorithm)
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
+        max_seq_len=max_seq_len, losses=_loss_weights(loss), teacher_topk=teacher_topk, bf16=bf16,
+        grad_checkpointing=grad_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+    )
+    config.check(1)
+    checkpoints = Path(str(out).rstrip("/") + ".checkpoints")
+    report = qat_job(
+        model, recipe, data_dir, config, checkpoint_dir=str(checkpoints), data=eval_data,
+        windows=_windows(windows), seq_len=seq_len, calib_samples=calib_samples, evaluate_fp=not no_fp,
+        progress=ctx.obj["progress"],
+    )
+    if report:  # rank 0
+        write_run_dir(out, report_files(report))
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
+        log.info("wrote %s/report.json and report.md", out)
+        click.echo(report_markdown(report))
 @cli.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
 @click.option("--out", default=None, help="Folder for analysis.json, report.md and the plots (refused if it exists).")

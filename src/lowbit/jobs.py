@@ -231,3 +231,102 @@ def info_job(model_name: str, scheme: Scheme | None = None) -> dict:
         info.update(cost_summary(quantize_model(model, scheme, progress=False), scheme, 2048) if not scheme.needs_calibration else {})
     return info
 
+
+
+def generate_data_job(model_name: str, out: str, config, *, progress: bool = True) -> dict:
+    """`lowbit generate-data`: sharded, resumable data-free generation (LLM-QAT)."""
+    from .qat import generate_dataset
+
+    start = time.time()
+    torch.manual_seed(config.seed)
+    log.info("loading %s", model_name)
+    model, tokenizer = load_model(model_name)
+    get_arch(model)
+    log.info("generating %d sequences of up to %d tokens (%s) into %s", config.samples, config.max_length, config.sampling.strategy, out)
+    stats = generate_dataset(model, tokenizer, out, config, progress=progress)
+    return {"lowbit_version": __version__, "model": model_name, "data": str(out), "generation": config.to_dict(),
+            "stats": stats, "seconds": time.time() - start}
+
+
+def qat_job(
+    model_name: str,
+    recipe: Recipe,
+    data_dir: str,
+    config,
+    *,
+    checkpoint_dir: str | None = None,
+    data: str | None = None,
+    windows: int | None = 8,
+    seq_len: int = 2048,
+    calib_samples: int = 128,
+    evaluate_fp: bool = True,
+    progress: bool = True,
+) -> dict:
+    """`lowbit qat`: quantize (the PTQ starting point), distil on generated data, evaluate before and after.
+
+    Calibration, where the recipe needs it, uses the generated data too (data-free throughout).
+    Under torchrun every rank trains; rank 0 evaluates and returns the report (others return {})."""
+    from .qat import freeze_student, init_distributed, load_dataset, train
+    from .qat.datagen import dataset_stats
+    from .qat.train import rank
+
+    start = time.time()
+    device = init_distributed()
+    main = rank() == 0
+    torch.manual_seed(config.seed)
+    dataset = load_dataset(data_dir)  # fails early on a missing or incomplete folder
+    log.info("loading %s", model_name)
+    teacher, tokenizer = load_model(model_name, device=str(device))
+    spec = get_arch(teacher)
+    check_scheme(teacher, spec, recipe.scheme)
+    check_transform(teacher, spec, recipe.transform)
+    config.check(_world())
+    eval_ids = tokenize(tokenizer, load_text(data, split="eval")) if main else None
+    report: dict = {
+        "lowbit_version": __version__, "model": model_name, "scheme": recipe.scheme.name,
+        "scheme_args": recipe.scheme.to_dict(), "transform": recipe.transform.kind, "algorithm": recipe.algorithm,
+    }
+    if evaluate_fp and main:
+        log.info("evaluating full precision")
+        fp = perplexity(teacher, eval_ids, seq_len, windows, progress=progress, desc="perplexity FP")
+        report["fp"] = {"ppl": fp.ppl, **cost_summary(teacher, None, seq_len)}
+    calibration = None
+    needs_calib = recipe.scheme.needs_calibration or recipe.transform.needs_calibration or recipe.algorithm in SEQUENTIAL_ALGORITHMS
+    if needs_calib:
+        calibration = [s.view(1, -1) for s in dataset[:calib_samples]]
+        report["calibration"] = {"data": str(data_dir), "samples": len(calibration), "seq_len": max(c.numel() for c in calibration)}
+    log.info("building the student: %s, transform %s, %s", recipe.scheme.name, recipe.transform.kind, recipe.algorithm)
+    pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq)
+    student = quantize_model(teacher, recipe.scheme, transform=recipe.transform, algorithm=recipe.algorithm,
+                             calibration=calibration, pipeline=pipeline, trainable=True, progress=progress)
+    if main:
+        log.info("evaluating the starting point (before QAT)")
+        before = perplexity(student, eval_ids, seq_len, windows, progress=progress, desc="perplexity before QAT")
+        report["ptq"] = {"ppl": before.ppl}
+    log.info("QAT: %d steps x %d sequences on %d generated sequences", config.steps, config.batch_size, len(dataset))
+    summary = train(student, teacher, dataset, config, checkpoint_dir=checkpoint_dir, progress=progress)
+    freeze_student(student)
+    if not main:
+        return {}
+    del teacher
+    log.info("evaluating after QAT")
+    after = perplexity(student, eval_ids, seq_len, windows, progress=progress, desc="perplexity after QAT")
+    report["eval"] = {"data": data or DEFAULT_DATA, "windows": after.windows, "seq_len": seq_len, "tokens": after.tokens}
+    report["quantized"] = {"ppl": after.ppl, **cost_summary(student, recipe.scheme, seq_len)}
+    report["transform_args"] = {**asdict(recipe.transform), **student.lowbit_transform}
+    history = summary["history"]
+    report["qat"] = {
+        "config": asdict(config), "processes": _world(), "data": str(data_dir), "data_stats": dataset_stats(dataset),
+        "seconds": summary["seconds"], "steps": summary["steps"], "tokens_this_run": summary["tokens_this_run"],
+        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "loss_history": [round(h["loss"], 5) for h in history],
+    }
+    report["seconds"] = time.time() - start
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    return report
+
+
+def _world() -> int:
+    from .qat.train import world_size
+
+    return world_size()

@@ -87,7 +87,8 @@ def report_markdown(report: dict) -> str:
             f"({ev.get('tokens')} predicted tokens), token-level perplexity"
         )
     lines += ["", "| | perplexity | size | OPs (per sequence) |", "|---|---|---|---|"]
-    for label, part in (("full precision", fp), ("quantized", q)):
+    ptq = report.get("ptq", {})  # QAT runs: the quantized starting point, before training
+    for label, part in (("full precision", fp), ("quantized, before QAT", ptq), ("quantized" + (", after QAT" if ptq else ""), q)):
         if part:
             ppl = part.get("ppl")
             lines.append(
@@ -103,6 +104,12 @@ def report_markdown(report: dict) -> str:
     cal = report.get("calibration")
     if cal:
         lines += ["", f"Calibration: {cal['data']}, {cal['samples']} x {cal['seq_len']} tokens."]
+    qat = report.get("qat")
+    if qat:
+        c = qat["config"]
+        lines += ["", f"QAT: {qat['steps']} steps x {c['batch_size']} sequences (<= {c['max_seq_len']} tokens) of {qat['data']}, "
+                  f"losses {c['losses']}, lr {c['lr']} ({c['schedule']}), {qat['processes']} process(es), {qat['seconds']:.1f} s; "
+                  f"loss {qat['first_loss']:.4f} -> {qat['last_loss']:.4f}."]
     if "quantize_seconds" in q:
         lines += ["", f"Quantization took {q['quantize_seconds']:.1f} s."]
     errors = report.get("layer_errors")

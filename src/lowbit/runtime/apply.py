@@ -69,6 +69,7 @@ def quantize_model(
     calibration: Iterable[torch.Tensor] | None = None,
     pipeline: PipelineConfig | None = None,
     inplace: bool = False,
+    trainable: bool = False,
     progress: bool = True,
 ) -> nn.Module:
     """A quantized copy of `model` (or `model` itself with `inplace=True`).
@@ -77,6 +78,10 @@ def quantize_model(
     `calibration` (token-id batches) is needed for smoothing, static quantizers, GPTQ and AWQ.
     GPTQ and AWQ run layer by layer (`lowbit.pipeline`); `pipeline` holds their options.
     Per-layer errors of the pipeline are left in `model.lowbit_layer_errors`.
+    With `trainable=True` (quantization-aware training) every `QuantLinear` keeps the full-precision
+    (transformed) weight as a latent weight and fake-quantizes it in forward (MinMax, recomputed each
+    time, as LLM-QAT does); its forward equals the RTN model's. Only RTN: GPTQ/AWQ weights re-quantized
+    with fresh MinMax scales are not the GPTQ/AWQ model (their scales would have to be kept).
     """
     scheme = parse_scheme(scheme)
     transform = transform if isinstance(transform, TransformConfig) else TransformConfig(kind=transform)
@@ -86,6 +91,11 @@ def quantize_model(
     if algorithm not in ALGORITHMS:
         raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
     sequential = algorithm in SEQUENTIAL_ALGORITHMS
+    if trainable and algorithm != "rtn":
+        raise UserError(
+            f"quantization-aware training starts from RTN (full-precision latent weights); algorithm {algorithm!r} "
+            "is not supported as a starting point yet: use --algorithm rtn (transforms are fine)"
+        )
     if sequential:
         pipeline = replace(pipeline or PipelineConfig(), algorithm=algorithm)
         pipeline.check(scheme)
@@ -107,13 +117,13 @@ def quantize_model(
     if not sequential and (scheme.weights is not None or scheme.inputs is not None):
         for layer in tqdm(layers, desc=f"quantizing ({algorithm})", unit="layer", disable=not progress, leave=False):
             for name, linear in layer_linears(layer, spec).items():
-                set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, quantize_weight))
+                set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, quantize_weight, trainable))
     if scheme.quantize_lm_head:  # RTN: the head's input is the last layer's output, no pipeline step
         head = get_module(model, spec.lm_head)
         if head.weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr():
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # tied: keep the embeddings exact
             model.config.tie_word_embeddings = False
-        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, quantize_weight))
+        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, quantize_weight, trainable))
     if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
         calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
     model.lowbit_scheme = scheme
@@ -121,13 +131,17 @@ def quantize_model(
     return model
 
 
-def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, quantize_weight) -> QuantLinear:
+def _quant_linear(
+    linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, quantize_weight, trainable: bool = False
+) -> QuantLinear:
     """Quantize a linear (an nn.Linear, or a QuantLinear a transform made, keeping its rotation).
 
     The quantized values are written into the weight's own storage, so no second copy of the
     model's weights is ever resident (a memory-mapped checkpoint is copy-on-write: the file on
     disk is not touched)."""
     weight = linear.weight.detach()
+    if trainable:  # the latent weight stays full precision; forward fake-quantizes it
+        return QuantLinear(weight, linear.bias, w, a, getattr(linear, "input_rotation", None), trainable=True)
     if w is not None:
         with torch.no_grad():
             weight.copy_(quantize_weight(weight.float(), w).to(weight.dtype))

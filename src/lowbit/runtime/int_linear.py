@@ -183,6 +183,8 @@ def int_kernel_for(linear: QuantLinear) -> str:
     name = f"W{w.name() if w else '16'}A{a.name() if a else '16'}"
     if w is None:
         raise UserError(f"{name}: unquantized weights have no integer kernel; quantize weights too (e.g. W8A8)")
+    if getattr(linear, "trainable", False):  # its weight is the latent full-precision one
+        raise UserError(f"{name}: a QAT student still holds latent weights; call lowbit.qat.freeze_student(model) first")
     if a is not None:
         if not (w.symmetric and a.symmetric):
             raise UserError(f"{name}: the int8 kernel needs symmetric weights and activations (drop the 'a' suffix)")

@@ -3,6 +3,11 @@
 It holds the weight after weight quantization (dequantized, so any matmul runs it), an optional
 online rotation of its input (an equivalent transformation whose inverse is already in the
 weight) and a quantizer for its input activations. The original `nn.Linear` is not kept.
+
+For quantization-aware training (`trainable=True`) the weight is instead the full-precision
+latent weight, fake-quantized in every forward with the straight-through estimator, so the
+optimizer updates the latent weight while the forward sees only quantized values; `freeze()`
+writes the quantized weight back and returns to the plain quantized form.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant import fake_quantize
 from ..scheme import QuantArgs
 from .quantizer import TensorQuantizer
 
@@ -23,6 +29,7 @@ class QuantLinear(nn.Module):
         weight_args: QuantArgs | None,
         input_args: QuantArgs | None,
         input_rotation: nn.Module | None = None,
+        trainable: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -31,15 +38,30 @@ class QuantLinear(nn.Module):
         self.weight_args = weight_args
         self.input_rotation = input_rotation
         self.input_quant = TensorQuantizer(input_args) if input_args is not None else None
+        self.trainable = trainable
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.trainable and self.weight_args is not None:
+            return fake_quantize(self.weight, self.weight_args)
+        return self.weight
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """End training: keep the quantized weight (the latent one is dropped)."""
+        if self.trainable and self.weight_args is not None:
+            self.weight.copy_(fake_quantize(self.weight.detach().float(), self.weight_args).to(self.weight.dtype))
+        self.trainable = False
+        self.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
             x = self.input_rotation(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         w = self.weight_args.name() if self.weight_args else "16"
         a = self.input_quant.args.name() if self.input_quant else "16"
-        return f"in_features={self.in_features}, out_features={self.out_features}, W{w}A{a}"
+        latent = ", trainable" if self.trainable else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, W{w}A{a}{latent}"

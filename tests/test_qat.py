@@ -1,0 +1,346 @@
+"""LLM-QAT: generation strategies, resumable sharded generation, STE gradients, training resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_model, word_tokenizer
+from torch import nn
+
+import lowbit
+from lowbit.data.generate import Sampling, generate_batch
+from lowbit.errors import UserError
+from lowbit.qat import (
+    DatagenConfig,
+    TrainConfig,
+    distill,
+    generate_dataset,
+    load_dataset,
+    train,
+)
+from lowbit.qat import datagen as datagen_module
+from lowbit.qat.train import trainable_parameters
+from lowbit.runtime import QuantLinear, TensorQuantizer
+
+V = 64
+
+
+class BigramModel(nn.Module):
+    """A constructed LM: the next token depends only on the last one. The greedy successor of v is
+    v + 1 (mod V) with probability 0.05; every other token has 0.95 / (V - 1) < 0.05, so a
+    sampled token is almost never the greedy one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=V)
+        self.dummy = nn.Parameter(torch.zeros(1))
+        probs = torch.full((V, V), 0.95 / (V - 1))
+        probs[torch.arange(V), (torch.arange(V) + 1) % V] = 0.05
+        self.register_buffer("table", probs.log())
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True):
+        return SimpleNamespace(logits=self.table[input_ids], past_key_values=None)
+
+
+class NoSpecial:
+    all_special_ids = ()
+    eos_token_id = None
+
+    def __len__(self) -> int:
+        return V
+
+
+def _greedy_mask(seqs: torch.Tensor) -> torch.Tensor:
+    """[n, length - 1]: True where token t + 1 is the greedy successor of token t."""
+    return seqs[:, 1:] == (seqs[:, :-1] + 1) % V
+
+
+def test_hybrid_is_greedy_for_k_tokens_then_sampled():
+    n, length = 200, 12
+    seqs = torch.cat(generate_batch(BigramModel(), NoSpecial(), n, length, torch.Generator().manual_seed(0), Sampling(greedy_tokens=(4,))))
+    greedy = _greedy_mask(seqs)
+    assert greedy[:, :4].all()  # tokens 2..5 (after the random start) are top-1
+    assert greedy[:, 4:].float().mean() < 0.1  # then sampled: the greedy token has probability 0.05
+    again = torch.cat(generate_batch(BigramModel(), NoSpecial(), n, length, torch.Generator().manual_seed(0), Sampling(greedy_tokens=(4,))))
+    assert torch.equal(seqs, again)  # seeded
+
+    mixed = torch.cat(generate_batch(BigramModel(), NoSpecial(), n, length, torch.Generator().manual_seed(1), Sampling()))
+    run = _greedy_mask(mixed).int().cumprod(1).sum(1)  # leading greedy tokens per sequence
+    assert run.min() >= 3 and {3, 4, 5} <= set(run.tolist())  # k drawn from {3, 4, 5} (+ rare sampled hits)
+
+
+def test_greedy_and_sample_strategies():
+    gen = torch.Generator().manual_seed(0)
+    top1 = torch.cat(generate_batch(BigramModel(), NoSpecial(), 50, 10, gen, Sampling(strategy="greedy")))
+    assert _greedy_mask(top1).all()
+    sampled = torch.cat(generate_batch(BigramModel(), NoSpecial(), 200, 10, gen, Sampling(strategy="sample")))
+    assert _greedy_mask(sampled).float().mean() < 0.1
+    with pytest.raises(UserError, match="strategy"):
+        Sampling(strategy="beam").check()
+
+
+def test_stop_at_eos_ends_sequences():
+    model = tiny_model("llama")
+    tok = word_tokenizer()
+    seqs = generate_batch(model, tok, 8, 40, torch.Generator().manual_seed(0), Sampling(stop_at_eos=True, temperature=3.0))
+    for s in seqs:
+        s = s.view(-1)
+        assert 1 <= s.numel() <= 40
+        assert (s[:-1] != tok.eos_token_id).all()  # nothing after the first end of sequence
+        assert s.numel() == 40 or s[-1] == tok.eos_token_id
+
+
+def _config(**kw) -> DatagenConfig:
+    base = {"samples": 7, "max_length": 10, "shard_size": 3, "batch_size": 2, "seed": 3, "sampling": Sampling(stop_at_eos=True)}
+    return DatagenConfig(**{**base, **kw})
+
+
+def test_resumed_generation_writes_the_same_shards(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama"), word_tokenizer()
+    full = tmp_path / "full"
+    stats = generate_dataset(model, tok, full, _config(), progress=False)
+    assert stats["sequences"] == 7 and len(list(full.glob("shard-*.pt"))) == 3
+
+    calls = {"n": 0}
+    real = datagen_module.generate_batch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside the second shard
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(datagen_module, "generate_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(model, tok, part, _config(), progress=False)
+    assert sorted(p.name for p in part.iterdir()) == ["meta.json", "shard-00000.pt"]  # no half-written shard
+    with pytest.raises(UserError, match="incomplete"):
+        load_dataset(part)
+    monkeypatch.setattr(datagen_module, "generate_batch", real)
+    generate_dataset(model, tok, part, _config(), progress=False)
+    for i in range(3):
+        a = torch.load(full / f"shard-{i:05d}.pt", weights_only=True)
+        b = torch.load(part / f"shard-{i:05d}.pt", weights_only=True)
+        assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["lengths"], b["lengths"])
+    assert [s.tolist() for s in load_dataset(full)] == [s.tolist() for s in load_dataset(part)]
+    with pytest.raises(UserError, match="other settings"):
+        generate_dataset(model, tok, part, _config(seed=4), progress=False)
+
+
+def test_dataset_stats():
+    seqs = [torch.tensor([1, 2, 3, 1, 2]), torch.tensor([1, 2])]
+    stats = datagen_module.dataset_stats(seqs)
+    assert stats["sequences"] == 2 and stats["tokens"] == 7 and stats["length"]["max"] == 5
+    assert stats["distinct_ngram_ratio"]["1"] == pytest.approx(3 / 7)
+    assert stats["distinct_ngram_ratio"]["2"] == pytest.approx(3 / 5)  # (1,2) x3, (2,3), (3,1)
+
+
+def _student(model, scheme="W4A4KV4", **kw):
+    return lowbit.quantize_model(model, scheme, trainable=True, progress=False, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_trainable_student_matches_ptq_and_gradients_pass_every_quantizer(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    student = _student(model, transform="rotate")
+    ptq = lowbit.quantize_model(model, "W4A4KV4", transform="rotate", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, ptq(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    quantizers = [m for m in student.modules() if isinstance(m, TensorQuantizer)]
+    kv = [m for m in quantizers if m not in {q.input_quant for q in student.modules() if isinstance(q, QuantLinear)}]
+    assert kv and len(quantizers) > len(kv)  # both activation and KV quantizers are in the graph
+    seen = []
+
+    def straight_through(module, grad_input, grad_output):
+        seen.append(module)
+        torch.testing.assert_close(grad_input[0], grad_output[0], rtol=0, atol=0)
+
+    for q in quantizers:
+        q.register_full_backward_hook(straight_through)
+    params = trainable_parameters(student)
+    embeds = student.get_input_embeddings()(ids).detach().requires_grad_(True)  # so layer 0's inputs carry gradients too
+    student(inputs_embeds=embeds).logits.logsumexp(-1).mean().backward()
+    assert {id(q) for q in seen} == {id(q) for q in quantizers}  # every quantizer passed a gradient, unchanged
+    linears = [m for m in student.modules() if isinstance(m, QuantLinear)]
+    for m in linears:  # layer 0's weights get gradients only through layer 1's A and KV quantizers
+        assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in student.named_parameters() if n not in params)
+
+
+def test_trainable_student_starts_from_rtn_only():
+    model = tiny_model("llama")
+    calib = [torch.randint(0, 512, (1, 16)) for _ in range(2)]
+    with pytest.raises(UserError, match="starts from RTN"):
+        lowbit.quantize_model(model, "W4A8KV4", algorithm="gptq", calibration=calib, trainable=True, progress=False)
+
+
+def test_weight_quantizer_is_straight_through():
+    model = tiny_model("llama")
+    student = _student(model, "W4A16")
+    linear = next(m for m in student.modules() if isinstance(m, QuantLinear))
+    x = torch.randn(3, linear.in_features)
+    linear.weight.requires_grad_(True)
+    linear(x).pow(2).sum().backward()
+    wq = linear.quantized_weight().detach().requires_grad_(True)
+    torch.nn.functional.linear(x, wq).pow(2).sum().backward()
+    torch.testing.assert_close(linear.weight.grad, wq.grad)  # d loss / d latent = d loss / d quantized weight
+    assert not torch.equal(linear.weight.detach(), wq.detach())  # the latent weight is full precision
+    linear.freeze()
+    assert torch.equal(linear.weight, wq.detach()) and not linear.trainable
+
+
+def _data(n=8, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 512, (length - i % 3,), generator=g) for i in range(n)]
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_training_lowers_the_distillation_loss():
+    teacher = tiny_model("llama")
+    student = _student(teacher, "W4A8KV4")
+    summary = train(student, teacher, _data(), TrainConfig(steps=12, batch_size=4, lr=3e-3, schedule="constant"), progress=False)
+    losses = [h["loss"] for h in summary["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
+    teacher = tiny_model("llama")
+    config = TrainConfig(steps=4, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+    straight = _student(teacher, "W4A8KV4")
+    train(straight, teacher, _data(), config, checkpoint_dir=tmp_path / "a", progress=False)
+
+    calls = {"n": 0}
+    real = distill.soft_cross_entropy
+
+    def crash(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 3, first micro-batch
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(distill, "soft_cross_entropy", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(_student(teacher, "W4A8KV4"), teacher, _data(), config, checkpoint_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(distill, "soft_cross_entropy", real)
+    resumed = _student(teacher, "W4A8KV4")
+    summary = train(resumed, teacher, _data(), config, checkpoint_dir=tmp_path / "b", progress=False)
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4]
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(UserError, match="other training settings"):
+        train(_student(teacher, "W4A8KV4"), teacher, _data(), TrainConfig(steps=4, batch_size=4, lr=5e-3),
+              checkpoint_dir=tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("losses", [{"label": 1.0}, {"logits": 1.0, "hidden": 0.5}, {"attention": 1.0}])
+def test_other_losses_train(losses):
+    teacher = tiny_model("llama")
+    student = _student(teacher, "W4A8KV4")
+    before = _weights(student)
+    summary = train(student, teacher, _data(), TrainConfig(steps=2, batch_size=2, lr=1e-3, losses=losses), progress=False)
+    assert all(h["loss"] > 0 for h in summary["history"])
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
+
+
+def test_teacher_topk_matches_full_logits_for_full_k():
+    teacher = tiny_model("llama")
+    a, b = _student(teacher, "W4A8KV4"), _student(teacher, "W4A8KV4")
+    base = {"steps": 2, "batch_size": 2, "lr": 1e-3}
+    la = train(a, teacher, _data(), TrainConfig(**base), progress=False)["history"]
+    lb = train(b, teacher, _data(), TrainConfig(**base, teacher_topk=512), progress=False)["history"]
+    assert [h["loss"] for h in la] == pytest.approx([h["loss"] for h in lb], rel=1e-4)
+
+
+def _ddp_data() -> list[torch.Tensor]:
+    return [torch.randint(2, 512, (10,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+
+def _distributed_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    teacher = tiny_model("llama")
+    for mode in ("ddp", "fsdp"):
+        student = _student(teacher, "W4A8KV4")
+        train(student, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, fsdp=mode == "fsdp"), progress=False)
+        weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in student.named_parameters()}
+        torch.save(weights, os.path.join(out, f"{mode}{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp_two_processes_agree_with_each_other_and_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2, join=True)
+    teacher = tiny_model("llama")
+    single = _student(teacher, "W4A8KV4")
+    train(single, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3), progress=False)
+    start = _weights(_student(teacher, "W4A8KV4"))
+    for mode in ("ddp", "fsdp"):
+        r0, r1 = torch.load(tmp_path / f"{mode}0.pt"), torch.load(tmp_path / f"{mode}1.pt")
+        assert all(torch.equal(r0[n], r1[n]) for n in r0), mode
+        for n, p in _weights(single).items():  # the same global batches: the same update, up to float summation order
+            torch.testing.assert_close(r0[n], p, rtol=1e-4, atol=1e-6)
+        assert any(not torch.equal(start[n], r0[n]) for n in r0)
+
+
+def test_cli_generate_data_and_qat(tiny_model_dir, sample_text_file, tmp_path):
+    from click.testing import CliRunner
+
+    from lowbit.cli import cli
+
+    runner = CliRunner()
+    data = tmp_path / "gen"
+    result = runner.invoke(cli, ["-q", "generate-data", "--model", str(tiny_model_dir), "--out", str(data),
+                                 "--samples", "6", "--max-length", "12", "--shard-size", "4", "--batch-size", "3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["stats"]["sequences"] == 6
+    out = tmp_path / "run"
+    result = runner.invoke(cli, ["-q", "qat", "--model", str(tiny_model_dir), "--data", str(data), "--scheme", "W4A8KV4",
+                                 "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--eval-data", str(sample_text_file),
+                                 "--windows", "2", "--seq-len", "32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert {"fp", "ptq", "quantized", "qat", "eval"} <= set(report) and report["qat"]["steps"] == 3
+    assert not (tmp_path / "run.checkpoints").exists()
+
+
+def test_cli_qat_bad_input_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    missing = run("qat", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "lowbit generate-data" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    loss = run("qat", "--data", str(tmp_path), "--loss", "kl", "--out", str(tmp_path / "o"))
+    assert loss.returncode == 2 and "logits" in loss.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_int_kernels_refuse_an_unfrozen_student_and_take_a_frozen_one():
+    from lowbit.qat import freeze_student
+    from lowbit.runtime.int_linear import convert_to_int_kernels
+
+    model = tiny_model("llama")
+    student = _student(model, "W8A8")
+    with pytest.raises(UserError, match="freeze_student"):
+        convert_to_int_kernels(student)
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        fake = freeze_student(student)(input_ids=ids).logits
+        real = convert_to_int_kernels(student)(input_ids=ids).logits
+    torch.testing.assert_close(real, fake, rtol=1e-3, atol=1e-3)
