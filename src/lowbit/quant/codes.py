@@ -68,7 +68,17 @@ def _candidate_codes(args: QuantArgs) -> list[int]:
 
 @torch.no_grad()
 def encode_weight(weight: torch.Tensor, args: QuantArgs, name: str = "weight") -> WeightCodes:
-    """Codes, scales and zero points that dequantize to exactly `weight` (raises if none exist)."""
+    """Codes, scales and zero points that dequantize to exactly `weight`, packed (raises if none exist)."""
+    codes, scale, zero = exact_codes(weight, args, name)
+    packed = pack(unsigned_codes(codes, args.bits, args.symmetric), args.bits)
+    return WeightCodes(packed, scale.reshape(-1), None if args.symmetric else zero.reshape(-1), tuple(weight.shape))
+
+
+@torch.no_grad()
+def exact_codes(weight: torch.Tensor, args: QuantArgs, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes [rows, cols] (int16, signed for symmetric) and per-row float32 scale and zero
+    [rows, 1] (rows as `as_rows` views them) that dequantize to exactly `weight`; raises
+    `InexactCodesError` if the weight is not on a grid of the scheme's bit width."""
     rows = as_rows(weight.detach().float(), args)
     dtype = weight.dtype  # a bf16 / fp16 weight holds float32 grid values rounded once more: compare in its dtype
     n = rows.shape[0]
@@ -107,8 +117,7 @@ def encode_weight(weight: torch.Tensor, args: QuantArgs, name: str = "weight") -
             f"{name}: {bad} of {n} rows are not exact {args.bits}-bit grid values of scheme W{args.name()}; "
             "it was not quantized by lowbit with this scheme, or it was edited afterwards"
         )
-    packed = pack(unsigned_codes(codes.to(torch.int16), args.bits, args.symmetric), args.bits)
-    return WeightCodes(packed, scale.reshape(-1), None if args.symmetric else zero.reshape(-1), tuple(weight.shape))
+    return codes.to(torch.int16), scale, zero
 
 
 def _search_shifted_zero(row: torch.Tensor, args: QuantArgs, dtype: torch.dtype = torch.float32):

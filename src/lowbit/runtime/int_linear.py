@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..quant import as_rows, compute_qparams, range_qparams
+from ..quant import compute_qparams, range_qparams
+from ..quant.codes import InexactCodesError, exact_codes
 from ..scheme import Granularity, QuantArgs
 from .linear import QuantLinear
 
@@ -33,50 +34,13 @@ log = logging.getLogger("lowbit")
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what torch's CPU int4 kernel accepts
 INT4_OUT_MULTIPLE = 16  # its packing needs out_features % 16 == 0
 INT4_TILES = 1  # innerKTiles of the CPU packing (the CPU kernel ignores the tiling)
-RECOVERY_RTOL = 1e-5  # |codes x scale - w| <= RECOVERY_RTOL x max|w| of the row
-
-
 def recover_codes(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes, scales and offsets that reproduce a weight already on a quantization grid.
-
-    Rows are as `quant.as_rows` views them (one per channel, group or the whole tensor). A row's
-    scale is max|w| / c (symmetric) or (max w - min w) / c with offset min w (asymmetric) for the
-    largest c <= 2^N that makes every w / scale an integer in range: the MinMax scale has c = qmax,
-    GPTQ's error feedback can reach qmin (c = qmax + 1) or stay below qmax (smaller c). Any
-    (codes, scale) pair that passes the check gives the same dequantized weight, so which one is
-    found does not change the layer's output. Returns codes [rows, cols] int16 and scale, zero
-    [rows, 1] fp32; raises UserError for a weight that is not on such a grid.
-    """
-
-    rows = as_rows(weight.detach().float(), args)
-    if args.symmetric:
-        span, zero = rows.abs().amax(dim=1, keepdim=True), torch.zeros(rows.shape[0], 1)
-        candidates = range(2 ** (args.bits - 1), 0, -1)
-    else:
-        lo = rows.amin(dim=1, keepdim=True)
-        span, zero = rows.amax(dim=1, keepdim=True) - lo, lo
-        candidates = range(2**args.bits - 1, 0, -1)
-    tol = RECOVERY_RTOL * rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-    scale = torch.ones_like(span)
-    codes = torch.zeros_like(rows)
-    found = span == 0  # a constant (e.g. all-zero) row: codes 0, scale 1, offset = the value
-    for c in candidates:
-        todo = ~found[:, 0]
-        if not todo.any():
-            break
-        s = span[todo] / c
-        q = torch.round((rows[todo] - zero[todo]) / s)
-        ok = ((q * s + zero[todo] - rows[todo]).abs() <= tol[todo]).all(dim=1) & (q >= args.qmin).all(dim=1)
-        ok &= (q <= args.qmax).all(dim=1)
-        idx = todo.nonzero()[:, 0][ok]
-        scale[idx], codes[idx] = s[ok], q[ok]
-        found[idx] = True
-    if not found.all():
-        raise UserError(
-            f"a weight is not on a {args.name()}-bit {args.granularity.value} grid ({int((~found).sum())} rows); "
-            "convert the model right after lowbit.quantize, before any change to its weights"
-        )
-    return codes.to(torch.int16), scale, zero
+    """Integer codes [rows, cols] int16 and per-row scale and offset [rows, 1] fp32 that reproduce a
+    weight already on a quantization grid exactly (`quant.codes.exact_codes`); a UserError otherwise."""
+    try:
+        return exact_codes(weight, args)
+    except InexactCodesError as exc:
+        raise UserError(f"{exc}; convert the model right after lowbit.quantize, before any change to its weights") from None
 
 
 class Int8Linear(nn.Module):
