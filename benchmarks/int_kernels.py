@@ -21,7 +21,8 @@ in one invocation of this script. Measured per variant:
   decode_tok_s    greedy decoding, one token per forward, --decode-tokens tokens after the 512-token
                   prefill, median of --repeats
   ppl             WikiText-2 test perplexity, first --windows windows of --seq-len tokens (DESIGN.md §3)
-A saved-size-on-disk column is left for the native save format (`disk_bytes`, see `disk_bytes()`).
+On disk = the saved folder: lowbit's native format for the quantized variants, transformers'
+safetensors for fp32 (tokenizer files included in both).
 
     nice -n 5 python benchmarks/int_kernels.py            # writes benchmarks/results/int_kernels.{json,md}
 """
@@ -62,9 +63,21 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
 
 
-def disk_bytes(model) -> int | None:
-    """Saved size on disk: to be filled in once lowbit's native save format exists."""
-    return None
+def disk_bytes(model, tokenizer, quantized: bool) -> int:
+    """Bytes of the saved model folder (weights, config, tokenizer): lowbit's native format
+    (codes packed at their bit width) for a quantized model, transformers' safetensors for fp32."""
+    import tempfile
+
+    import lowbit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        if quantized:
+            lowbit.save_quantized(model, out, tokenizer)
+        else:
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
 def build(variant: str):
@@ -81,9 +94,10 @@ def build(variant: str):
             param.data = param.data.clone()
     if scheme is not None:
         model = lowbit.quantize(model, scheme, inplace=True, progress=False)
-        if integer:
-            model = convert_to_int_kernels(model, inplace=True)
-    return model.eval(), tokenizer
+    disk = disk_bytes(model, tokenizer, scheme is not None)  # an integer model saves as its fake-quant form
+    if scheme is not None and integer:
+        model = convert_to_int_kernels(model, inplace=True)
+    return model.eval(), tokenizer, disk
 
 
 @torch.no_grad()
@@ -109,7 +123,7 @@ def run_variant(args) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tokenizer = build(args.variant)
+    model, tokenizer, disk = build(args.variant)
     build_seconds = time.time() - t0
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ids = tokenize(tokenizer, Path(args.data).read_text())
@@ -130,7 +144,7 @@ def run_variant(args) -> dict:
         "scheme": VARIANTS[args.variant][0] or "fp32",
         "weights_bytes": stored_bytes(model),
         "size_bytes": model_size_bytes(model),
-        "disk_bytes": disk_bytes(model),
+        "disk_bytes": disk,
         "rss_after_build": rss_model,
         "build_peak_rss": build_peak,
         "peak_rss": vm_kib("VmHWM") * 1024,
@@ -170,7 +184,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "weights in memory: every parameter and buffer as stored (fp32 embeddings/lm_head/norms included; "
         "the 30 decoder layers hold the codes). lowbit size: the report's accounting (16-bit non-quantized "
-        "tensors, fp16 scales). on disk: not measured yet (needs the native save format).",
+        "tensors, fp16 scales). on disk: the saved folder (lowbit.save_quantized; save_pretrained for fp32), tokenizer included.",
         "",
     ]
     return "\n".join(lines)
