@@ -314,6 +314,13 @@ def test_cli_generate_data_and_qat(tiny_model_dir, sample_text_file, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert {"fp", "ptq", "quantized", "qat", "eval"} <= set(report) and report["qat"]["steps"] == 3
     assert not (tmp_path / "run.checkpoints").exists()
+    # the trained student is saved like any lowbit model and reloads to the reported perplexity
+    import lowbit
+    from lowbit.data import load_text, tokenize
+
+    student, tokenizer = lowbit.load_quantized(out)
+    ids = tokenize(tokenizer, load_text(str(sample_text_file), split="eval"))
+    assert lowbit.perplexity(student, ids, 32, 2, progress=False).ppl == pytest.approx(report["quantized"]["ppl"], rel=1e-6)
 
 
 def test_cli_qat_bad_input_is_a_clear_error(tmp_path):

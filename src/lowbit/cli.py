@@ -364,12 +364,15 @@ def _loss_weights(text: str) -> dict[str, float]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
+@click.option("--no-save-model", is_flag=True, help="Write only the reports, not the trained quantized model (out/model).")
 @click.pass_context
-def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_size, grad_accum, lr, warmup_steps, schedule, max_seq_len, teacher_topk, bf16, grad_checkpointing, checkpoint_every, calib_samples, eval_data, windows, seq_len, out, overwrite, seed, no_fp):
+def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_size, grad_accum, lr, warmup_steps, schedule, max_seq_len, teacher_topk, bf16, grad_checkpointing, checkpoint_every, calib_samples, eval_data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
     """Quantization-aware training by distillation from the full-precision model (LLM-QAT)."""
     import shutil
+    import tempfile
     from pathlib import Path
 
+    from .io.native import RUN_SUBDIR
     from .jobs import qat_job
     from .qat import TrainConfig
     from .recipes import Recipe
@@ -388,16 +391,24 @@ def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_s
     )
     config.check(1)
     checkpoints = Path(str(out).rstrip("/") + ".checkpoints")
-    report = qat_job(
-        model, recipe, data_dir, config, checkpoint_dir=str(checkpoints), data=eval_data,
-        windows=_windows(windows), seq_len=seq_len, calib_samples=calib_samples, evaluate_fp=not no_fp,
-        progress=ctx.obj["progress"],
-    )
-    if report:  # rank 0
-        write_run_dir(out, report_files(report))
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
-        log.info("wrote %s/report.json and report.md", out)
-        click.echo(report_markdown(report))
+    staging = None
+    if not no_save_model:  # saved next to --out first, then moved in with the reports (as lowbit quantize)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}-model-", dir=Path(out).parent))
+    try:
+        report = qat_job(
+            model, recipe, data_dir, config, checkpoint_dir=str(checkpoints), data=eval_data,
+            windows=_windows(windows), seq_len=seq_len, calib_samples=calib_samples, evaluate_fp=not no_fp,
+            progress=ctx.obj["progress"], save_to=staging / RUN_SUBDIR if staging else None,
+        )
+        if report:  # rank 0
+            write_run_dir(out, report_files(report), {RUN_SUBDIR: staging / RUN_SUBDIR} if staging else None)
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
+            log.info("wrote %s/report.json and report.md%s", out, f" and the trained model in {out}/{RUN_SUBDIR}" if staging else "")
+            click.echo(report_markdown(report))
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 @cli.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
 @click.option("--out", default=None, help="Folder for analysis.json, report.md and the plots (refused if it exists).")

@@ -261,8 +261,10 @@ def qat_job(
     calib_samples: int = 128,
     evaluate_fp: bool = True,
     progress: bool = True,
+    save_to: str | Path | None = None,
 ) -> dict:
-    """`lowbit qat`: quantize (the PTQ starting point), distil on generated data, evaluate before and after.
+    """`lowbit qat`: quantize (the PTQ starting point), distil on generated data, evaluate before and after;
+    with `save_to`, rank 0 saves the trained (frozen) student there in lowbit's native format.
 
     Calibration, where the recipe needs it, uses the generated data too (data-free throughout).
     Under torchrun every rank trains; rank 0 evaluates and returns the report (others return {})."""
@@ -321,6 +323,9 @@ def qat_job(
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
         "loss_history": [round(h["loss"], 5) for h in history],
     }
+    if save_to is not None:
+        saved = save_quantized(student, save_to, tokenizer)
+        report["saved_model"] = {"path": RUN_SUBDIR, "bytes_on_disk": sum(f.stat().st_size for f in saved.iterdir())}
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
