@@ -174,11 +174,33 @@ def test_trainable_student_matches_ptq_and_gradients_pass_every_quantizer(family
     assert all(p.grad is None for n, p in student.named_parameters() if n not in params)
 
 
-def test_trainable_student_starts_from_rtn_only():
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_trainable_student_from_a_calibrated_start(algorithm):
+    """QAT from GPTQ/AWQ starts exactly at that model, trains on its fixed grid and freezes onto it."""
     model = tiny_model("llama")
-    calib = [torch.randint(0, 512, (1, 16)) for _ in range(2)]
-    with pytest.raises(UserError, match="starts from RTN"):
-        lowbit.quantize_model(model, "W4A8KV4", algorithm="gptq", calibration=calib, trainable=True, progress=False)
+    calib = [torch.randint(0, 512, (1, 16)) for _ in range(4)]
+    ptq = lowbit.quantize_model(model, "W4A8KV4", algorithm=algorithm, calibration=calib, progress=False)
+    student = lowbit.quantize_model(model, "W4A8KV4", algorithm=algorithm, calibration=calib, trainable=True, progress=False)
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(student(x).logits, ptq(x).logits)
+    linear = next(m for m in student.model.layers.modules() if isinstance(m, QuantLinear))
+    assert linear.trainable and linear.weight_scale is not None
+    linear.weight.requires_grad_(True)
+    student(x).logits.pow(2).mean().backward()
+    assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        linear.weight.add_(linear.weight.grad.sign() * linear.weight_scale * 0.7)  # more than half a step: codes move
+    grid = linear.weight_scale.clone()
+    moved = linear.weight.detach().clone()
+    from lowbit.qat import freeze_student
+
+    freeze_student(student)
+    codes = linear.weight.detach() / grid  # per-channel rows: the frozen weight sits on the PTQ grid
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+    assert not torch.equal(linear.weight, ptq.model.layers[0].self_attn.q_proj.weight)  # training moved it
+    assert torch.allclose(linear.weight, (moved / grid).round().clamp(-8, 7) * grid)
+    assert linear.weight_scale is None and not linear.trainable
 
 
 def test_weight_quantizer_is_straight_through():

@@ -343,7 +343,7 @@ def _loss_weights(text: str) -> dict[str, float]:
 @click.option("--data", "data_dir", required=True, help="A folder written by lowbit generate-data.")
 @click.option("--scheme", default="W4A8KV4", show_default=True, help="W-A-KV scheme of the student.")
 @click.option("--transform", default="none", show_default=True, help="Equivalent transformation fused before QAT: none, smooth, rotate, smoothrot.")
-@click.option("--algorithm", default="rtn", show_default=True, help="Starting point: rtn only for now (latent weights start from the full-precision, transformed weights).")
+@click.option("--algorithm", default="rtn", show_default=True, help="Starting point: rtn (latent weights = the full-precision, transformed weights, MinMax grid per step), or gptq / awq (latent weights = their quantized weights, trained on their fixed grid; calibrated on the generated data).")
 @click.option("--loss", default="logits", show_default=True, help="Distillation loss(es): logits, label, hidden, attention; combine as logits+hidden or logits=1,hidden=0.1.")
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per optimizer step (over all processes and accumulation).")
@@ -381,8 +381,8 @@ def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_s
     from .transforms.apply import TransformConfig
 
     check_out_dir(out, overwrite)
-    if algorithm != "rtn":  # fail before loading anything (quantize_model refuses it too)
-        raise UserError(f"lowbit qat starts from RTN for now; --algorithm {algorithm} is not supported as a starting point")
+    if algorithm not in ("rtn", "gptq", "awq"):  # fail before loading anything
+        raise UserError(f"unknown --algorithm {algorithm!r}: the starting point is rtn, gptq or awq")
     recipe = Recipe(scheme=parse_scheme(scheme), transform=TransformConfig(kind=transform), algorithm=algorithm)
     config = TrainConfig(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, schedule=schedule,

@@ -79,9 +79,10 @@ def quantize_model(
     GPTQ and AWQ run layer by layer (`lowbit.pipeline`); `pipeline` holds their options.
     Per-layer errors of the pipeline are left in `model.lowbit_layer_errors`.
     With `trainable=True` (quantization-aware training) every `QuantLinear` keeps the full-precision
-    (transformed) weight as a latent weight and fake-quantizes it in forward (MinMax, recomputed each
-    time, as LLM-QAT does); its forward equals the RTN model's. Only RTN: GPTQ/AWQ weights re-quantized
-    with fresh MinMax scales are not the GPTQ/AWQ model (their scales would have to be kept).
+    (transformed) weight as a latent weight and fake-quantizes it in forward: with RTN on MinMax
+    scales recomputed each time, as LLM-QAT does (its forward equals the RTN model's); with GPTQ/AWQ
+    the latent weight starts at the algorithm's quantized weight and is re-quantized on the
+    algorithm's own, fixed per-row grid (its forward equals the GPTQ/AWQ model's).
     """
     scheme = parse_scheme(scheme)
     transform = transform if isinstance(transform, TransformConfig) else TransformConfig(kind=transform)
@@ -91,11 +92,6 @@ def quantize_model(
     if algorithm not in ALGORITHMS:
         raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
     sequential = algorithm in SEQUENTIAL_ALGORITHMS
-    if trainable and algorithm != "rtn":
-        raise UserError(
-            f"quantization-aware training starts from RTN (full-precision latent weights); algorithm {algorithm!r} "
-            "is not supported as a starting point yet: use --algorithm rtn (transforms are fine)"
-        )
     if sequential:
         pipeline = replace(pipeline or PipelineConfig(), algorithm=algorithm)
         pipeline.check(scheme)
@@ -112,6 +108,10 @@ def quantize_model(
     model.lowbit_layer_errors = []
     if sequential:
         model.lowbit_layer_errors = quantize_sequential(model, spec, scheme, calibration, pipeline, progress)
+        if trainable and scheme.weights is not None:  # QAT from GPTQ/AWQ: train on the algorithm's own grid
+            for layer in decoder_layers(model, spec):
+                for linear in layer_linears(layer, spec).values():
+                    linear.train_on_fixed_grid()
     quantize_weight = rtn_weight
     layers = decoder_layers(model, spec)
     if not sequential and (scheme.weights is not None or scheme.inputs is not None):
