@@ -42,6 +42,12 @@ def cost_summary(model: nn.Module, scheme: Scheme | None, seq_len: int) -> dict:
     }
 
 
+def save_model(model: nn.Module, save_to: str | Path, tokenizer) -> dict:
+    """Save a quantized model (lowbit's native format) for a run folder; its report entry."""
+    saved = save_quantized(model, save_to, tokenizer)
+    return {"path": RUN_SUBDIR, "bytes_on_disk": sum(f.stat().st_size for f in saved.iterdir())}
+
+
 def quantize_job(
     model_name: str,
     recipe: Recipe,
@@ -123,8 +129,7 @@ def quantize_job(
     if qmodel.lowbit_layer_errors:
         report["layer_errors"] = qmodel.lowbit_layer_errors
     if save_to is not None:
-        saved = save_quantized(qmodel, save_to, tokenizer)
-        report["saved_model"] = {"path": RUN_SUBDIR, "bytes_on_disk": sum(f.stat().st_size for f in saved.iterdir())}
+        report["saved_model"] = save_model(qmodel, save_to, tokenizer)
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
@@ -324,8 +329,7 @@ def qat_job(
         "loss_history": [round(h["loss"], 5) for h in history],
     }
     if save_to is not None:
-        saved = save_quantized(student, save_to, tokenizer)
-        report["saved_model"] = {"path": RUN_SUBDIR, "bytes_on_disk": sum(f.stat().st_size for f in saved.iterdir())}
+        report["saved_model"] = save_model(student, save_to, tokenizer)
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report

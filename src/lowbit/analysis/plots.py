@@ -81,15 +81,8 @@ def layer_curves(layers: list[dict], role: str, transforms: list[str], path: Pat
     for ax, (title, get) in zip(axes, panels):
         for kind in transforms:
             ax.plot(idx, [get(e, kind) for e in rows], marker=".", label=kind, color=COLORS.get(kind))
-        ax.set_yscale("log")
-        ax.set_title(f"{role}: {title}", fontsize=9)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+        _layer_axis(ax, f"{role}: {title}")
+    return _save_with_legend(fig, axes, path)
 
 
 def module_curves(layers: list[dict], kind: str, path: Path) -> Path:
@@ -105,15 +98,8 @@ def module_curves(layers: list[dict], kind: str, path: Path) -> Path:
         for role in roles:
             rows = [e for e in layers if e["role"] == role]
             ax.plot([e["layer"] for e in rows], [get(e) for e in rows], marker=".", label=role)
-        ax.set_yscale("log")
-        ax.set_title(f"{title} ({kind})", fontsize=9)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+        _layer_axis(ax, f"{title} ({kind})")
+    return _save_with_legend(fig, axes, path)
 
 
 def error_scatter(layers: list[dict], aside: set[str], kind: str, path: Path) -> Path:
@@ -164,4 +150,20 @@ def worst_token(site: str, position: str, tokens: dict[str, torch.Tensor], args:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+    return path
+
+
+def _layer_axis(ax, title: str) -> None:
+    """A per-layer curve panel: log scale, small type."""
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("layer", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def _save_with_legend(fig, axes, path: Path) -> Path:
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    require_pyplot().close(fig)
     return path
