@@ -114,21 +114,17 @@ def time_prefill_decode(model, ids: torch.Tensor, decode_tokens: int) -> tuple[f
 
 
 def run_variant(args) -> dict:
-    import ctypes
-    import gc
-    import resource
-
     from lowbit.data import tokenize
     from lowbit.evaluation import model_size_bytes, perplexity, stored_bytes
+    from lowbit.memory import peak_rss_bytes, release_freed_memory
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tokenizer, disk = build(args.variant)
     build_seconds = time.time() - t0
-    build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    build_peak = peak_rss_bytes()
     ids = tokenize(tokenizer, Path(args.data).read_text())
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed build-time memory back before measuring
+    release_freed_memory()  # hand freed build-time memory back before measuring
     rss_model = vm_kib("VmRSS") * 1024
     reset_peak_rss()
     prompt = ids[: args.prefill].unsqueeze(0)
