@@ -373,3 +373,23 @@ def test_int_kernels_refuse_an_unfrozen_student_and_take_a_frozen_one():
         fake = freeze_student(student)(input_ids=ids).logits
         real = convert_to_int_kernels(student)(input_ids=ids).logits
     torch.testing.assert_close(real, fake, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("scheme", ["W4g16A16", "W3g32aA16"])
+def test_calibrated_start_on_group_grids(scheme):
+    """Per-group (symmetric and asymmetric) GPTQ grids are kept too: step 0 = the PTQ model, and the
+    frozen weights are exact codes of the same scheme."""
+    from lowbit.qat import freeze_student
+    from lowbit.quant.codes import exact_codes
+
+    model = tiny_model("qwen2")
+    calib = [torch.randint(0, 512, (1, 16)) for _ in range(4)]
+    ptq = lowbit.quantize_model(model, scheme, algorithm="gptq", calibration=calib, progress=False)
+    student = lowbit.quantize_model(model, scheme, algorithm="gptq", calibration=calib, trainable=True, progress=False)
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(student(x).logits, ptq(x).logits)
+        linear = next(m for m in student.model.layers.modules() if isinstance(m, QuantLinear))
+        linear.weight.add_(torch.randn_like(linear.weight) * linear.weight.abs().mean())
+    freeze_student(student)
+    exact_codes(linear.weight, linear.weight_args)  # raises if the frozen weight left the grid
