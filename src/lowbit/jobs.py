@@ -68,7 +68,8 @@ def quantize_job(
     """Load, quantize and evaluate; returns the report (DESIGN.md §5). With `save_to`, the
     quantized model and tokenizer are also saved there (`lowbit.io`).
 
-    The model is quantized in place after the FP evaluation, so only one copy is ever in memory."""
+    The model is quantized in place after the FP evaluation, so only one copy is ever in memory,
+    and its quantized weights stay packed at their bit width (`QuantLinear.compact`)."""
     start = time.time()
     torch.manual_seed(seed)
     log.info("loading %s", model_name)
@@ -114,7 +115,7 @@ def quantize_job(
     t0 = time.time()
     qmodel = quantize_model(
         model, recipe.scheme, transform=recipe.transform, algorithm=recipe.algorithm, calibration=calibration,
-        pipeline=pipeline, inplace=True, progress=progress,
+        pipeline=pipeline, inplace=True, compact=True, progress=progress,
     )
     quant_seconds = time.time() - t0
     del model, calibration

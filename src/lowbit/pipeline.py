@@ -8,7 +8,8 @@
    samples, stopping right after the group's input is seen, with the groups before it already
    quantized (weights, activations, KV cache); feed that input to the algorithm; swap in the
    quantized linears. Then run the whole quantized layer to produce the next layer's inputs,
-   written over the same buffer.
+   written over the same buffer. The finished layer's weights are then held packed at their bit
+   width (`QuantLinear.compact`), so float weights of only one layer are resident at a time.
 
 Only one layer's activations are alive at a time, and with `device` set only the current layer
 and one batch of samples move to that device; the model stays where it is.
@@ -33,7 +34,7 @@ from .errors import UserError
 from .memory import release_freed_memory
 from .quant.codes import InexactCodesError, rescale_output_rows
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
-from .runtime.linear import QuantLinear
+from .runtime.linear import QuantLinear, compact_weights
 from .runtime.quantizer import TensorQuantizer
 from .scheme import Granularity, Scheme
 from .transforms.rotate import norm_gain, scale_output_rows, set_norm_gain
@@ -109,6 +110,7 @@ def quantize_sequential(
             entry[group.role] = _quantize_group(layer, spec, group, scheme, config, runner, n_rep, dim)
         runner.run_all()
         layer.to(home)
+        compact_weights(layer)  # done with it: packed codes instead of float weights
         release_freed_memory()  # this layer's temporaries, before the next layer's peak
         report.append(entry)
         summary = " ".join(f"{k}={v[config.algorithm]:.2e}" for k, v in entry.items() if k != "layer")

@@ -46,10 +46,11 @@ def model_size_bytes(model: nn.Module) -> int:
     quantized = {}  # id(weight parameter) -> bytes, for fake-quantized linears
     total = 0
     for module in model.modules():
-        if isinstance(module, QuantLinear) and module.weight_args is not None:
-            quantized[id(module.weight)] = quantized_weight_bytes(module.out_features, module.in_features, module.weight_args)
-        elif isinstance(module, INT_LINEARS):  # weights are buffers of codes: count them at their bit width
+        if isinstance(module, INT_LINEARS) or (isinstance(module, QuantLinear) and module.compacted):
+            # the weight is held as codes, not as a float parameter: count it at its bit width
             total += quantized_weight_bytes(module.out_features, module.in_features, module.weight_args)
+        elif isinstance(module, QuantLinear) and module.weight_args is not None:
+            quantized[id(module.weight)] = quantized_weight_bytes(module.out_features, module.in_features, module.weight_args)
     seen = set()
     for param in model.parameters():
         key = param.data_ptr()

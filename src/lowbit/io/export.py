@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..quant.codes import InexactCodesError, encode_weight
 from ..report import write_dir_atomically
 from ..runtime.kv import KEY_QUANT, QK_ROTATION, VALUE_QUANT
-from ..runtime.linear import QuantLinear
+from ..runtime.linear import QuantLinear, expand_weights
 from ..scheme import Granularity, Observer, QuantArgs, Scheme
 
 log = logging.getLogger("lowbit")
@@ -128,6 +128,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
         raise UserError(f"{out} exists; pass --overwrite to replace it or choose another folder")
     get_arch(model)
     scheme = check_exportable(model)
+    expand_weights(model)  # the plain copy below is built from float weights
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight_args is not None}
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
     ignore = [n for n in linears if n not in quantized]

@@ -148,6 +148,13 @@ def _state_tensors(model: nn.Module, linears: dict) -> tuple[dict[str, torch.Ten
             quantized.append(key)
         else:
             tensors[key] = value.detach().contiguous()
+    for name, module in model.named_modules():  # compacted linears hold their codes already (no float weight)
+        if isinstance(module, QuantLinear) and module.compacted:
+            key, codes = f"{name}.weight", module.codes
+            tensors[f"{key}.codes"], tensors[f"{key}.scale"] = codes.packed, codes.scale
+            if codes.zero is not None:
+                tensors[f"{key}.zero"] = codes.zero
+            quantized.append(key)
     return tensors, aliases, quantized
 
 

@@ -2,7 +2,7 @@
 
 from .apply import calibrate_static, check_scheme, quantize_model
 from .int_linear import Int4Linear, Int8Linear, convert_to_int_kernels
-from .linear import QuantLinear
+from .linear import QuantLinear, compact_weights, expand_weights
 from .quantizer import TensorQuantizer
 
 __all__ = [
@@ -12,6 +12,8 @@ __all__ = [
     "TensorQuantizer",
     "calibrate_static",
     "check_scheme",
+    "compact_weights",
     "convert_to_int_kernels",
+    "expand_weights",
     "quantize_model",
 ]

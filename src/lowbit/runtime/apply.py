@@ -31,7 +31,7 @@ from ..pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig, quantize_sequentia
 from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
 from ..transforms.apply import TransformConfig, apply_transform, check_transform
 from .kv import install_kv_quantizers
-from .linear import QuantLinear
+from .linear import QuantLinear, compact_weights, expand_weights
 from .quantizer import TensorQuantizer
 
 
@@ -70,6 +70,7 @@ def quantize_model(
     pipeline: PipelineConfig | None = None,
     inplace: bool = False,
     trainable: bool = False,
+    compact: bool = False,
     progress: bool = True,
 ) -> nn.Module:
     """A quantized copy of `model` (or `model` itself with `inplace=True`).
@@ -83,6 +84,8 @@ def quantize_model(
     scales recomputed each time, as LLM-QAT does (its forward equals the RTN model's); with GPTQ/AWQ
     the latent weight starts at the algorithm's quantized weight and is re-quantized on the
     algorithm's own, fixed per-row grid (its forward equals the GPTQ/AWQ model's).
+    With `compact=True` quantized weights are left packed at their bit width (`QuantLinear.compact`;
+    the forward is the same, memory is a fraction; `expand_weights` restores float weights).
     """
     scheme = parse_scheme(scheme)
     transform = transform if isinstance(transform, TransformConfig) else TransformConfig(kind=transform)
@@ -108,6 +111,8 @@ def quantize_model(
     model.lowbit_layer_errors = []
     if sequential:
         model.lowbit_layer_errors = quantize_sequential(model, spec, scheme, calibration, pipeline, progress)
+        if not compact:  # the pipeline packs each finished layer
+            expand_weights(model)
         if trainable and scheme.weights is not None:  # QAT from GPTQ/AWQ: train on the algorithm's own grid
             for layer in decoder_layers(model, spec):
                 for linear in layer_linears(layer, spec).values():
@@ -118,12 +123,16 @@ def quantize_model(
         for layer in tqdm(layers, desc=f"quantizing ({algorithm})", unit="layer", disable=not progress, leave=False):
             for name, linear in layer_linears(layer, spec).items():
                 set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, quantize_weight, trainable))
+            if compact:
+                compact_weights(layer)
     if scheme.quantize_lm_head:  # RTN: the head's input is the last layer's output, no pipeline step
         head = get_module(model, spec.lm_head)
         if head.weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr():
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # tied: keep the embeddings exact
             model.config.tie_word_embeddings = False
         set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, quantize_weight, trainable))
+        if compact:
+            compact_weights(get_module(model, spec.lm_head))
     if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
         calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
     model.lowbit_scheme = scheme

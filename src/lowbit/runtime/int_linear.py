@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..quant import compute_qparams, range_qparams
 from ..quant.codes import InexactCodesError, exact_codes
 from ..scheme import Granularity, QuantArgs
-from .linear import QuantLinear
+from .linear import QuantLinear, expand_weights
 
 log = logging.getLogger("lowbit")
 
@@ -182,6 +182,7 @@ def convert_to_int_kernels(
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not targets:
         raise UserError("no quantized linear layers to convert; run lowbit.quantize first (e.g. W8A8 or W4A16)")
+    expand_weights(model)  # the kernels take their codes from the float weights
     kinds = {}
     for name, linear in targets:
         if linear.weight.device.type != "cpu":

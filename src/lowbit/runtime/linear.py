@@ -11,6 +11,12 @@ writes the quantized weight back and returns to the plain quantized form. Starti
 calibrated result (GPTQ, AWQ), `train_on_fixed_grid()` keeps the algorithm's own scales: the
 latent weight starts at the quantized weight and is re-quantized on that fixed grid, so training
 starts exactly from the PTQ model.
+
+`compact()` holds the quantized weight at its bit width (packed codes, per-row scales) instead of
+float values and dequantizes it in each forward: a W4 layer then takes an eighth of the memory.
+The pipeline compacts each layer once it is done and `lowbit quantize` evaluates compacted, so
+memory stays near one float layer; `expand()` (or `expand_weights(model)`) brings the float
+weight back, bit for bit, for whatever edits or saves the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import fake_quantize
-from ..quant.codes import exact_codes
+from ..memory import release_mapped_pages
+from ..quant.codes import InexactCodesError, WeightCodes, encode_weight, exact_codes
 from ..quant.fake import QParams
 from ..scheme import QuantArgs
 from .quantizer import TensorQuantizer
@@ -47,11 +54,47 @@ class QuantLinear(nn.Module):
         # fixed per-row weight grid for QAT from a calibrated start (None: MinMax of the latent weight)
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero", None)
+        self.codes: WeightCodes | None = None  # the weight while compacted (then `weight` is None)
+        self._dense: tuple[torch.dtype, torch.device] | None = None  # the float weight's dtype and device
+
+    @property
+    def compacted(self) -> bool:
+        return self.codes is not None
+
+    @torch.no_grad()
+    def compact(self) -> bool:
+        """Hold the weight as packed integer codes; False (and nothing changes) where it cannot be:
+        no weight quantization, a trainable latent weight, a non-CPU weight, values off the grid."""
+        if self.codes is not None:
+            return True
+        if self.weight_args is None or self.trainable or self.weight.device.type != "cpu":
+            return False
+        try:
+            codes = encode_weight(self.weight, self.weight_args)
+        except InexactCodesError:
+            return False
+        dense, self._dense = self.weight, (self.weight.dtype, self.weight.device)
+        self.codes, self.weight = codes, None
+        release_mapped_pages(dense)  # a memory-mapped checkpoint's pages would stay resident otherwise
+        return True
+
+    @torch.no_grad()
+    def expand(self) -> None:
+        """Back to a float weight (bit-identical to the one compacted)."""
+        if self.codes is not None:
+            self.weight = nn.Parameter(self._dense_weight(), requires_grad=False)
+            self.codes = None
+
+    def _dense_weight(self) -> torch.Tensor:
+        dtype, device = self._dense
+        return self.codes.dequantize(self.weight_args).to(device=device, dtype=dtype)
 
     def _weight_grid(self) -> QParams | None:
         return None if self.weight_scale is None else QParams(self.weight_scale, self.weight_zero)
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.codes is not None:
+            return self._dense_weight()
         if self.trainable and self.weight_args is not None:
             return fake_quantize(self.weight, self.weight_args, self._weight_grid())
         return self.weight
@@ -62,6 +105,7 @@ class QuantLinear(nn.Module):
         and offsets that reproduce it exactly are kept fixed during training."""
         if self.weight_args is None:
             raise ValueError("this linear has no quantized weight to train")
+        self.expand()
         _, scale, zero = exact_codes(self.weight, self.weight_args)
         self.weight_scale, self.weight_zero = scale.to(self.weight.device), zero.to(self.weight.device)
         self.trainable = True
@@ -69,6 +113,7 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def freeze(self) -> None:
         """End training: keep the quantized weight (the latent one is dropped)."""
+        self.expand()
         if self.trainable and self.weight_args is not None:
             q = fake_quantize(self.weight.detach().float(), self.weight_args, self._weight_grid())
             self.weight.copy_(q.to(self.weight.dtype))
@@ -86,5 +131,17 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.weight_args.name() if self.weight_args else "16"
         a = self.input_quant.args.name() if self.input_quant else "16"
-        latent = ", trainable" if self.trainable else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, W{w}A{a}{latent}"
+        state = ", trainable" if self.trainable else ", compacted" if self.codes is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, W{w}A{a}{state}"
+
+
+def compact_weights(module: nn.Module) -> int:
+    """Compact every `QuantLinear` inside `module` that can be; returns how many were."""
+    return sum(m.compact() for m in module.modules() if isinstance(m, QuantLinear))
+
+
+def expand_weights(module: nn.Module) -> None:
+    """Expand every compacted `QuantLinear` inside `module` back to a float weight."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            m.expand()
