@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 from types import SimpleNamespace
 
@@ -293,9 +294,17 @@ def _distributed_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
     teacher = tiny_model("llama")
-    for mode in ("ddp", "fsdp"):
+    for mode in ("ddp", "fsdp", "fsdp-resumed"):
         student = _student(teacher, "W4A8KV4")
-        train(student, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, fsdp=mode == "fsdp"), progress=False)
+        # constant lr: a run of 2 steps is then the first 2 steps of a run of 3
+        config = TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant", fsdp=mode != "ddp")
+        if mode == "fsdp-resumed":  # stop after 2 steps (checkpoint), then a fresh student resumes to 3
+            ckpt = os.path.join(out, "ckpt")
+            train(student, teacher, _ddp_data(), replace(config, steps=2), checkpoint_dir=ckpt, progress=False)
+            student = _student(teacher, "W4A8KV4")
+            train(student, teacher, _ddp_data(), config, checkpoint_dir=ckpt, progress=False)
+        else:
+            train(student, teacher, _ddp_data(), config, progress=False)
         weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in student.named_parameters()}
         torch.save(weights, os.path.join(out, f"{mode}{rank}.pt"))
     dist.destroy_process_group()
@@ -307,14 +316,49 @@ def test_ddp_and_fsdp_two_processes_agree_with_each_other_and_one_process(tmp_pa
     mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2, join=True)
     teacher = tiny_model("llama")
     single = _student(teacher, "W4A8KV4")
-    train(single, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3), progress=False)
+    train(single, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant"), progress=False)
     start = _weights(_student(teacher, "W4A8KV4"))
-    for mode in ("ddp", "fsdp"):
+    for mode in ("ddp", "fsdp", "fsdp-resumed"):
         r0, r1 = torch.load(tmp_path / f"{mode}0.pt"), torch.load(tmp_path / f"{mode}1.pt")
         assert all(torch.equal(r0[n], r1[n]) for n in r0), mode
         for n, p in _weights(single).items():  # the same global batches: the same update, up to float summation order
             torch.testing.assert_close(r0[n], p, rtol=1e-4, atol=1e-6)
         assert any(not torch.equal(start[n], r0[n]) for n in r0)
+    # an FSDP checkpoint (gathered weights and optimizer state) resumes the sharded run exactly
+    whole, resumed = torch.load(tmp_path / "fsdp0.pt"), torch.load(tmp_path / "fsdp-resumed0.pt")
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+def test_cli_qat_under_torchrun_with_fsdp(tiny_model_dir, sample_text_file, tmp_path):
+    """`torchrun --nproc_per_node 2 lowbit qat --fsdp` (gloo on CPU): rank 0 gathers the sharded
+    student, evaluates it and saves it; the saved model reloads to the reported perplexity."""
+    import subprocess
+    import sys
+
+    import lowbit
+    from lowbit.data import load_text, tokenize
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    lowbit_cli = [sys.executable, "-m", "lowbit.cli"]
+    data = tmp_path / "gen"
+    gen = subprocess.run([*lowbit_cli, "-q", "generate-data", "--model", str(tiny_model_dir), "--out", str(data), "--samples", "8",
+                          "--max-length", "12", "--batch-size", "4"], capture_output=True, text=True, env=env)
+    assert gen.returncode == 0, gen.stderr
+    out = tmp_path / "run"
+    qat = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lowbit.cli", "-q", "qat",
+         "--model", str(tiny_model_dir), "--data", str(data), "--scheme", "W4A8KV4", "--steps", "2", "--batch-size", "4",
+         "--lr", "1e-3", "--fsdp", "--checkpoint-every", "1", "--eval-data", str(sample_text_file), "--windows", "2",
+         "--seq-len", "32", "--out", str(out), "--no-fp"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert qat.returncode == 0, qat.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["qat"]["processes"] == 2 and report["qat"]["config"]["fsdp"] and report["qat"]["steps"] == 2
+    assert report["quantized"]["ppl"] != report["ptq"]["ppl"]
+    student, tokenizer = lowbit.load_quantized(out)
+    ids = tokenize(tokenizer, load_text(str(sample_text_file), split="eval"))
+    assert lowbit.perplexity(student, ids, 32, 2, progress=False).ppl == pytest.approx(report["quantized"]["ppl"], rel=1e-6)
 
 
 def test_cli_generate_data_and_qat(tiny_model_dir, sample_text_file, tmp_path):

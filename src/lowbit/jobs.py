@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict
@@ -275,6 +276,7 @@ def qat_job(
     Calibration, where the recipe needs it, uses the generated data too (data-free throughout).
     Under torchrun every rank trains; rank 0 evaluates and returns the report (others return {})."""
     from .qat import freeze_student, init_distributed, load_dataset, train
+    from .qat.train import gather_weights
     from .qat.datagen import dataset_stats
     from .qat.train import rank
 
@@ -312,10 +314,17 @@ def qat_job(
         before = perplexity(student, eval_ids, seq_len, windows, progress=progress, desc="perplexity before QAT")
         report["ptq"] = {"ppl": before.ppl}
     log.info("QAT: %d steps x %d sequences on %d generated sequences", config.steps, config.batch_size, len(dataset))
+    sharded = config.fsdp and _world() > 1
+    whole = copy.deepcopy(student) if sharded and main else None  # FSDP shards the student in place
     summary = train(student, teacher, dataset, config, checkpoint_dir=checkpoint_dir, progress=progress)
-    freeze_student(student)
+    if sharded:  # every rank gathers; rank 0 evaluates and saves the whole trained student
+        trained = gather_weights({n: p for n, p in student.named_parameters() if p.requires_grad})
+        student = whole
+        if main:
+            student.load_state_dict(trained, strict=False)
     if not main:
         return {}
+    freeze_student(student)
     del teacher
     log.info("evaluating after QAT")
     after = perplexity(student, eval_ids, seq_len, windows, progress=progress, desc="perplexity after QAT")

@@ -8,7 +8,10 @@ as in seed 001) updates the latent weights of every quantized linear; everything
 The data order is a function of (seed, step) only, and a checkpoint holds the trainable weights,
 the optimizer and the schedule, so a resumed run continues exactly where it stopped. Under
 `torchrun` (torch.distributed initialised, world size > 1) the student is wrapped in DDP, or
-sharded with FSDP (`fsdp=True`), and each rank trains on its own slice of every batch.
+sharded with FSDP (`fsdp=True`), and each rank trains on its own slice of every batch. Under
+FSDP a checkpoint holds the whole (gathered) weights and optimizer state, written by rank 0 and
+read back by every rank into its shards, and `gather_weights` collects the trained weights for
+the rank that evaluates and saves the student.
 """
 
 from __future__ import annotations
@@ -174,15 +177,38 @@ def _wrap_distributed(student: nn.Module, config: TrainConfig, device: torch.dev
     return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], optimizer, history: list[dict], config: TrainConfig) -> None:
-    """Written to a temporary file and renamed: a crash leaves the previous checkpoint intact."""
-    state = {
-        "step": step,
-        "params": {n: p.detach().cpu().clone() for n, p in params.items()},
-        "optimizer": optimizer.state_dict(),
-        "history": history,
-        "config": asdict(config),
-    }
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # an FSDP shard (DTensor) or a plain tensor
+
+
+def gather_weights(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole, on CPU. Under FSDP every rank must call it (it all-gathers)."""
+    return {n: _whole(p.detach()).cpu().clone() for n, p in params.items()}
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
+
+
+def save_checkpoint(
+    path: Path, step: int, params: dict[str, nn.Parameter], optimizer, history: list[dict], config: TrainConfig,
+    sharded_model: nn.Module | None = None,
+) -> None:
+    """Rank 0 writes to a temporary file and renames it: a crash leaves the previous checkpoint
+    intact. With `sharded_model` (FSDP) every rank must call it: weights and optimizer state are
+    gathered whole first."""
+    weights = gather_weights(params)
+    if sharded_model is not None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(sharded_model, optimizer, options=_state_dict_options())
+    else:
+        optimizer_state = optimizer.state_dict()
+    if rank() != 0:
+        return
+    state = {"step": step, "params": weights, "optimizer": optimizer_state, "history": history, "config": asdict(config)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(fd)
@@ -194,7 +220,10 @@ def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], opti
             os.remove(tmp)
 
 
-def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, config: TrainConfig) -> tuple[int, list[dict]]:
+def load_checkpoint(
+    path: Path, params: dict[str, nn.Parameter], optimizer, config: TrainConfig, sharded_model: nn.Module | None = None
+) -> tuple[int, list[dict]]:
+    """Restore weights, optimizer and schedule; with `sharded_model` (FSDP) each rank takes its shards."""
     state = torch.load(path, weights_only=False, map_location="cpu")
     saved = {k: v for k, v in state["config"].items() if k not in ("steps", "checkpoint_every")}
     now = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every")}
@@ -203,6 +232,12 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, conf
         raise UserError(f"checkpoint {path} was written with other training settings ({', '.join(changed)}); use a new --out")
     if set(state["params"]) != set(params):
         raise UserError(f"checkpoint {path} does not match this student (other scheme or model?); use a new --out")
+    if sharded_model is not None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(sharded_model, state["params"], options=_state_dict_options())
+        set_optimizer_state_dict(sharded_model, optimizer, state["optimizer"], options=_state_dict_options())
+        return state["step"], state["history"]
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["params"][name])
@@ -237,8 +272,6 @@ def train(
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     sharded = config.fsdp and world_size() > 1
-    if sharded and checkpoint_dir is not None:
-        raise UserError("checkpoints of FSDP-sharded training are not supported yet; train without a checkpoint folder")
     model = _wrap_distributed(student, config, device)
     if sharded:  # fully_shard replaced the parameters with sharded ones: the optimizer must see those
         params = {n: p for n, p in student.named_parameters() if p.requires_grad}
@@ -246,7 +279,7 @@ def train(
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     step, history = 0, []
     if path is not None and path.is_file():
-        step, history = load_checkpoint(path, params, optimizer, config)
+        step, history = load_checkpoint(path, params, optimizer, config, student if sharded else None)
         log.info("resuming from %s at step %d", path, step)
     want_hidden = "hidden" in config.losses
     want_attn = "attention" in config.losses
@@ -294,19 +327,19 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
         if path is not None and config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            _save(path, step, params, optimizer, history, config)
+            _save(path, step, params, optimizer, history, config, student if sharded else None)
     bar.close()
     if path is not None:
-        _save(path, step, params, optimizer, history, config)
+        _save(path, step, params, optimizer, history, config, student if sharded else None)
     student.eval()
     if config.grad_checkpointing:
         student.gradient_checkpointing_disable()
     return {"history": history, "seconds": time.time() - start, "tokens_this_run": tokens, "steps": step}
 
 
-def _save(path: Path, step: int, params, optimizer, history, config) -> None:
-    if rank() == 0:
-        save_checkpoint(path, step, params, optimizer, history, config)
+def _save(path: Path, step: int, params, optimizer, history, config, sharded_model=None) -> None:
+    if rank() == 0 or sharded_model is not None:  # FSDP: every rank takes part in gathering
+        save_checkpoint(path, step, params, optimizer, history, config, sharded_model)
     if world_size() > 1:
         dist.barrier()
 
