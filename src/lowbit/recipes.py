@@ -44,7 +44,7 @@ NAMED: dict[str, dict] = {
     "w4a4kv4-smoothrot-rtn": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search"},
     "w4a8kv4-rotate-online-rtn": {"scheme": "W4A8KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False},
     # calibration-based (layer by layer)
-    "w4a16-gptq": {"scheme": "W4A16", "algorithm": "gptq"},
+    "w4a16-gptq": {"scheme": "W4fA16", "algorithm": "gptq"},  # full-range grid: better for GPTQ here (README)
     "w4g64a16-gptq": {"scheme": "W4g64A16", "algorithm": "gptq"},
     "w3g64a16-gptq": {"scheme": "W3g64A16", "algorithm": "gptq"},
     "w4a16-awq": {"scheme": "W4A16", "algorithm": "awq"},
