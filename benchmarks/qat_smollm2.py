@@ -5,7 +5,7 @@ WikiText-2 perplexity before (its PTQ starting point) and after, training time a
    --samples sequences of at most --max-length tokens (stop at end of sequence) to --work
    (resumable; the shards are not committed, their statistics are).
 2. Each run (scheme/transform/algorithm/data strategy/loss) builds the trainable student with
-   `quantize_model(..., trainable=True)`, evaluates it (= the PTQ model it starts from), trains
+   `quantize_model(..., trainable=True)` (GPTQ/AWQ starts calibrated on the generated data), evaluates it (= the PTQ model it starts from), trains
    with `lowbit.qat.train` and evaluates again. The FP model and each starting point are evaluated
    once. Perplexity: token-level, first --windows windows of 2048 tokens of wiki.test.raw (the
    same windows as benchmarks/results/ptq_wikitext2.md, so its PTQ rows sit beside these).
@@ -28,6 +28,7 @@ import torch
 import lowbit
 from lowbit.data import tokenize
 from lowbit.data.generate import Sampling
+from lowbit.jobs import generated_calibration
 from lowbit.qat import DatagenConfig, TrainConfig, generate_dataset, load_dataset, train
 from lowbit.runtime import QuantLinear
 
@@ -41,7 +42,9 @@ RUNS = [
     ("W4A4KV4", "rotate", "rtn", "hybrid", "logits"),
     ("W4A8KV4", "none", "rtn", "greedy", "logits"),
     ("W4A8KV4", "none", "rtn", "sample", "logits"),
+    ("W4A4KV4", "rotate", "gptq", "hybrid", "logits"),  # from the best PTQ recipe: rotation + GPTQ
 ]
+CALIB_SAMPLES = 32  # GPTQ/AWQ starts: calibrated on the generated data (data-free throughout)
 # Best PTQ rows of results/ptq_wikitext2.json (same windows): read, not re-run.
 PTQ_TABLE = RESULTS / "ptq_wikitext2.json"
 
@@ -106,7 +109,9 @@ def run_all(args, jsonl: Path) -> None:
                                sampling=Sampling(strategy=strategy, stop_at_eos=True))
         stats[strategy] = generate_dataset(teacher, tok, data_dir, config)
         dataset = load_dataset(data_dir)
-        student = lowbit.quantize_model(teacher, scheme, transform=transform, algorithm=algorithm, trainable=True)
+        calibration = generated_calibration(dataset, CALIB_SAMPLES, args.max_length) if algorithm != "rtn" else None
+        student = lowbit.quantize_model(teacher, scheme, transform=transform, algorithm=algorithm, calibration=calibration,
+                                        trainable=True)
         before = ppl(f"{scheme}/{transform}/{algorithm}", student)
         tconfig = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_seq_len=args.max_length,
                               losses={loss: 1.0})

@@ -437,3 +437,20 @@ def test_calibrated_start_on_group_grids(scheme):
         linear.weight.add_(torch.randn_like(linear.weight) * linear.weight.abs().mean())
     freeze_student(student)
     exact_codes(linear.weight, linear.weight_args)  # raises if the frozen weight left the grid
+
+
+def test_generated_calibration_joins_sequences_of_any_length_into_equal_windows():
+    """Generated sequences stop at end of sequence, so their lengths differ; GPTQ/AWQ starts need
+    one length: the sequences are joined in order and cut, no token invented or reordered."""
+    from lowbit.jobs import generated_calibration
+
+    data = [torch.arange(n) + 10 * n for n in (5, 9, 3, 12, 7)]  # 36 tokens
+    windows = generated_calibration(data, samples=4, seq_len=8)
+    assert [tuple(w.shape) for w in windows] == [(1, 8)] * 4
+    assert torch.equal(torch.cat([w.reshape(-1) for w in windows]), torch.cat(data)[:32])
+    assert len(generated_calibration(data, samples=10, seq_len=8)) == 4  # as many as the tokens allow
+    assert tuple(generated_calibration(data, samples=2, seq_len=100)[0].shape) == (1, 36)
+    with pytest.raises(UserError, match="too few"):
+        generated_calibration([torch.tensor([1])], samples=2, seq_len=8)
+    model = tiny_model("llama")  # the windows feed the layer-by-layer pipeline
+    lowbit.quantize_model(model, "W4A8KV4", algorithm="gptq", calibration=windows, progress=False)

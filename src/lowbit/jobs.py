@@ -303,8 +303,8 @@ def qat_job(
     calibration = None
     needs_calib = recipe.scheme.needs_calibration or recipe.transform.needs_calibration or recipe.algorithm in SEQUENTIAL_ALGORITHMS
     if needs_calib:
-        calibration = [s.view(1, -1) for s in dataset[:calib_samples]]
-        report["calibration"] = {"data": str(data_dir), "samples": len(calibration), "seq_len": max(c.numel() for c in calibration)}
+        calibration = generated_calibration(dataset, calib_samples, config.max_seq_len)
+        report["calibration"] = {"data": str(data_dir), "samples": len(calibration), "seq_len": calibration[0].shape[-1]}
     log.info("building the student: %s, transform %s, %s", recipe.scheme.name, recipe.transform.kind, recipe.algorithm)
     pipeline = PipelineConfig(algorithm=recipe.algorithm, gptq=recipe.gptq, awq=recipe.awq)
     student = quantize_model(teacher, recipe.scheme, transform=recipe.transform, algorithm=recipe.algorithm,
@@ -343,6 +343,19 @@ def qat_job(
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
+
+
+def generated_calibration(dataset: list[torch.Tensor], samples: int, seq_len: int) -> list[torch.Tensor]:
+    """Calibration batches [1, seq_len] from generated sequences. They differ in length (generation
+    stops at end of sequence) and the layer-by-layer pipeline needs one length, so the sequences
+    are joined in order and cut into windows, as calibration text is; fewer, shorter windows if
+    there are not enough tokens."""
+    stream = torch.cat([s.reshape(-1) for s in dataset])
+    length = min(seq_len, stream.numel())
+    count = min(samples, stream.numel() // length)
+    if count < 1 or length < 2:
+        raise UserError(f"the generated data holds {stream.numel()} tokens, too few to calibrate; generate more sequences")
+    return list(stream[: count * length].view(count, 1, length))
 
 
 def _world() -> int:
