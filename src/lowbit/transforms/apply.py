@@ -102,9 +102,12 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
 def collect_input_stats(
     model: nn.Module, spec: ArchSpec, batches: Iterable[torch.Tensor], keep_rows: int, progress: bool = True
 ) -> dict[tuple[int, str], dict]:
-    """Per (layer, group role): channel max |X_j| over the calibration tokens, and a row sample."""
+    """Per (layer, group role): channel max |X_j| over the calibration tokens, and a sample of about
+    `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that size)."""
     stats: dict[tuple[int, str], dict] = {}
     gen = torch.Generator().manual_seed(0)
+    batches = list(batches)
+    share = -(-keep_rows // max(1, len(batches)))  # rows kept per batch
     hooks = []
     for i, layer in enumerate(decoder_layers(model, spec)):
         for group in spec.input_groups:
@@ -115,13 +118,13 @@ def collect_input_stats(
                 entry = stats.setdefault(key, {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": []})
                 entry["absmax"] = torch.maximum(entry["absmax"], x.abs().amax(0))
                 if keep_rows:
-                    pick = torch.randperm(x.shape[0], generator=gen)[:keep_rows]
+                    pick = torch.randperm(x.shape[0], generator=gen)[:share]
                     entry["rows"].append(x[pick])
 
             hooks.append(get_module(layer, group.linears[0]).register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(list(batches), desc="calibration statistics", unit="sample", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="calibration statistics", unit="sample", disable=not progress, leave=False):
             model(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in hooks:
