@@ -224,6 +224,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "and including the perplexity evaluation. Load avg = 5-minute load average at the end of the row "
         "(2 cores: above ~2 other work shared the machine and the row's times are inflated; '-' = not recorded).",
         "",
+        "Every row here ran before commit a5ac68b, which packs each finished layer at its bit width: their peak RSS "
+        "counts all quantized layers as fp32 weights (W4A16 GPTQ with 128 x 512 calibration now peaks at 0.88 GB with "
+        "its evaluation, benchmarks/results/headline). The alpha-search rows (smoothrot-all-search) also ran before "
+        "commit 7ea11d6 bounded that search's row sample. Perplexities are unchanged by both (packing is exact).",
+        "",
         "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
