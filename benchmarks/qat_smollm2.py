@@ -28,7 +28,7 @@ import torch
 import lowbit
 from lowbit.data import tokenize
 from lowbit.data.generate import Sampling
-from lowbit.jobs import generated_calibration
+from lowbit.qat.datagen import generated_calibration
 from lowbit.qat import DatagenConfig, TrainConfig, generate_dataset, load_dataset, train
 from lowbit.runtime import QuantLinear
 

@@ -442,7 +442,7 @@ def test_calibrated_start_on_group_grids(scheme):
 def test_generated_calibration_joins_sequences_of_any_length_into_equal_windows():
     """Generated sequences stop at end of sequence, so their lengths differ; GPTQ/AWQ starts need
     one length: the sequences are joined in order and cut, no token invented or reordered."""
-    from lowbit.jobs import generated_calibration
+    from lowbit.qat.datagen import generated_calibration
 
     data = [torch.arange(n) + 10 * n for n in (5, 9, 3, 12, 7)]  # 36 tokens
     windows = generated_calibration(data, samples=4, seq_len=8)

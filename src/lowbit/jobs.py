@@ -276,6 +276,7 @@ def qat_job(
     Calibration, where the recipe needs it, uses the generated data too (data-free throughout).
     Under torchrun every rank trains; rank 0 evaluates and returns the report (others return {})."""
     from .qat import freeze_student, init_distributed, load_dataset, train
+    from .qat.datagen import generated_calibration
     from .qat.train import gather_weights
     from .qat.datagen import dataset_stats
     from .qat.train import rank
@@ -343,19 +344,6 @@ def qat_job(
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
-
-
-def generated_calibration(dataset: list[torch.Tensor], samples: int, seq_len: int) -> list[torch.Tensor]:
-    """Calibration batches [1, seq_len] from generated sequences. They differ in length (generation
-    stops at end of sequence) and the layer-by-layer pipeline needs one length, so the sequences
-    are joined in order and cut into windows, as calibration text is; fewer, shorter windows if
-    there are not enough tokens."""
-    stream = torch.cat([s.reshape(-1) for s in dataset])
-    length = min(seq_len, stream.numel())
-    count = min(samples, stream.numel() // length)
-    if count < 1 or length < 2:
-        raise UserError(f"the generated data holds {stream.numel()} tokens, too few to calibrate; generate more sequences")
-    return list(stream[: count * length].view(count, 1, length))
 
 
 def _world() -> int:

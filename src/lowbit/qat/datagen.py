@@ -170,3 +170,16 @@ def dataset_stats(seqs: list[torch.Tensor]) -> dict:
         },
         "distinct_ngram_ratio": {str(n): distinct_ngram_ratio(seqs, n) for n in (1, 2, 3, 4)},
     }
+
+
+def generated_calibration(dataset: list[torch.Tensor], samples: int, seq_len: int) -> list[torch.Tensor]:
+    """Calibration batches [1, seq_len] from generated sequences. They differ in length (generation
+    stops at end of sequence) and the layer-by-layer pipeline needs one length, so the sequences
+    are joined in order and cut into windows, as calibration text is; fewer, shorter windows if
+    there are not enough tokens."""
+    stream = torch.cat([s.reshape(-1) for s in dataset])
+    length = min(seq_len, stream.numel())
+    count = min(samples, stream.numel() // length)
+    if count < 1 or length < 2:
+        raise UserError(f"the generated data holds {stream.numel()} tokens, too few to calibrate; generate more sequences")
+    return list(stream[: count * length].view(count, 1, length))
