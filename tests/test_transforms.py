@@ -10,7 +10,8 @@ from lowbit.quant import fake_quantize
 from lowbit.runtime import QuantLinear
 from lowbit.runtime.rotation import OnlineHadamard
 from lowbit.scheme import QuantArgs
-from lowbit.transforms.apply import TransformConfig
+from lowbit.arch import decoder_layers, get_arch, get_module
+from lowbit.transforms.apply import TransformConfig, collect_input_stats
 from lowbit.transforms.smooth import ALPHA_GRID, quantized_output_error, search_alpha, smooth_scales
 
 ATOL = 1e-4  # fp32 logits of magnitude ~10: transforms must agree to 1e-5 relative
@@ -161,6 +162,34 @@ def test_alpha_search_picks_the_grid_minimum():
     errors = {a: quantized_output_error(x / smooth_scales(act, wmax, a), w * smooth_scales(act, wmax, a), wq, aq) for a in ALPHA_GRID}
     assert errors[alpha] == min(errors.values())
     assert errors[alpha] < quantized_output_error(x, w, wq, aq)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep_rows", [0, 6, 1000])
+def test_input_stats_are_the_true_max_and_real_rows(keep_rows):
+    model = tiny_model("llama")
+    spec = get_arch(model)
+    seen = {}
+
+    def record(module, args, key):
+        seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
+
+    layer = decoder_layers(model, spec)[1]
+    hooks = [get_module(layer, g.linears[0]).register_forward_pre_hook(lambda m, a, key=g.role: record(m, a, key))
+             for g in spec.input_groups]
+    stats = collect_input_stats(model, spec, CALIB, keep_rows, progress=False)
+    for h in hooks:
+        h.remove()
+    for group in spec.input_groups:
+        inputs = torch.cat(seen[group.role])
+        entry = stats[(1, group.role)]
+        assert torch.equal(entry["absmax"], inputs.abs().amax(0))
+        if not keep_rows:
+            assert entry["rows"] is None
+            continue
+        # an equal share from each batch, capped at keep_rows; every kept row is a real input row
+        assert entry["rows"].shape[0] == min(keep_rows, -(-keep_rows // len(CALIB)) * len(CALIB), inputs.shape[0])
+        assert all((inputs == row).all(1).any() for row in entry["rows"])
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
