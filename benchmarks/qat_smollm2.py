@@ -146,8 +146,9 @@ def render(args, jsonl: Path) -> None:
         "is read from ptq_wikitext2.json, measured on the first 5 windows: it is comparable with the other columns only "
         f"when --windows is 5. Training: {c['steps']} steps x {c['batch_size']} sequences (<= {c['max_seq_len']} tokens), "
         f"AdamW lr {c['lr']} cosine, weight decay {c['weight_decay']}, on {rows[0]['data_stats']['sequences']} generated "
-        "sequences (batch-size 32 generation, stop at end of sequence); trainable: the latent weights of every quantized linear; starting point: RTN (the latent weights start "
-        "from the full-precision, transformed weights).",
+        "sequences (batch-size 32 generation, stop at end of sequence); trainable: the latent weights of every quantized linear. Start rtn: the latent weights start "
+        "from the full-precision (transformed) weights; start gptq/awq: from the algorithm's quantized weights, on its fixed grid, "
+        f"calibrated on {CALIB_SAMPLES} windows of the generated text (data-free throughout).",
         "",
         f"Reproduce: `python benchmarks/qat_smollm2.py --samples {args.samples} --max-length {args.max_length} "
         f"--steps {c['steps']} --batch-size {c['batch_size']} --lr {c['lr']} --windows {rows[0]['windows']}`",
