@@ -133,8 +133,15 @@ def run_row(row: str, args) -> dict:
         size_bytes=lowbit.evaluation.model_size_bytes(model),
         # > 2 means other work shared the 2 cores during the row: its times are then inflated
         load_avg_5min=os.getloadavg()[1],
+        commit=source_commit(),
     )
     return result
+
+
+def source_commit() -> str | None:
+    """The commit of the code that measured the row (None outside a git checkout)."""
+    proc = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
 def main() -> None:
@@ -224,13 +231,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "and including the perplexity evaluation. Load avg = 5-minute load average at the end of the row "
         "(2 cores: above ~2 other work shared the machine and the row's times are inflated; '-' = not recorded).",
         "",
-        "Every row here ran before commit a5ac68b, which packs each finished layer at its bit width: their peak RSS "
-        "counts all quantized layers as fp32 weights (W4A16 GPTQ with 128 x 512 calibration now peaks at 0.88 GB with "
-        "its evaluation, benchmarks/results/headline). The alpha-search rows (smoothrot-all-search) also ran before "
-        "commit 7ea11d6 bounded that search's row sample. Perplexities are unchanged by both (packing is exact).",
+        "Commit = the code that measured the row ('-': before commit a5ac68b). Rows before a5ac68b, which packs each "
+        "finished layer at its bit width, count all quantized layers as fp32 weights in their peak RSS (W4A16 GPTQ with "
+        "128 x 512 calibration now peaks at 0.88 GB with its evaluation, benchmarks/results/headline); perplexities are "
+        "unchanged by packing (it is exact). The smoothrot-all-search rows before ab59fb0 held the alpha search's row "
+        "samples in a way that grew ~0.1 GB per calibration sample.",
         "",
-        "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) | load avg | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r.get("quantize_seconds")
@@ -238,7 +246,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         rel = "-" if fp is None or r is fp else f"{100 * (r['ppl'] / fp['ppl'] - 1):+.1f}%"
         lines.append(
             f"| {r['scheme']} | {r['transform']} | {r['algorithm']} | {r.get('options', '')} | {r['ppl']:.3f} | {rel} | "
-            f"{'-' if q is None else f'{q:.1f}'} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} | {load} |"
+            f"{'-' if q is None else f'{q:.1f}'} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} | {load} | {r.get('commit') or '-'} |"
         )
     return "\n".join(lines) + "\n"
 
