@@ -255,3 +255,21 @@ def test_pipeline_on_a_bfloat16_model():
     err = (q(x).logits.float() - model(x).logits.float()).pow(2).mean()
     rtn = lowbit.quantize_model(model, "W4A16", progress=False)
     assert err < 2 * (rtn(x).logits.float() - model(x).logits.float()).pow(2).mean()
+
+
+@torch.no_grad()
+def test_awq_keeps_a_bounded_uniform_sample_of_its_inputs():
+    """However many batches pass, AWQ holds at most `sample_rows` rows: real input rows, drawn
+    evenly from early and late batches, and its channel means still count every row."""
+    collector = awq_module.AWQ(4, sample_rows=300, seed=1)
+    batches = [torch.full((2, 50, 4), float(i)) + torch.arange(4.0) / 10 for i in range(40)]  # 100 rows each
+    for batch in batches:
+        collector.add_batch(batch)
+        assert collector.sample().shape[0] <= 300
+    rows = collector.sample()
+    assert rows.shape == (300, 4)
+    assert torch.allclose(rows - rows[:, :1], (torch.arange(4.0) / 10).expand(300, 4), atol=1e-5)  # real rows
+    per_batch = torch.bincount(rows[:, 0].round().long(), minlength=40)
+    assert per_batch[:20].sum() > 100 and per_batch[20:].sum() > 100  # 150 each expected: not the last batches only
+    assert collector.count == 4000
+    assert torch.allclose(collector.abs_sum / collector.count, torch.stack(batches).abs().mean((0, 1, 2)).double())

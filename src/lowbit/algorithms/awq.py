@@ -40,7 +40,11 @@ class AWQ:
         self.sample_rows = sample_rows
         self.abs_sum = torch.zeros(columns, dtype=torch.float64)
         self.count = 0
-        self.rows: list[torch.Tensor] = []
+        # A uniform sample of all rows seen, at most `sample_rows` held at any time: every row gets
+        # a random key and the rows with the largest keys are kept (memory stays bounded however
+        # much calibration data passes, instead of growing with it).
+        self.rows = torch.empty(0, columns)
+        self.keys = torch.empty(0)
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -48,15 +52,16 @@ class AWQ:
         x = x.reshape(-1, self.columns).float()
         self.abs_sum += x.abs().sum(0).double().cpu()
         self.count += x.shape[0]
-        x = clip_token_norms(x, self.token_clip)
-        self.rows.append(x[torch.randperm(x.shape[0], generator=self.generator)[: self.sample_rows]].cpu())
+        x = clip_token_norms(x, self.token_clip).cpu()
+        keys = torch.cat([self.keys, torch.rand(x.shape[0], generator=self.generator)])
+        rows = torch.cat([self.rows, x])
+        if rows.shape[0] > self.sample_rows:
+            keep = keys.topk(self.sample_rows).indices
+            keys, rows = keys[keep], rows[keep]
+        self.keys, self.rows = keys, rows
 
     def sample(self) -> torch.Tensor:
-        rows = torch.cat(self.rows)
-        if rows.shape[0] > self.sample_rows:
-            rows = rows[torch.randperm(rows.shape[0], generator=self.generator)[: self.sample_rows]]
-        self.rows = [rows]
-        return rows
+        return self.rows
 
     @torch.no_grad()
     def quantize(
