@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from statistics import mean
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from lowbit.runtime import QuantLinear
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 WIKI = ROOT.parents[1] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-# scheme, transform, algorithm, data strategy, loss
+# scheme, transform, algorithm, data strategy, loss[, "scales": the weight scales learn too (LSQ)]
 RUNS = [
     ("W4A8KV4", "none", "rtn", "hybrid", "logits"),
     ("W4A8KV4", "none", "rtn", "hybrid", "label"),
@@ -43,6 +44,8 @@ RUNS = [
     ("W4A8KV4", "none", "rtn", "greedy", "logits"),
     ("W4A8KV4", "none", "rtn", "sample", "logits"),
     ("W4A4KV4", "rotate", "gptq", "hybrid", "logits"),  # from the best PTQ recipe: rotation + GPTQ
+    ("W4A4KV4", "rotate", "gptq", "hybrid", "logits", "scales"),
+    ("W4A8KV4", "rotate", "gptq", "hybrid", "logits", "scales"),
 ]
 CALIB_SAMPLES = 32  # GPTQ/AWQ starts: calibrated on the generated data (data-free throughout)
 # Best PTQ rows of results/ptq_wikitext2.json (same windows): read, not re-run.
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--scale-lr", type=float, default=1e-4, help="learning rate of the weight scales in 'scales' runs")
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--runs", default=None, help="comma-separated run keys (default: all)")
     parser.add_argument("--work", default=str(ROOT.parent / "runs" / "qat_bench"))
@@ -103,7 +107,8 @@ def run_all(args, jsonl: Path) -> None:
 
     fp = ppl("fp", teacher)
     stats = {}
-    for scheme, transform, algorithm, strategy, loss in todo:
+    for scheme, transform, algorithm, strategy, loss, *options in todo:
+        scales = "scales" in options
         data_dir = Path(args.work) / f"data-{strategy}-{args.samples}x{args.max_length}"
         config = DatagenConfig(samples=args.samples, max_length=args.max_length, shard_size=64, batch_size=32,
                                sampling=Sampling(strategy=strategy, stop_at_eos=True))
@@ -114,7 +119,7 @@ def run_all(args, jsonl: Path) -> None:
                                         trainable=True)
         before = ppl(f"{scheme}/{transform}/{algorithm}", student)
         tconfig = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_seq_len=args.max_length,
-                              losses={loss: 1.0})
+                              losses={loss: 1.0}, learn_scales=scales, scale_lr=args.scale_lr if scales else None)
         torch.manual_seed(0)
         summary = train(student, teacher, dataset, tconfig)
         for m in student.modules():
@@ -123,8 +128,8 @@ def run_all(args, jsonl: Path) -> None:
         start = time.time()
         after = lowbit.perplexity(student, eval_ids, 2048, args.windows, desc="perplexity after QAT").ppl
         row = {
-            "key": run_key((scheme, transform, algorithm, strategy, loss)), "scheme": scheme, "transform": transform,
-            "algorithm": algorithm, "data": strategy, "loss": loss, "fp_ppl": fp, "before_ppl": before, "after_ppl": after,
+            "key": run_key((scheme, transform, algorithm, strategy, loss, *options)), "scheme": scheme, "transform": transform,
+            "algorithm": algorithm, "data": strategy, "loss": loss, "learn_scales": scales, "fp_ppl": fp, "before_ppl": before, "after_ppl": after,
             "train_seconds": summary["seconds"], "eval_seconds": time.time() - start, "tokens": summary["tokens_this_run"],
             "first_loss": summary["history"][0]["loss"], "last_loss": summary["history"][-1]["loss"],
             "loss_history": [round(h["loss"], 4) for h in summary["history"]],
@@ -137,6 +142,11 @@ def run_all(args, jsonl: Path) -> None:
         del student
 
 
+def trained(row: dict) -> str:
+    c = row["train_config"]
+    return f"weights + scales (lr {c['scale_lr']:g})" if row.get("learn_scales") else "weights"
+
+
 def render(args, jsonl: Path) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     c = rows[0]["train_config"]
@@ -146,24 +156,24 @@ def render(args, jsonl: Path) -> None:
         "is read from ptq_wikitext2.json, measured on the first 5 windows: it is comparable with the other columns only "
         f"when --windows is 5. Training: {c['steps']} steps x {c['batch_size']} sequences (<= {c['max_seq_len']} tokens), "
         f"AdamW lr {c['lr']} cosine, weight decay {c['weight_decay']}, on {rows[0]['data_stats']['sequences']} generated "
-        "sequences (batch-size 32 generation, stop at end of sequence); trainable: the latent weights of every quantized linear. Start rtn: the latent weights start "
+        "sequences (batch-size 32 generation, stop at end of sequence); trained: the latent weights of every quantized linear, and in 'scales' rows their per-row weight scales too (LSQ). Start rtn: the latent weights start "
         "from the full-precision (transformed) weights; start gptq/awq: from the algorithm's quantized weights, on its fixed grid, "
         f"calibrated on {CALIB_SAMPLES} windows of the generated text (data-free throughout).",
         "",
         f"Reproduce: `python benchmarks/qat_smollm2.py --samples {args.samples} --max-length {args.max_length} "
-        f"--steps {c['steps']} --batch-size {c['batch_size']} --lr {c['lr']} --windows {rows[0]['windows']}`",
+        f"--steps {c['steps']} --batch-size {c['batch_size']} --lr {c['lr']} --scale-lr {args.scale_lr} --windows {rows[0]['windows']}`",
         "",
-        "| scheme | transform | start | data | loss | FP32 PPL | PPL before QAT | PPL after QAT | change | best PTQ (ptq_wikitext2) | train time (s) | batch loss, first -> last step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scheme | transform | start | trained | data | loss | FP32 PPL | PPL before QAT | PPL after QAT | change | best PTQ (ptq_wikitext2) | train time (s) | loss, mean of the first -> last 8 steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         best = best_ptq(r["scheme"])
         best_text = f"{best['ppl']:.2f} ({best['transform']}/{best['algorithm']})" if best else "-"
         change = (r["after_ppl"] - r["before_ppl"]) / r["before_ppl"] * 100
         lines.append(
-            f"| {r['scheme']} | {r['transform']} | {r['algorithm']} | {r['data']} | {r['loss']} | {r['fp_ppl']:.2f} | "
+            f"| {r['scheme']} | {r['transform']} | {r['algorithm']} | {trained(r)} | {r['data']} | {r['loss']} | {r['fp_ppl']:.2f} | "
             f"{r['before_ppl']:.2f} | {r['after_ppl']:.2f} | {change:+.1f}% | {best_text} | {r['train_seconds']:.0f} | "
-            f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |"
+            f"{mean(r['loss_history'][:8]):.3f} -> {mean(r['loss_history'][-8:]):.3f} |"
         )
     lines += ["", "Generated data (per strategy):", "", "| data | sequences | tokens | mean length | distinct 1/2/3/4-grams |", "|---|---|---|---|---|"]
     seen = set()

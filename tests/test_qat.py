@@ -24,7 +24,8 @@ from lowbit.qat import (
     train,
 )
 from lowbit.qat import datagen as datagen_module
-from lowbit.qat.train import trainable_parameters
+from lowbit.qat.train import freeze_student, learn_weight_scales, trainable_parameters
+from lowbit.quant import fake_quantize
 from lowbit.runtime import QuantLinear, TensorQuantizer
 
 V = 64
@@ -236,9 +237,11 @@ def test_training_lowers_the_distillation_loss():
     assert losses[-1] < losses[0]
 
 
-def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_checkpoint_resume_is_exact(tmp_path, monkeypatch, learn_scales):
     teacher = tiny_model("llama")
-    config = TrainConfig(steps=4, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+    config = TrainConfig(steps=4, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=1, checkpoint_every=2,
+                         learn_scales=learn_scales, scale_lr=1e-4 if learn_scales else None)
     straight = _student(teacher, "W4A8KV4")
     train(straight, teacher, _data(), config, checkpoint_dir=tmp_path / "a", progress=False)
 
@@ -263,6 +266,62 @@ def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="other training settings"):
         train(_student(teacher, "W4A8KV4"), teacher, _data(), TrainConfig(steps=4, batch_size=4, lr=5e-3),
               checkpoint_dir=tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4g16A16", "W3aA16"])
+def test_learned_scale_quantizer_matches_and_passes_gradients(scheme):
+    from lowbit.quant.fake import QParams, as_rows, compute_qparams, learned_fake_quantize
+
+    args = lowbit.parse_scheme(scheme).weights
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    qp = compute_qparams(as_rows(w, args), args)
+    scale = qp.scale.clone() * 0.8  # some values now fall outside the range and clamp
+    scale.requires_grad_(True)
+    x = w.clone().requires_grad_(True)
+    out = learned_fake_quantize(x, args, QParams(scale, qp.zero))
+    assert torch.equal(out, fake_quantize(w, args, QParams(scale.detach(), qp.zero)))
+    out.sum().backward()  # d/dx = 1 where the value is in range, 0 where it clamps
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+    v = (as_rows(w, args) - qp.zero) / scale.detach()
+    clamped = ((v.round() < args.qmin) | (v.round() > args.qmax)).reshape(w.shape)
+    assert clamped.any() and (x.grad[clamped] == 0).all() and (x.grad[~clamped] == 1).all()
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_learned_scales_start_unchanged_train_and_freeze_onto_a_grid(algorithm):
+    teacher = tiny_model("llama")
+    calib = [torch.randint(0, 512, (1, 16)) for _ in range(4)] if algorithm == "gptq" else None
+    student = lowbit.quantize_model(teacher, "W4A8KV4", algorithm=algorithm, calibration=calib, trainable=True, progress=False)
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        start = student(x).logits
+    learn_weight_scales(student)
+    linears = [m for m in student.model.layers.modules() if isinstance(m, QuantLinear)]
+    assert all(m.learns_weight_scale for m in linears)
+    with torch.no_grad():
+        assert torch.allclose(student(x).logits, start, atol=1e-6)  # the same grid, now a parameter
+    scales = {id(m): m.weight_scale.detach().clone() for m in linears}
+    params = trainable_parameters(student)
+    assert sum(n.endswith("weight_scale") for n in params) == len(linears)
+    config = TrainConfig(steps=10, batch_size=4, lr=3e-3, schedule="constant", learn_scales=True, scale_lr=1e-3)
+    losses = [h["loss"] for h in train(student, teacher, _data(), config, progress=False)["history"]]
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(m.weight_scale, scales[id(m)]) for m in linears)  # the scales learned
+    student.eval()
+    with torch.no_grad():
+        trained = student(x).logits
+    freeze_student(student)
+    assert all(m.weight_scale is None and not m.trainable for m in linears)
+    with torch.no_grad():
+        assert torch.allclose(student(x).logits, trained, atol=1e-5)  # freezing keeps the trained function
+    assert all(m.compact() for m in linears)  # the frozen weights sit exactly on a 4-bit grid
+    with torch.no_grad():
+        assert torch.allclose(student(x).logits, trained, atol=1e-5)
+
+
+def test_scale_lr_needs_learn_scales():
+    with pytest.raises(UserError, match="learn_scales"):
+        TrainConfig(scale_lr=1e-4).check()
 
 
 @pytest.mark.parametrize("losses", [{"label": 1.0}, {"logits": 1.0, "hidden": 0.5}, {"attention": 1.0}])

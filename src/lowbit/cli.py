@@ -356,6 +356,8 @@ def _loss_weights(text: str) -> dict[str, float]:
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward passes.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard the student with FSDP instead of replicating it with DDP (for models that do not fit on one device).")
+@click.option("--learn-scales", is_flag=True, help="Train the per-row weight scales too (LSQ), not only the latent weights: lets a GPTQ/AWQ start move off its fixed grid.")
+@click.option("--scale-lr", type=float, default=None, help="Learning rate of the weight scales (default: --lr).")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Write a checkpoint every N steps (0: only at the end).")
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="Generated sequences used as calibration where the recipe needs it.")
 @click.option("--eval-data", default=None, help="Evaluation text (same forms as lowbit quantize --data; --data here is the training data).")
@@ -367,7 +369,7 @@ def _loss_weights(text: str) -> dict[str, float]:
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
 @click.option("--no-save-model", is_flag=True, help="Write only the reports, not the trained quantized model (out/model).")
 @click.pass_context
-def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_size, grad_accum, lr, warmup_steps, schedule, max_seq_len, teacher_topk, bf16, grad_checkpointing, fsdp, checkpoint_every, calib_samples, eval_data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
+def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_size, grad_accum, lr, warmup_steps, schedule, max_seq_len, teacher_topk, bf16, grad_checkpointing, fsdp, learn_scales, scale_lr, checkpoint_every, calib_samples, eval_data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
     """Quantization-aware training by distillation from the full-precision model (LLM-QAT)."""
     import shutil
     import tempfile
@@ -389,6 +391,7 @@ def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_s
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
         max_seq_len=max_seq_len, losses=_loss_weights(loss), teacher_topk=teacher_topk, bf16=bf16,
         grad_checkpointing=grad_checkpointing, fsdp=fsdp, checkpoint_every=checkpoint_every, seed=seed,
+        learn_scales=learn_scales, scale_lr=scale_lr,
     )
     config.check(1)
     checkpoints = Path(str(out).rstrip("/") + ".checkpoints")

@@ -277,7 +277,7 @@ def qat_job(
     Under torchrun every rank trains; rank 0 evaluates and returns the report (others return {})."""
     from .qat import freeze_student, init_distributed, load_dataset, train
     from .qat.datagen import generated_calibration
-    from .qat.train import gather_weights
+    from .qat.train import gather_weights, learn_weight_scales
     from .qat.datagen import dataset_stats
     from .qat.train import rank
 
@@ -316,6 +316,8 @@ def qat_job(
         report["ptq"] = {"ppl": before.ppl}
     log.info("QAT: %d steps x %d sequences on %d generated sequences", config.steps, config.batch_size, len(dataset))
     sharded = config.fsdp and _world() > 1
+    if config.learn_scales:  # before the copy, so that it has the same parameters to load into
+        learn_weight_scales(student)
     whole = copy.deepcopy(student) if sharded and main else None  # FSDP shards the student in place
     summary = train(student, teacher, dataset, config, checkpoint_dir=checkpoint_dir, progress=progress)
     if sharded:  # every rank gathers; rank 0 evaluates and saves the whole trained student

@@ -58,6 +58,8 @@ class TrainConfig:
     fsdp: bool = False
     checkpoint_every: int = 0  # 0: only at the end
     seed: int = 0
+    learn_scales: bool = False  # train the per-row weight scales too (LSQ), not only the latent weights
+    scale_lr: float | None = None  # learning rate of the scales (None: lr)
 
     def check(self, world: int = 1) -> None:
         distill.check_losses(self.losses)
@@ -71,6 +73,8 @@ class TrainConfig:
             raise UserError(f"unknown schedule {self.schedule!r}; choose {' or '.join(SCHEDULES)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
             raise UserError("lr must be positive, warm-up steps and weight decay non-negative")
+        if self.scale_lr is not None and (self.scale_lr <= 0 or not self.learn_scales):
+            raise UserError("scale_lr must be positive and needs learn_scales (--learn-scales)")
         if self.teacher_topk is not None and (self.teacher_topk < 1 or set(self.losses) - {"logits", "label"}):
             raise UserError("teacher_topk must be at least 1 and works with the logits (and label) losses only")
 
@@ -99,17 +103,26 @@ def init_distributed() -> torch.device:
 
 
 def trainable_parameters(student: nn.Module) -> dict[str, nn.Parameter]:
-    """Freeze everything but the latent weights (and biases) of the trainable quantized linears."""
+    """Freeze everything but the latent weights (and biases) of the trainable quantized linears,
+    and their weight scales where they learn them."""
     linears = [m for m in student.modules() if isinstance(m, QuantLinear) and m.trainable]
     if not linears:
         raise UserError("the student has no trainable quantized linears; build it with quantize_model(..., trainable=True)")
-    keep = {id(p) for m in linears for p in (m.weight, m.bias) if p is not None}
+    keep = {id(p) for m in linears for p in (m.weight, m.bias, m.weight_scale) if isinstance(p, nn.Parameter)}
     params = {}
     for name, p in student.named_parameters():
         p.requires_grad_(id(p) in keep)
         if id(p) in keep:
             params[name] = p
     return params
+
+
+def learn_weight_scales(student: nn.Module) -> nn.Module:
+    """Make the weight scales of every trainable quantized linear trainable too (LSQ)."""
+    for module in student.modules():
+        if isinstance(module, QuantLinear) and module.trainable and module.weight_args is not None:
+            module.learn_weight_scale()
+    return student
 
 
 def freeze_student(student: nn.Module) -> nn.Module:
@@ -263,6 +276,8 @@ def train(
     if not dataset:
         raise UserError("the training data has no sequences")
     device = next(student.parameters()).device
+    if config.learn_scales:
+        learn_weight_scales(student)
     params = trainable_parameters(student)
     teacher.eval().requires_grad_(False)
     if "attention" in config.losses:
@@ -275,7 +290,7 @@ def train(
     model = _wrap_distributed(student, config, device)
     if sharded:  # fully_shard replaced the parameters with sharded ones: the optimizer must see those
         params = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(params, config), weight_decay=config.weight_decay)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     step, history = 0, []
     if path is not None and path.is_file():
@@ -289,7 +304,7 @@ def train(
     bar = tqdm(total=config.steps, initial=step, desc="QAT", unit="step", disable=not progress or rank() != 0)
     while step < config.steps:
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config)
+            group["lr"] = group["base_lr"] * lr_factor(step, config)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(config.grad_accum):
@@ -335,6 +350,17 @@ def train(
     if config.grad_checkpointing:
         student.gradient_checkpointing_disable()
     return {"history": history, "seconds": time.time() - start, "tokens_this_run": tokens, "steps": step}
+
+
+def _param_groups(params: dict[str, nn.Parameter], config: TrainConfig) -> list[dict]:
+    """Latent weights and biases at lr; learned weight scales at scale_lr (default lr)."""
+    scales = [p for n, p in params.items() if n.endswith("weight_scale")]
+    others = [p for n, p in params.items() if not n.endswith("weight_scale")]
+    groups = [{"params": others, "lr": config.lr, "base_lr": config.lr}]
+    if scales:
+        lr = config.scale_lr or config.lr
+        groups.append({"params": scales, "lr": lr, "base_lr": lr})
+    return groups
 
 
 def _save(path: Path, step: int, params, optimizer, history, config, sharded_model=None) -> None:

@@ -113,7 +113,10 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, qparams: QParams | None = No
     """Quantize and dequantize `x`; gradients pass straight through (STE: dQ(x)/dx = 1).
 
     With `qparams` (static quantization) those scales are used, otherwise they come from `x`.
+    A scale that requires grad is learned (LSQ): see `learned_fake_quantize`.
     """
+    if qparams is not None and qparams.scale.requires_grad:
+        return learned_fake_quantize(x, args, qparams)
     rows = as_rows(x, args)
     with torch.no_grad():
         detached = rows.detach()
@@ -123,6 +126,16 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, qparams: QParams | None = No
     if x.requires_grad:
         out = x + (out - x).detach()
     return out
+
+
+def learned_fake_quantize(x: torch.Tensor, args: QuantArgs, qparams: QParams) -> torch.Tensor:
+    """Fake quantization whose scale learns too (LSQ, Esser et al. 2020): only the rounding is
+    straight-through, so d/dscale = round(v) - v inside the range and the clamp bound outside,
+    and values clamped at the range get no gradient. Same values as `fake_quantize`."""
+    rows = as_rows(x, args)
+    v = (rows - qparams.zero) / qparams.scale
+    q = torch.clamp(v + (torch.round(v) - v).detach(), args.qmin, args.qmax)
+    return (q * qparams.scale + qparams.zero).reshape(x.shape).to(x.dtype)
 
 
 def quantize(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:

@@ -28,7 +28,7 @@ from torch import nn
 from ..quant import fake_quantize
 from ..memory import release_mapped_pages
 from ..quant.codes import InexactCodesError, WeightCodes, encode_weight, exact_codes
-from ..quant.fake import QParams
+from ..quant.fake import QParams, as_rows, compute_qparams
 from ..scheme import QuantArgs
 from .quantizer import TensorQuantizer
 
@@ -111,14 +111,39 @@ class QuantLinear(nn.Module):
         self.trainable = True
 
     @torch.no_grad()
+    def learn_weight_scale(self) -> None:
+        """Train the per-row weight scales too (LSQ), starting from the grid in use: the fixed grid
+        of a calibrated start, or the MinMax grid of the latent weight (so the function is unchanged)."""
+        if not self.trainable or self.weight_args is None:
+            raise ValueError("only a trainable quantized weight can learn its scales")
+        if isinstance(self.weight_scale, nn.Parameter):
+            return
+        if self.weight_scale is None:
+            qp = compute_qparams(as_rows(self.weight.detach().float(), self.weight_args), self.weight_args)
+            self.weight_zero = qp.zero.to(self.weight.device)
+            scale = qp.scale
+        else:
+            scale = self.weight_scale
+        self.weight_scale = nn.Parameter(scale.detach().clone().to(self.weight.device))
+
+    @property
+    def learns_weight_scale(self) -> bool:
+        return isinstance(self.weight_scale, nn.Parameter)
+
+    @torch.no_grad()
     def freeze(self) -> None:
         """End training: keep the quantized weight (the latent one is dropped)."""
         self.expand()
         if self.trainable and self.weight_args is not None:
-            q = fake_quantize(self.weight.detach().float(), self.weight_args, self._weight_grid())
+            grid = self._weight_grid()
+            if grid is not None:
+                grid = QParams(grid.scale.detach(), grid.zero)
+            q = fake_quantize(self.weight.detach().float(), self.weight_args, grid)
             self.weight.copy_(q.to(self.weight.dtype))
         self.trainable = False
-        self.weight_scale = self.weight_zero = None
+        self._parameters.pop("weight_scale", None)  # a learned scale is a parameter: back to a buffer
+        self.register_buffer("weight_scale", None)
+        self.weight_zero = None
         self.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
