@@ -100,7 +100,8 @@ def run_row(row: str, args) -> dict:
     model, tokenizer = lowbit.load_model()
     load_seconds = time.time() - t0
     ids = tokenize(tokenizer, load_text(args.data))
-    result = {"row": row, "scheme": scheme_name, "transform": transform, "algorithm": algorithm, "load_seconds": load_seconds}
+    result = {"row": row, "scheme": scheme_name, "transform": transform, "algorithm": algorithm, "load_seconds": load_seconds,
+              "commit": source_commit()}  # at the start: the code this process imported
     if options:
         result["options"] = "/".join(options)
     scheme = None
@@ -133,7 +134,6 @@ def run_row(row: str, args) -> dict:
         size_bytes=lowbit.evaluation.model_size_bytes(model),
         # > 2 means other work shared the 2 cores during the row: its times are then inflated
         load_avg_5min=os.getloadavg()[1],
-        commit=source_commit(),
     )
     return result
 
@@ -235,7 +235,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "finished layer at its bit width, count all quantized layers as fp32 weights in their peak RSS (W4A16 GPTQ with "
         "128 x 512 calibration now peaks at 0.88 GB with its evaluation, benchmarks/results/headline); perplexities are "
         "unchanged by packing (it is exact). The smoothrot-all-search rows before ab59fb0 held the alpha search's row "
-        "samples in a way that grew ~0.1 GB per calibration sample.",
+        "samples in a way that grew ~0.1 GB per calibration sample; rotated rows before bbc5320 include a 0.56 GB transient "
+        "(the final norm's gain folded into a float64 copy of the whole lm_head).",
         "",
         "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) | load avg | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
