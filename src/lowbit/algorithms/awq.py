@@ -40,11 +40,12 @@ class AWQ:
         self.sample_rows = sample_rows
         self.abs_sum = torch.zeros(columns, dtype=torch.float64)
         self.count = 0
-        # A uniform sample of all rows seen, at most `sample_rows` held at any time: every row gets
-        # a random key and the rows with the largest keys are kept (memory stays bounded however
-        # much calibration data passes, instead of growing with it).
-        self.rows = torch.empty(0, columns)
-        self.keys = torch.empty(0)
+        # A uniform sample of all rows seen, at most `sample_rows`: every row gets a random key and
+        # the rows with the largest keys are kept (the same rows however the batches fall). The
+        # buffers are allocated once and updated in place, nothing re-allocated per batch.
+        self.rows = torch.empty(sample_rows, columns)
+        self.keys = torch.empty(sample_rows)
+        self.filled = 0
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -53,15 +54,22 @@ class AWQ:
         self.abs_sum += x.abs().sum(0).double().cpu()
         self.count += x.shape[0]
         x = clip_token_norms(x, self.token_clip).cpu()
-        keys = torch.cat([self.keys, torch.rand(x.shape[0], generator=self.generator)])
-        rows = torch.cat([self.rows, x])
-        if rows.shape[0] > self.sample_rows:
-            keep = keys.topk(self.sample_rows).indices
-            keys, rows = keys[keep], rows[keep]
-        self.keys, self.rows = keys, rows
+        keys = torch.rand(x.shape[0], generator=self.generator)
+        free = min(self.sample_rows - self.filled, x.shape[0])  # still filling: take rows as they come
+        self.rows[self.filled : self.filled + free] = x[:free]
+        self.keys[self.filled : self.filled + free] = keys[:free]
+        self.filled += free
+        x, keys = x[free:], keys[free:]
+        if keys.numel():  # full: new rows whose keys beat the smallest kept ones replace those
+            kept = torch.zeros(self.sample_rows + keys.numel(), dtype=torch.bool)
+            kept[torch.cat([self.keys, keys]).topk(self.sample_rows).indices] = True
+            slots = (~kept[: self.sample_rows]).nonzero().squeeze(1)
+            entering = kept[self.sample_rows :].nonzero().squeeze(1)
+            self.rows[slots] = x[entering]
+            self.keys[slots] = keys[entering]
 
     def sample(self) -> torch.Tensor:
-        return self.rows
+        return self.rows[: self.filled]
 
     @torch.no_grad()
     def quantize(
