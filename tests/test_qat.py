@@ -353,10 +353,11 @@ def _distributed_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
     teacher = tiny_model("llama")
-    for mode in ("ddp", "fsdp", "fsdp-resumed"):
+    for mode in ("ddp", "fsdp", "fsdp-resumed", "fsdp-scales"):
         student = _student(teacher, "W4A8KV4")
         # constant lr: a run of 2 steps is then the first 2 steps of a run of 3
-        config = TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant", fsdp=mode != "ddp")
+        config = TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant", fsdp=mode != "ddp",
+                             learn_scales=mode == "fsdp-scales")
         if mode == "fsdp-resumed":  # stop after 2 steps (checkpoint), then a fresh student resumes to 3
             ckpt = os.path.join(out, "ckpt")
             train(student, teacher, _ddp_data(), replace(config, steps=2), checkpoint_dir=ckpt, progress=False)
@@ -377,20 +378,27 @@ def test_ddp_and_fsdp_two_processes_agree_with_each_other_and_one_process(tmp_pa
     single = _student(teacher, "W4A8KV4")
     train(single, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant"), progress=False)
     start = _weights(_student(teacher, "W4A8KV4"))
-    for mode in ("ddp", "fsdp", "fsdp-resumed"):
+    with_scales = _student(teacher, "W4A8KV4")
+    train(with_scales, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant", learn_scales=True),
+          progress=False)
+    for mode in ("ddp", "fsdp", "fsdp-resumed", "fsdp-scales"):
         r0, r1 = torch.load(tmp_path / f"{mode}0.pt"), torch.load(tmp_path / f"{mode}1.pt")
         assert all(torch.equal(r0[n], r1[n]) for n in r0), mode
-        for n, p in _weights(single).items():  # the same global batches: the same update, up to float summation order
+        reference = _weights(with_scales if mode == "fsdp-scales" else single)
+        assert set(r0) == set(reference), mode  # with scales: the learned weight scales too
+        for n, p in reference.items():  # the same global batches: the same update, up to float summation order
             torch.testing.assert_close(r0[n], p, rtol=1e-4, atol=1e-6)
-        assert any(not torch.equal(start[n], r0[n]) for n in r0)
+        assert any(not torch.equal(start[n], r0[n]) for n in start)
+    assert any(n.endswith("weight_scale") for n in _weights(with_scales))
     # an FSDP checkpoint (gathered weights and optimizer state) resumes the sharded run exactly
     whole, resumed = torch.load(tmp_path / "fsdp0.pt"), torch.load(tmp_path / "fsdp-resumed0.pt")
     assert all(torch.equal(whole[n], resumed[n]) for n in whole)
 
 
 def test_cli_qat_under_torchrun_with_fsdp(tiny_model_dir, sample_text_file, tmp_path):
-    """`torchrun --nproc_per_node 2 lowbit qat --fsdp` (gloo on CPU): rank 0 gathers the sharded
-    student, evaluates it and saves it; the saved model reloads to the reported perplexity."""
+    """`torchrun --nproc_per_node 2 lowbit qat --fsdp --learn-scales` (gloo on CPU): rank 0 gathers the
+    sharded student (learned scales included), evaluates it and saves it; the saved model reloads to
+    the reported perplexity."""
     import subprocess
     import sys
 
@@ -407,13 +415,14 @@ def test_cli_qat_under_torchrun_with_fsdp(tiny_model_dir, sample_text_file, tmp_
     qat = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lowbit.cli", "-q", "qat",
          "--model", str(tiny_model_dir), "--data", str(data), "--scheme", "W4A8KV4", "--steps", "2", "--batch-size", "4",
-         "--lr", "1e-3", "--fsdp", "--checkpoint-every", "1", "--eval-data", str(sample_text_file), "--windows", "2",
+         "--lr", "1e-3", "--fsdp", "--learn-scales", "--checkpoint-every", "1", "--eval-data", str(sample_text_file), "--windows", "2",
          "--seq-len", "32", "--out", str(out), "--no-fp"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert qat.returncode == 0, qat.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["qat"]["processes"] == 2 and report["qat"]["config"]["fsdp"] and report["qat"]["steps"] == 2
+    assert report["qat"]["config"]["learn_scales"]
     assert report["quantized"]["ppl"] != report["ptq"]["ppl"]
     student, tokenizer = lowbit.load_quantized(out)
     ids = tokenize(tokenizer, load_text(str(sample_text_file), split="eval"))

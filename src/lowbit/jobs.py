@@ -323,8 +323,10 @@ def qat_job(
     if sharded:  # every rank gathers; rank 0 evaluates and saves the whole trained student
         trained = gather_weights({n: p for n, p in student.named_parameters() if p.requires_grad})
         student = whole
-        if main:
-            student.load_state_dict(trained, strict=False)
+        if main:  # only the trained parameters come back: every one of them must land
+            unexpected = student.load_state_dict(trained, strict=False).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"trained parameters with no place in the unsharded student: {unexpected[:3]}")
     if not main:
         return {}
     freeze_student(student)
