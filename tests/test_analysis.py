@@ -26,7 +26,7 @@ from lowbit.analysis.theory import eq8_rotation_max, eq9_smoothrot_max, theory_c
 from lowbit.arch import get_arch
 from lowbit.cli import main
 from lowbit.scheme import QuantArgs
-from lowbit.transforms.hadamard import hadamard_transform
+from lowbit.hadamard import hadamard_transform
 from lowbit.transforms.smooth import smooth_scales
 
 INT4_W = QuantArgs(bits=4, granularity="channel")

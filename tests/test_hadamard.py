@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit import UserError
-from lowbit.transforms.hadamard import (
+from lowbit.hadamard import (
     _base_matrix,
     factor_order,
     hadamard_matrix,

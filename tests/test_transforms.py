@@ -129,7 +129,7 @@ def test_transforms_tame_outlier_channels():
 
 
 def test_rotation_lowers_the_layerwise_error_of_an_outlier_channel():
-    from lowbit.transforms.hadamard import hadamard_transform
+    from lowbit.hadamard import hadamard_transform
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(128, 64, generator=g, dtype=torch.float64)

@@ -3,41 +3,63 @@
 __version__ = "0.1.0"
 
 from . import data
-from .algorithms.awq import AWQConfig
-from .algorithms.gptq import GPTQConfig
+from .algorithms import AWQConfig, GPTQConfig, RTNConfig, algorithm_names, register_algorithm
+from .algorithms.registry import AlgorithmResult, GroupContext
+from .api import calibrate_static, check_scheme, quantize
+from .arch import ArchSpec, InputGroup, register_arch
 from .errors import UserError
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
 from .io import export_compressed_tensors, load_quantized, save_quantized
 from .models import DEFAULT_MODEL, load_model
 from .pipeline import PipelineConfig
-from .runtime import calibrate_static, quantize_model
+from .qat import DatagenConfig, TrainConfig, freeze_student, generate_dataset, train
+from .quant import QuantizedWeight
+from .recipes import Recipe, load_recipe
+from .runtime import QuantizationState, convert_to_int_kernels, quantization_state
 from .scheme import Granularity, Observer, QuantArgs, Scheme, parse_scheme
 from .transforms.apply import TransformConfig
 
-quantize = quantize_model
-
 __all__ = [
     "AWQConfig",
+    "AlgorithmResult",
+    "ArchSpec",
     "DEFAULT_MODEL",
+    "DatagenConfig",
     "GPTQConfig",
-    "PipelineConfig",
-    "TransformConfig",
     "Granularity",
+    "GroupContext",
+    "InputGroup",
     "Observer",
+    "PipelineConfig",
     "QuantArgs",
+    "QuantizationState",
+    "QuantizedWeight",
+    "RTNConfig",
+    "Recipe",
     "Scheme",
+    "TrainConfig",
+    "TransformConfig",
     "UserError",
+    "algorithm_names",
     "calibrate_static",
+    "check_scheme",
+    "convert_to_int_kernels",
     "data",
     "export_compressed_tensors",
+    "freeze_student",
+    "generate_dataset",
     "kv_cache_bytes",
     "load_model",
     "load_quantized",
+    "load_recipe",
     "model_ops",
     "model_size_bytes",
     "parse_scheme",
     "perplexity",
+    "quantization_state",
     "quantize",
-    "quantize_model",
+    "register_algorithm",
+    "register_arch",
     "save_quantized",
+    "train",
 ]

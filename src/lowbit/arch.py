@@ -8,29 +8,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import UserError
 
 ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-GROUP_ROLES = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.down_proj": "down"}
+ROTATIONS = ("r1", "r2", "r4")
 
 
 @dataclass(frozen=True)
 class InputGroup:
-    """Linears that read the same tensor, and the module that produces it.
+    """Linears that read the same tensor, the module that produces it, and what the tensor is.
 
     `source` is a norm (whose weight can absorb a smoothing scale or be folded into the linears)
     or a linear (up -> down, v -> o)."""
 
     source: str
     linears: tuple[str, ...]
+    role: str  # its name in reports: qkv, o, gate_up, down for the Llama layout
+    # the rotation of QuaRot that applies to this input: r1 (the residual stream, read after a
+    # norm), r2 (the attention output, per head and in full), r4 (the MLP's inner activations)
+    rotation: str
+    reads_attention_output: bool = False  # the KV cache is computed before this input
+    # input channels come in heads, and heads sharing a KV head are produced by the same rows of
+    # the source (o_proj reading v_proj under grouped-query attention): they share any scale
+    kv_tied: bool = False
+    massive_outliers: bool = False  # where massive outliers live: smooth rotation smooths it by default
 
-    @property
-    def role(self) -> str:
-        """qkv, o, gate_up or down: what the group is, whatever the family calls its modules."""
-        return GROUP_ROLES.get(self.linears[0], self.linears[0])
+    def __post_init__(self) -> None:
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"input group {self.role!r}: rotation must be one of {', '.join(ROTATIONS)}; got {self.rotation!r}")
+
+
+def llama_groups(attn_norm: str = "input_layernorm", mlp_norm: str = "post_attention_layernorm") -> tuple[InputGroup, ...]:
+    """The four inputs of a Llama-layout decoder layer."""
+    return (
+        InputGroup(attn_norm, ATTN_LINEARS[:3], "qkv", "r1"),
+        InputGroup("self_attn.v_proj", ("self_attn.o_proj",), "o", "r2", reads_attention_output=True, kv_tied=True),
+        InputGroup(mlp_norm, MLP_LINEARS[:2], "gate_up", "r1"),
+        InputGroup("mlp.up_proj", ("mlp.down_proj",), "down", "r4", massive_outliers=True),
+    )
 
 
 @dataclass(frozen=True)
@@ -43,12 +62,7 @@ class ArchSpec:
     lm_head: str = "lm_head"
     attention: str = "self_attn"
     linears: tuple[str, ...] = ATTN_LINEARS + MLP_LINEARS
-    input_groups: tuple[InputGroup, ...] = (
-        InputGroup("input_layernorm", ATTN_LINEARS[:3]),
-        InputGroup("self_attn.v_proj", ("self_attn.o_proj",)),
-        InputGroup("post_attention_layernorm", MLP_LINEARS[:2]),
-        InputGroup("mlp.up_proj", ("mlp.down_proj",)),
-    )
+    input_groups: tuple[InputGroup, ...] = llama_groups()
     # RMSNorm computes x * (offset + weight): 0 for Llama-style, 1 for Gemma.
     norm_weight_offset: float = 0.0
     # per-head RMSNorm on queries and keys after projection (Qwen3, Gemma 3)
@@ -61,14 +75,9 @@ class ArchSpec:
     transforms: tuple[str, ...] = ("smooth", "rotate", "smoothrot")
 
 
-_GEMMA_GROUPS = (
-    InputGroup("input_layernorm", ATTN_LINEARS[:3]),
-    InputGroup("self_attn.v_proj", ("self_attn.o_proj",)),
-    InputGroup("pre_feedforward_layernorm", MLP_LINEARS[:2]),
-    InputGroup("mlp.up_proj", ("mlp.down_proj",)),
-)
+_GEMMA_GROUPS = llama_groups(mlp_norm="pre_feedforward_layernorm")
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (
+ARCHITECTURES: list[ArchSpec] = [
     ArchSpec("llama", ("llama",)),
     ArchSpec("mistral", ("mistral",)),
     ArchSpec("qwen2", ("qwen2",)),
@@ -88,7 +97,16 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         qk_norm=True,
         post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     ),
-)
+]
+
+
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Add an architecture (a new family is data: an `ArchSpec`); a model type already known is refused."""
+    taken = set(spec.model_types) & set(supported_model_types())
+    if taken:
+        raise ValueError(f"model types {', '.join(sorted(taken))} already have an architecture")
+    ARCHITECTURES.append(spec)
+    return spec
 
 
 def supported_model_types() -> list[str]:
@@ -127,6 +145,22 @@ def head_dim(config) -> int:
 def kv_groups(config) -> int:
     """Query heads per KV head (1 without grouped-query attention)."""
     return config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def tie_kv_heads(v: torch.Tensor, n_rep: int, dim: int, reduce: str = "mean") -> torch.Tensor:
+    """A per-channel vector over the attention output (heads x dim), made equal across the `n_rep`
+    query heads that share one KV head (their channels come from the same v_proj rows): the mean
+    or the max of those heads, repeated for each."""
+    if n_rep <= 1:
+        return v
+    heads = v.view(-1, n_rep, dim)
+    pooled = heads.mean(1, keepdim=True) if reduce == "mean" else heads.amax(1, keepdim=True)
+    return pooled.expand(-1, n_rep, -1).reshape(-1)
+
+
+def kv_head_channels(v: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
+    """From a vector tied by `tie_kv_heads`, one value per KV-head channel (the source's rows)."""
+    return v.view(-1, n_rep, dim)[:, 0].reshape(-1) if n_rep > 1 else v
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

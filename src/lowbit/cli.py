@@ -73,7 +73,11 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--random-hadamard", is_flag=True, help="Rotate with random-sign Hadamard matrices (seeded by --seed).")
 @click.option("--online-r1", is_flag=True, help="Rotate the inputs of q/k/v and gate/up online instead of fusing R1.")
 @click.option("--no-fold-norms", is_flag=True, help="With --online-r1: keep norm gains in the norms (often better for RTN).")
-@click.option("--algorithm", default=None, help="Weight quantization: rtn (no data), gptq or awq (layer by layer, need --calib).")
+@click.option("--algorithm", default=None, help="Weight quantization: a registered algorithm, rtn (no data), gptq or awq (layer by layer, need --calib).")
+@click.option(
+    "--set", "settings", multiple=True, metavar="KEY=VALUE",
+    help="An algorithm setting (a field of its config), repeatable: e.g. --set damp=0.05 --set act_order=false.",
+)
 @click.option("--recipe", default=None, help="A named recipe or a recipe .yaml (scheme, transform, algorithm).")
 @click.option(
     "--calib",
@@ -102,17 +106,14 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
 @click.option("--no-save-model", is_flag=True, help="With --out: write only the reports, not the quantized model (out/model).")
 @click.pass_context
-def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, recipe, calib, calib_samples, calib_seq_len, act_order, damp, device, calib_dtype, data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
+def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, settings, recipe, calib, calib_samples, calib_seq_len, act_order, damp, device, calib_dtype, data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
     """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
-    import shutil
-    import tempfile
     from dataclasses import replace
-    from pathlib import Path
 
-    from .io.native import RUN_SUBDIR
+    from .algorithms.registry import get_algorithm
     from .jobs import quantize_job
     from .recipes import Recipe, load_recipe, parse_alpha
-    from .report import check_out_dir, report_files, report_markdown, write_run_dir
+    from .report import RunOutput, report_markdown
     from .scheme import parse_scheme
 
     base = load_recipe(recipe) if recipe else Recipe(scheme=parse_scheme(DEFAULT_SCHEME))
@@ -129,35 +130,34 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
         changes["fuse_r1"] = False
     if no_fold_norms:
         changes["fold_norms"] = False
-    gptq_changes = {}
+    knobs = _settings(settings)
     if act_order is not None:
-        gptq_changes["act_order"] = act_order
+        knobs["act_order"] = act_order
     if damp is not None:
-        gptq_changes["damp"] = damp
-    chosen = Recipe(
+        knobs["damp"] = damp
+    chosen = base.replace(
         scheme=parse_scheme(scheme) if scheme else base.scheme,
         transform=replace(base.transform, **changes) if changes else base.transform,
         algorithm=algorithm or base.algorithm,
-        gptq=replace(base.gptq, **gptq_changes),
-        awq=base.awq,
     )
-    if gptq_changes and chosen.algorithm != "gptq":
-        raise UserError(f"--act-order/--no-act-order and --damp are GPTQ options; the algorithm is {chosen.algorithm!r} (add --algorithm gptq)")
+    if knobs:
+        found = get_algorithm(chosen.algorithm)
+        unknown = sorted(set(knobs) - set(found.knobs()))
+        if unknown:
+            raise UserError(
+                f"{', '.join(unknown)}: not a setting of algorithm {found.name!r} (its settings: {', '.join(found.knobs()) or 'none'})"
+            )
+        current = {k: getattr(chosen.algorithm_config, k) for k in found.knobs()}
+        chosen = chosen.replace(algorithm_config=found.config({**current, **knobs}, f"{found.name} settings"))
     if calib_samples is None:
-        calib_samples = 128 if chosen.algorithm in ("gptq", "awq") else 32
+        calib_samples = 128 if get_algorithm(chosen.algorithm).calibrated else 32
     if calib_samples < 1:
         raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
     if calib_seq_len < 2:
         raise UserError(f"--calib-seq-len must be at least 2; got {calib_seq_len}")
     if calib and data and calib == data:
         raise UserError("--calib and --data name the same text; never calibrate on the evaluation text")
-    staging = None
-    if out:
-        check_out_dir(out, overwrite)
-        if not no_save_model:  # the model is saved next to --out first, then moved in with the reports
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}-model-", dir=Path(out).parent))
-    try:
+    with RunOutput(out, overwrite, save_model=not no_save_model) as run:
         report = quantize_job(
             model,
             chosen,
@@ -172,14 +172,9 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
             seed=seed,
             evaluate_fp=not no_fp,
             progress=ctx.obj["progress"],
-            save_to=staging / RUN_SUBDIR if staging else None,
+            save_to=run.model_dir,
         )
-        if out:
-            write_run_dir(out, report_files(report), {RUN_SUBDIR: staging / RUN_SUBDIR} if staging else None)
-            log.info("wrote %s/report.json and report.md%s", out, f" and the quantized model in {out}/{RUN_SUBDIR}" if staging else "")
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        run.finish(report)
     click.echo(report_markdown(report))
 
 
@@ -218,7 +213,7 @@ def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, 
     from .evaluation.harness import HarnessConfig, parse_tasks, preset_fewshot
     from .io.native import saved_model_dir
     from .jobs import evaluate_job
-    from .report import check_out_dir, report_files, report_markdown, write_run_dir
+    from .report import RunOutput, report_markdown
     from .scheme import parse_scheme
 
     path = Path(model_or_run_dir)
@@ -240,23 +235,20 @@ def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, 
     if no_ppl and not tasks:
         raise UserError("--no-ppl leaves nothing to evaluate; add --tasks")
     costs = None if cost_schemes.strip().lower() == "none" else tuple(parse_scheme(s).name for s in cost_schemes.split(",") if s.strip())
-    if out:
-        check_out_dir(out, overwrite)
-    report = evaluate_job(
-        model_or_run_dir,
-        data=data,
-        windows=_windows(windows),
-        seq_len=seq_len,
-        scheme=parse_scheme(scheme) if scheme else None,
-        int_kernels=int_kernels,
-        harness=harness,
-        cost_schemes=costs,
-        evaluate_ppl=not no_ppl,
-        progress=ctx.obj["progress"],
-    )
-    if out:
-        write_run_dir(out, report_files(report))
-        log.info("wrote %s/report.json and report.md", out)
+    with RunOutput(out, overwrite, save_model=False) as run:
+        report = evaluate_job(
+            model_or_run_dir,
+            data=data,
+            windows=_windows(windows),
+            seq_len=seq_len,
+            scheme=parse_scheme(scheme) if scheme else None,
+            int_kernels=int_kernels,
+            harness=harness,
+            cost_schemes=costs,
+            evaluate_ppl=not no_ppl,
+            progress=ctx.obj["progress"],
+        )
+        run.finish(report)
     click.echo(json.dumps(report, indent=2) if as_json else report_markdown(report))
 
 
@@ -267,15 +259,16 @@ def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, 
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def export(run_or_model_dir, fmt, out, overwrite):
     """Export a saved quantized model (a `lowbit quantize --out` folder) to a serving format."""
+    from .files import check_out_dir
     from .io import EXPORT_FORMATS, export_compressed_tensors, load_quantized
-    from .report import check_out_dir
+    from .runtime.state import quantization_state
 
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
     check_out_dir(out, overwrite)
     model, tokenizer = load_quantized(run_or_model_dir)
     export_compressed_tensors(model, out, tokenizer, overwrite=overwrite)
-    log.info("exported %s to %s (%s)", model.lowbit_scheme.name, out, fmt)
+    log.info("exported %s to %s (%s)", quantization_state(model).scheme.name, out, fmt)
 
 
 @cli.command()
@@ -343,7 +336,7 @@ def _loss_weights(text: str) -> dict[str, float]:
 @click.option("--data", "data_dir", required=True, help="A folder written by lowbit generate-data.")
 @click.option("--scheme", default="W4A8KV4", show_default=True, help="W-A-KV scheme of the student.")
 @click.option("--transform", default="none", show_default=True, help="Equivalent transformation fused before QAT: none, smooth, rotate, smoothrot.")
-@click.option("--algorithm", default="rtn", show_default=True, help="Starting point: rtn (latent weights = the full-precision, transformed weights, MinMax grid per step), or gptq / awq (latent weights = their quantized weights, trained on their fixed grid; calibrated on the generated data).")
+@click.option("--algorithm", default="rtn", show_default=True, help="Starting point: a registered algorithm: rtn (latent weights = the full-precision, transformed weights, MinMax grid per step), or gptq / awq (latent weights = their quantized weights, trained on their fixed grid; calibrated on the generated data).")
 @click.option("--loss", default="logits", show_default=True, help="Distillation loss(es): logits, label, hidden, attention; combine as logits+hidden or logits=1,hidden=0.1.")
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per optimizer step (over all processes and accumulation).")
@@ -372,20 +365,17 @@ def _loss_weights(text: str) -> dict[str, float]:
 def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_size, grad_accum, lr, warmup_steps, schedule, max_seq_len, teacher_topk, bf16, grad_checkpointing, fsdp, learn_scales, scale_lr, checkpoint_every, calib_samples, eval_data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
     """Quantization-aware training by distillation from the full-precision model (LLM-QAT)."""
     import shutil
-    import tempfile
     from pathlib import Path
 
-    from .io.native import RUN_SUBDIR
+    from .algorithms.registry import get_algorithm
     from .jobs import qat_job
     from .qat import TrainConfig
     from .recipes import Recipe
-    from .report import check_out_dir, report_files, report_markdown, write_run_dir
+    from .report import RunOutput, report_markdown
     from .scheme import parse_scheme
     from .transforms.apply import TransformConfig
 
-    check_out_dir(out, overwrite)
-    if algorithm not in ("rtn", "gptq", "awq"):  # fail before loading anything
-        raise UserError(f"unknown --algorithm {algorithm!r}: the starting point is rtn, gptq or awq")
+    get_algorithm(algorithm)  # fail before loading anything
     recipe = Recipe(scheme=parse_scheme(scheme), transform=TransformConfig(kind=transform), algorithm=algorithm)
     config = TrainConfig(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
@@ -395,24 +385,18 @@ def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_s
     )
     config.check(1)
     checkpoints = Path(str(out).rstrip("/") + ".checkpoints")
-    staging = None
-    if not no_save_model:  # saved next to --out first, then moved in with the reports (as lowbit quantize)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}-model-", dir=Path(out).parent))
-    try:
+    with RunOutput(out, overwrite, save_model=not no_save_model) as run:
         report = qat_job(
             model, recipe, data_dir, config, checkpoint_dir=str(checkpoints), data=eval_data,
             windows=_windows(windows), seq_len=seq_len, calib_samples=calib_samples, evaluate_fp=not no_fp,
-            progress=ctx.obj["progress"], save_to=staging / RUN_SUBDIR if staging else None,
+            progress=ctx.obj["progress"], save_to=run.model_dir,
         )
         if report:  # rank 0
-            write_run_dir(out, report_files(report), {RUN_SUBDIR: staging / RUN_SUBDIR} if staging else None)
+            run.finish(report)
             shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
-            log.info("wrote %s/report.json and report.md%s", out, f" and the trained model in {out}/{RUN_SUBDIR}" if staging else "")
             click.echo(report_markdown(report))
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+
+
 @cli.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
 @click.option("--out", default=None, help="Folder for analysis.json, report.md and the plots (refused if it exists).")
@@ -442,7 +426,7 @@ def analyze(ctx, model, out, overwrite, data, tokens, seq_len, scheme, transform
     from .analysis.job import AnalysisConfig, analyze_job
     from .analysis.outliers import OutlierConfig
     from .analysis.report import analysis_markdown
-    from .report import check_out_dir
+    from .files import check_out_dir
 
     config = AnalysisConfig(
         tokens=tokens,
@@ -456,8 +440,24 @@ def analyze(ctx, model, out, overwrite, data, tokens, seq_len, scheme, transform
     )
     if out:
         check_out_dir(out, overwrite)
-    result = analyze_job(model, config, data=data, out=out, plots=not no_plots, progress=ctx.obj["progress"])
+    result = analyze_job(model, config, data=data, out=out, overwrite=overwrite, plots=not no_plots, progress=ctx.obj["progress"])
     click.echo(analysis_markdown(result, result.get("plots", [])) if not out else "\n".join(result["recommendation"]))
+
+
+def _settings(pairs: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs; values read as YAML scalars (0.05, true, null, text), typed later by the config."""
+    import yaml
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set takes KEY=VALUE (e.g. --set damp=0.05); got {pair!r}")
+        try:
+            settings[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            settings[key.strip()] = value
+    return settings
 
 
 def _layer_list(value: str | None) -> tuple[int, ...]:

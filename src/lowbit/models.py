@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 from .arch import arch_for_model_type
 from .errors import UserError
+from .files import OutputExistsError, write_dir_atomically
 
 log = logging.getLogger("lowbit")
 
@@ -140,17 +139,15 @@ def convert_gguf(gguf: Path, cache_name: str | None = None) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_name}-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "lowbit-source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "lowbit-source.json").is_file():  # not a concurrent conversion that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        write_dir_atomically(target, fill, overwrite=False)
+    except (OutputExistsError, OSError):
+        if not (target / "lowbit-source.json").is_file():  # not a concurrent conversion that won
+            raise
     return target

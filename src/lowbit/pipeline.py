@@ -7,9 +7,13 @@
 2. For each layer, each input group in order (q/k/v, o, gate/up, down): run the layer on all
    samples, stopping right after the group's input is seen, with the groups before it already
    quantized (weights, activations, KV cache); feed that input to the algorithm; swap in the
-   quantized linears. Then run the whole quantized layer to produce the next layer's inputs,
-   written over the same buffer. The finished layer's weights are then held packed at their bit
-   width (`QuantLinear.compact`), so float weights of only one layer are resident at a time.
+   quantized linears, which hold the algorithm's `QuantizedWeight` (codes and scales), so float
+   weights of only one layer are resident at a time. Then run the whole quantized layer to
+   produce the next layer's inputs, written over the same buffer.
+
+The algorithm comes from the registry (`lowbit.algorithms.registry`): its statistics object sees
+every calibration batch of an input, its function turns the stacked weights of the linears
+reading that input into a `QuantizedWeight` (and, for AWQ, input scales folded into the producer).
 
 Only one layer's activations are alive at a time, and with `device` set only the current layer
 and one batch of samples move to that device; the model stays where it is.
@@ -20,28 +24,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .algorithms.awq import AWQ, AWQConfig
-from .algorithms.gptq import GPTQ, GPTQConfig, output_error
-from .algorithms.rtn import rtn_weight
-from .arch import ArchSpec, decoder_layers, get_module, head_dim, kv_groups, set_module
+from .algorithms.registry import Algorithm, GroupContext
+from .arch import ArchSpec, InputGroup, decoder_layers, get_module, head_dim, kv_groups, kv_head_channels, set_module, tie_kv_heads
 from .errors import UserError
-from .memory import release_freed_memory
-from .quant.codes import InexactCodesError, rescale_output_rows
+from .memory import release_freed_memory, release_mapped_pages
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
-from .runtime.linear import QuantLinear, compact_weights
+from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
 from .scheme import Granularity, Scheme
 from .transforms.rotate import norm_gain, scale_output_rows, set_norm_gain
 
 log = logging.getLogger("lowbit")
-
-SEQUENTIAL_ALGORITHMS = ("gptq", "awq")
 
 
 class _StopForward(Exception):
@@ -50,9 +49,8 @@ class _StopForward(Exception):
 
 @dataclass
 class PipelineConfig:
-    algorithm: str = "gptq"
-    gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    awq: AWQConfig = field(default_factory=AWQConfig)
+    """How the layer-by-layer pipeline runs (not what it computes: that is the algorithm's config)."""
+
     batch_size: int = 4  # calibration samples per forward of a layer (memory ~ batch x seq_len)
     device: str | None = None  # run layers there (e.g. "cuda"); the model stays on its device
     # Precision of the calibration forwards and of the stored layer inputs: "float32", or
@@ -60,15 +58,11 @@ class PipelineConfig:
     # the [samples, tokens, hidden] buffer). Hessians and quantized weights are always fp32.
     dtype: str = "float32"
 
-    def check(self, scheme: Scheme) -> None:
-        if self.algorithm not in SEQUENTIAL_ALGORITHMS:
-            raise UserError(f"the sequential pipeline runs {', '.join(SEQUENTIAL_ALGORITHMS)}; got {self.algorithm!r}")
+    def check(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"pipeline dtype must be float32 or bfloat16; got {self.dtype!r}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1; got {self.batch_size}")
-        if self.algorithm == "gptq":
-            self.gptq.check(scheme.weights)
         if self.device is not None:
             try:
                 torch.empty(0, device=self.device)
@@ -82,13 +76,17 @@ def quantize_sequential(
     spec: ArchSpec,
     scheme: Scheme,
     calibration: Sequence[torch.Tensor],
+    algorithm: Algorithm,
+    algorithm_config: object,
     config: PipelineConfig | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Quantize every decoder linear of `model` in place; returns per-layer, per-group errors
-    (relative quantized-output error on the calibration inputs, next to plain RTN's)."""
+    """Quantize every decoder linear of `model` in place with `algorithm`; returns per-layer,
+    per-group errors as the algorithm reports them (GPTQ and AWQ: relative quantized-output error
+    on the calibration inputs, next to plain RTN's)."""
     config = config or PipelineConfig()
-    config.check(scheme)
+    config.check()
+    algorithm.check(algorithm_config, scheme.weights)
     home = next(model.parameters()).device
     device = torch.device(config.device) if config.device else home
     ids = _stack(calibration)
@@ -100,20 +98,19 @@ def quantize_sequential(
     log.debug("captured layer-0 inputs for %d samples in %.1f s", ids.shape[0], time.time() - t0)
     dim, n_rep = head_dim(model.config), kv_groups(model.config)
     report = []
-    bar = tqdm(layers, desc=f"{config.algorithm} layer by layer", unit="layer", disable=not progress, leave=False)
+    bar = tqdm(layers, desc=f"{algorithm.name} layer by layer", unit="layer", disable=not progress, leave=False)
     for i, layer in enumerate(bar):
         layer.to(device)
         kwargs = [_to(k, device) for k in kwargs_by_layer[i]]
         runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16")
         entry = {"layer": i}
         for group in spec.input_groups:
-            entry[group.role] = _quantize_group(layer, spec, group, scheme, config, runner, n_rep, dim)
+            entry[group.role] = _quantize_group(layer, spec, group, scheme, algorithm, algorithm_config, runner, n_rep, dim)
         runner.run_all()
         layer.to(home)
-        compact_weights(layer)  # done with it: packed codes instead of float weights
         release_freed_memory()  # this layer's temporaries, before the next layer's peak
         report.append(entry)
-        summary = " ".join(f"{k}={v[config.algorithm]:.2e}" for k, v in entry.items() if k != "layer")
+        summary = " ".join(f"{k}={v[algorithm.name]:.2e}" for k, v in entry.items() if k != "layer" and algorithm.name in v)
         log.debug("layer %d: relative output error (RTN in the report) %s", i, summary)
         bar.set_postfix_str(summary.split()[-1])
     return report
@@ -233,27 +230,25 @@ class _LayerRunner:
             self.hidden[j].copy_(out.to(self.hidden[j].device))
 
 
-def _quantize_group(layer, spec, group, scheme, config, runner: _LayerRunner, n_rep, dim) -> dict:
-    role = group.role
+def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm, algorithm_config, runner: _LayerRunner, n_rep, dim) -> dict:
     linears = [get_module(layer, n) for n in group.linears]
     first = linears[0]
     rotation = getattr(first, "input_rotation", None)
     columns = first.in_features
     static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
     attention = get_module(layer, spec.attention)
-    if role == "o":
+    if group.reads_attention_output:
         _observe_static_kv(attention, first, runner)
-    if config.algorithm == "gptq":
-        collector = GPTQ(columns, device=runner.device, token_clip=config.gptq.token_clip)
-    else:
-        collector = AWQ(columns, token_clip=config.awq.token_clip)
+    w_args = scheme.weights
+    stats = algorithm.statistics(columns, algorithm_config, runner.device) if w_args is not None else None
     channel_range = {"lo": None, "hi": None}
 
     def on_input(x):
         x = x.float()
         if rotation is not None:
             x = rotation(x)
-        collector.add_batch(x)
+        if stats is not None:
+            stats.add_batch(x)
         if static_inputs:  # per-channel extremes: the per-tensor range after any AWQ scaling follows exactly
             flat = x.reshape(-1, columns)
             lo, hi = flat.amin(0), flat.amax(0)
@@ -261,35 +256,23 @@ def _quantize_group(layer, spec, group, scheme, config, runner: _LayerRunner, n_
             channel_range["hi"] = hi if channel_range["hi"] is None else torch.maximum(channel_range["hi"], hi)
 
     runner.run_until(first, on_input)
-    weight = torch.cat([lin.weight.detach().float() for lin in linears])
     scales = None
-    w_args = scheme.weights
     if w_args is None:  # activations only: weights stay, only the input quantizers are added
-        qweight, errors = weight, {config.algorithm: 0.0, "rtn": 0.0}
-    elif config.algorithm == "gptq":
-        qweight = collector.quantize(weight, w_args, config.gptq)
-        h = collector.hessian
-        errors = {"gptq": output_error(weight, qweight, h), "rtn": output_error(weight, rtn_weight(weight, w_args), h)}
-        del collector.hessian
+        parts, errors = [lin.weight.detach() for lin in linears], {algorithm.name: 0.0, "rtn": 0.0}
     else:
-        scalable = rotation is None and _scalable_source(layer, spec, group)
-        qweight, scales = collector.quantize(weight, w_args, config.awq, scalable=scalable, tie=_tie_heads(role, n_rep, dim), input_args=scheme.inputs)
-        # errors on the kept sample through its Gram matrix (X (W - Q/s)^T in full took four output-
-        # sized temporaries: 0.2 GB for gate_up); the scaled input x / s times Q is x times Q / s
-        x = collector.sample().to(weight.device)
-        gram = x.T @ x
-        effective = qweight / scales.to(qweight.device) if scales is not None else qweight
-        errors = {"awq": output_error(weight, effective, gram), "rtn": output_error(weight, rtn_weight(weight, w_args), gram)}
+        weight = torch.cat([lin.weight.detach().float() for lin in linears])
+        context = GroupContext(
+            input_args=scheme.inputs,
+            scalable=rotation is None and _scalable_source(layer, spec, group),
+            tie=(lambda v: tie_kv_heads(v, n_rep, dim)) if group.kv_tied else None,
+        )
+        result = algorithm.quantize(weight, stats, w_args, algorithm_config, context)
+        del weight, stats
+        parts, errors, scales = result.qweight.split_rows([lin.out_features for lin in linears]), result.errors, result.input_scales
         if scales is not None:
             _fold_input_scales(layer, spec, group, scales, n_rep, dim)
-            errors["scaled"] = True
-    offset = 0
-    for name, lin in zip(group.linears, linears):
-        rows = lin.out_features
-        w = lin.weight.detach()
-        w.copy_(qweight[offset : offset + rows].to(device=w.device, dtype=w.dtype))  # in place: no second copy
-        offset += rows
-        new = QuantLinear(w, lin.bias, w_args, scheme.inputs, rotation).to(runner.device)
+    for name, lin, part in zip(group.linears, linears, parts):
+        new = QuantLinear(part, lin.bias, None, scheme.inputs, rotation).to(runner.device)
         if static_inputs:
             lo, hi = channel_range["lo"], channel_range["hi"]
             if scales is not None:
@@ -297,7 +280,9 @@ def _quantize_group(layer, spec, group, scheme, config, runner: _LayerRunner, n_
             new.input_quant.observed_min.copy_(lo.min())
             new.input_quant.observed_max.copy_(hi.max())
         set_module(layer, name, new)
-    if role == "o" and scales is not None:
+        if w_args is not None:
+            release_mapped_pages(lin.weight)  # a memory-mapped checkpoint's pages stay resident otherwise
+    if group.reads_attention_output and scales is not None:
         _observe_static_kv(attention, get_module(layer, group.linears[0]), runner)  # v_proj rows changed
     return errors
 
@@ -322,43 +307,25 @@ def _observe_static_kv(attention: nn.Module, o_proj: nn.Module, runner: _LayerRu
 def _scalable_source(layer, spec, group) -> bool:
     """Can the producer of this input absorb a per-channel 1/s? A linear can (its rows), a norm
     can if it has a gain. (An input rotated online cannot; the caller checks that.)"""
-    if group.source in spec.linears:
-        return True
-    return getattr(get_module(layer, group.source), "weight", None) is not None
+    source = get_module(layer, group.source)
+    if group.source in spec.linears:  # a quantized one needs a scale per row to take the factor
+        return not (isinstance(source, QuantLinear) and source.is_quantized and source.weight_args.granularity is Granularity.TENSOR)
+    return getattr(source, "weight", None) is not None
 
 
-def _tie_heads(role: str, n_rep: int, dim: int):
-    """o_proj's input channels of heads that share one KV head come from the same v_proj rows, so
-    they must share a scale: average a per-channel vector over those heads ([kv, n_rep, dim])."""
-    if role != "o" or n_rep <= 1:
-        return None
-
-    def tie(v: torch.Tensor) -> torch.Tensor:
-        return v.view(-1, n_rep, dim).mean(1, keepdim=True).expand(-1, n_rep, -1).reshape(-1)
-
-    return tie
-
-
-def _fold_input_scales(layer, spec, group, scales, n_rep, dim) -> None:
+def _fold_input_scales(layer, spec, group: InputGroup, scales, n_rep, dim) -> None:
     """The input of the group is now divided by `scales`: fold 1/s into its producer."""
     source = get_module(layer, group.source)
     if group.source in spec.linears:
-        s = scales.view(-1, n_rep, dim)[:, 0].reshape(-1) if group.role == "o" else scales
-        factor = 1 / s.to(source.weight.device)
-        args = getattr(source, "weight_args", None)
-        weight = source.weight.detach()
-        try:
-            # Already quantized (v_proj, up_proj): scale its grid, not its values, so that the weight
-            # stays exact codes x scales (what saving and integer kernels store).
-            if args is None or args.granularity is Granularity.TENSOR:
-                raise InexactCodesError("not a per-row grid")
-            rescaled = rescale_output_rows(weight, args, factor)
-        except InexactCodesError:
-            scale_output_rows(source, factor)
-        else:
-            weight.copy_(rescaled)
+        s = kv_head_channels(scales, n_rep, dim) if group.kv_tied else scales
+        factor = 1 / s.to(scales.device)
+        if isinstance(source, QuantLinear) and source.is_quantized:
+            # already quantized (v_proj, up_proj): its scales take the factor, its codes stay
+            source.set_quantized_weight(source.quantized_weight.scale_output_rows(factor))
             if source.bias is not None:
                 source.bias.detach().copy_((source.bias.double() * factor.double()).to(source.bias.dtype))
+        else:
+            scale_output_rows(source, factor)
     else:
         offset = spec.norm_weight_offset
         set_norm_gain(source, norm_gain(source, offset) / scales.to(source.weight.device).double(), offset)

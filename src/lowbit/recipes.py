@@ -2,32 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .algorithms import ALGORITHMS
-from .algorithms.awq import AWQConfig
-from .algorithms.gptq import GPTQConfig
+from .algorithms.registry import ALGORITHMS, get_algorithm
 from .errors import UserError
+from .fields import dataclass_from_dict
 from .scheme import Scheme, parse_scheme
 from .transforms.apply import TransformConfig
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """Scheme, transform and algorithm (a registered name, with its config: the default one if None)."""
+
     scheme: Scheme
     transform: TransformConfig = field(default_factory=TransformConfig)
     algorithm: str = "rtn"
-    gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    awq: AWQConfig = field(default_factory=AWQConfig)
+    algorithm_config: object | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.transform, str):
             object.__setattr__(self, "transform", TransformConfig(kind=self.transform))
-        if self.algorithm not in ALGORITHMS:
-            raise UserError(f"unknown algorithm {self.algorithm!r}; available: {', '.join(ALGORITHMS)}")
-        if self.algorithm == "gptq":
-            self.gptq.check(self.scheme.weights)
+        found = get_algorithm(self.algorithm)
+        if self.algorithm_config is None:
+            object.__setattr__(self, "algorithm_config", found.config_type())
+        found.check(self.algorithm_config, self.scheme.weights)
+
+    def replace(self, **changes) -> Recipe:
+        """A copy with some fields changed; a new algorithm starts from its default config."""
+        if "algorithm" in changes and changes["algorithm"] != self.algorithm and "algorithm_config" not in changes:
+            changes["algorithm_config"] = None
+        return dataclasses.replace(self, **changes)
 
 
 NAMED: dict[str, dict] = {
@@ -57,10 +64,7 @@ NAMED: dict[str, dict] = {
     "w4a4kv4-rotate-online-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
     "w4a4kv4-smoothrot-gptq": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
 }
-KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms")
-GPTQ_KNOBS = ("act_order", "damp", "block_size", "static_groups")
-AWQ_KNOBS = ("scale_grid", "clip_grid", "max_shrink", "search_scales", "search_clip")
-RECIPE_KEYS = {"scheme", "transform", "algorithm", "alpha", "token_clip", *KNOBS, *GPTQ_KNOBS, *AWQ_KNOBS}
+TRANSFORM_KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms")
 
 
 def load_recipe(name_or_file: str) -> Recipe:
@@ -83,19 +87,29 @@ def load_recipe(name_or_file: str) -> Recipe:
 
 
 def _from_dict(data: dict, where: str) -> Recipe:
-    unknown = set(data) - RECIPE_KEYS
-    if unknown:
-        raise UserError(f"recipe {where}: unknown keys {', '.join(sorted(unknown))} (expected {', '.join(sorted(RECIPE_KEYS))})")
+    """scheme, transform, algorithm, alpha, the transform's knobs and the algorithm's config fields."""
     if "scheme" not in data:
         raise UserError(f"recipe {where}: missing 'scheme'")
-    knobs = {k: data[k] for k in KNOBS if k in data}
-    alpha = data.get("alpha", 0.5)
+    for key in ("scheme", "transform", "algorithm"):
+        if key in data and not isinstance(data[key], str):
+            raise UserError(f"recipe {where}: {key} must be a string; got {data[key]!r}")
+    algorithm = get_algorithm(data.get("algorithm", "rtn"))
+    transform_knobs = {k: data[k] for k in TRANSFORM_KNOBS if k in data}
+    algorithm_knobs = {k: v for k, v in data.items() if k in algorithm.knobs()}
+    unknown = set(data) - {"scheme", "transform", "algorithm", "alpha", *transform_knobs, *algorithm_knobs}
+    if unknown:
+        others = sorted(name for name, other in ALGORITHMS.items() if set(unknown) & set(other.knobs()))
+        hint = f" ({', '.join(sorted(unknown))} belong to {', '.join(others)})" if others else ""
+        raise UserError(
+            f"recipe {where}: unknown keys {', '.join(sorted(unknown))} for algorithm {algorithm.name}{hint}; known: "
+            f"{', '.join(sorted({'scheme', 'transform', 'algorithm', 'alpha', *TRANSFORM_KNOBS, *algorithm.knobs()}))}"
+        )
+    transform = dataclass_from_dict(TransformConfig, {"kind": data.get("transform", "none"), **transform_knobs}, f"recipe {where}")
     return Recipe(
-        scheme=parse_scheme(str(data["scheme"])),
-        transform=TransformConfig(kind=str(data.get("transform", "none")), alpha=parse_alpha(alpha), **knobs),
-        algorithm=str(data.get("algorithm", "rtn")),
-        gptq=GPTQConfig(**{k: data[k] for k in (*GPTQ_KNOBS, "token_clip") if k in data}),
-        awq=AWQConfig(**{k: data[k] for k in (*AWQ_KNOBS, "token_clip") if k in data}),
+        scheme=parse_scheme(data["scheme"]),
+        transform=dataclasses.replace(transform, alpha=parse_alpha(data.get("alpha", 0.5))),
+        algorithm=algorithm.name,
+        algorithm_config=algorithm.config(algorithm_knobs, f"recipe {where}"),
     )
 
 
@@ -103,6 +117,8 @@ def parse_alpha(value) -> float | None:
     """A number in [0, 1], or 'search' (None) for the per-layer grid search."""
     if value is None or str(value).lower() == "search":
         return None
+    if isinstance(value, bool):
+        raise UserError(f"alpha must be a number in [0, 1] or 'search'; got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):

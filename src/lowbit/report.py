@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError
+from .files import check_out_dir, staging_dir, write_dir_atomically
+from .io.native import RUN_SUBDIR
+
+log = logging.getLogger("lowbit")
 
 
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output folder unless `overwrite`; called before any work starts."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output folder {out} exists; pass --overwrite to replace it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder")
-    return out
-
-
-def write_run_dir(out: str | Path, files: dict[str, str], dirs: dict[str, Path] | None = None) -> Path:
+def write_run_dir(out: str | Path, files: dict[str, str], dirs: dict[str, Path] | None = None, *, overwrite: bool = True) -> Path:
     """Write `files` (name -> text) into a fresh folder, move the finished folders `dirs`
     (name -> a folder already written on the same filesystem) into it, and move it to `out` in
     one rename."""
@@ -34,29 +25,42 @@ def write_run_dir(out: str | Path, files: dict[str, str], dirs: dict[str, Path] 
         for name, folder in (dirs or {}).items():
             os.replace(folder, tmp / name)
 
-    return write_dir_atomically(out, fill)
+    return write_dir_atomically(out, fill, overwrite=overwrite)
 
 
-def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Let `fill` write into a fresh temporary folder beside `out`, then move it to `out` in one rename.
+class RunOutput:
+    """The output folder of one run (`--out`): refused up front if it exists (unless overwriting),
+    written in one rename at the end with the reports and, if asked, the saved model, which is
+    first written to a staging folder beside it. Use as a context manager; without `out` nothing
+    is written. The staging folder is removed however the run ends."""
 
-    An existing `out` is replaced only after the new one is complete; a crash leaves either the
-    old folder or the new one, never a mix."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    def __init__(self, out: str | Path | None, overwrite: bool = False, save_model: bool = True) -> None:
+        self.out, self.overwrite = (Path(out) if out else None), overwrite
+        self._stage = staging_dir(self.out) if self.out is not None and save_model else None
+        self.staging: Path | None = None
+
+    def __enter__(self) -> RunOutput:
+        if self.out is not None:
+            check_out_dir(self.out, self.overwrite)
+        if self._stage is not None:
+            self.staging = self._stage.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stage is not None:
+            self._stage.__exit__(*exc)
+
+    @property
+    def model_dir(self) -> Path | None:
+        """Where the run saves its model (None: not saved)."""
+        return self.staging / RUN_SUBDIR if self.staging is not None else None
+
+    def finish(self, report: dict) -> None:
+        if self.out is None:
+            return
+        saved = self.model_dir is not None and self.model_dir.is_dir()
+        write_run_dir(self.out, report_files(report), {RUN_SUBDIR: self.model_dir} if saved else None, overwrite=self.overwrite)
+        log.info("wrote %s/report.json and report.md%s", self.out, f" and the model in {self.out}/{RUN_SUBDIR}" if saved else "")
 
 
 def report_files(report: dict) -> dict[str, str]:
@@ -117,7 +121,7 @@ def report_markdown(report: dict) -> str:
         lines += ["", *layer_error_table(errors, report.get("algorithm", ""))]
     lines += [
         "",
-        "Size counts quantized weights packed at their bit width plus fp16 scales, other tensors at 16 bits. "
+        "Size counts quantized weights packed at their bit width plus their scales in the scale format, other tensors at 16 bits. "
         "OPs = MACs x W_bits x A_bits (LLM-QAT), linears incl. lm_head plus attention matmuls at 16 x KV bits.",
         "",
         f"Wall time: {report.get('seconds', 0):.1f} s, peak resident memory {_gb(report.get('peak_rss_bytes'))} "

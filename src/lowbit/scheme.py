@@ -10,6 +10,7 @@ Each bit width may carry suffixes that refine it:
     m      MSE-searched clipping per row                       (W4m)
     c<P>   fixed clip ratio, P percent of the range            (A4c90)
     f      symmetric over the full signed range: all 2^N codes (W4f)
+    h / b  scales (and offsets) stored in float16 / bfloat16 instead of float32   (W4g128h)
 
 16 (or a missing part) means "not quantized". ``K4V8`` sets keys and values separately.
 Defaults follow LLM-QAT: per-channel symmetric weights, per-token dynamic activations and
@@ -19,12 +20,14 @@ per-token (per-head) keys and values.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 
 from .errors import UserError
 
 MIN_BITS, MAX_BITS = 2, 8
+ELEMENT_FORMATS = ("int",)  # the number format of the codes
+SCALE_FORMATS = ("float32", "float16", "bfloat16")  # the number format scales and offsets are stored in
 
 
 class Granularity(str, Enum):
@@ -60,8 +63,19 @@ class QuantArgs:
     # scale = max|x| / (2^(N-1) - 1/2), codes in [-2^(N-1), 2^(N-1) - 1]: a step 1/(2^N - 2) finer,
     # at the price of clipping +max|x| by half a step.
     full_range: bool = False
+    element: str = "int"  # number format of the codes (ELEMENT_FORMATS)
+    # Number format of the scales and offsets: the quantizer rounds them to it, so what lowbit
+    # evaluates is what a checkpoint storing them in this format computes.
+    scale_format: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.element not in ELEMENT_FORMATS:
+            raise UserError(f"element format must be one of {', '.join(ELEMENT_FORMATS)}; got {self.element!r}")
+        if self.scale_format not in SCALE_FORMATS:
+            raise UserError(f"scale format must be one of {', '.join(SCALE_FORMATS)}; got {self.scale_format!r}")
+        for name in ("symmetric", "dynamic", "full_range"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false; got {getattr(self, name)!r}")
         object.__setattr__(self, "granularity", _enum(Granularity, self.granularity, "granularity"))
         object.__setattr__(self, "observer", _enum(Observer, self.observer, "observer"))
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -111,6 +125,7 @@ class QuantArgs:
             s += "m"
         if self.clip_ratio != 1.0:
             s += f"c{round(self.clip_ratio * 100)}"
+        s += _SCALE_SUFFIX.get(self.scale_format, "")
         if not self.dynamic:
             s += "s"
         elif self.granularity is Granularity.TENSOR:
@@ -197,14 +212,19 @@ def args_to_dict(q: QuantArgs | None) -> dict | None:
         "observer": q.observer.value,
         "dynamic": q.dynamic,
         "full_range": q.full_range,
+        "element": q.element,
+        "scale_format": q.scale_format,
     }
 
 
 def args_from_dict(data: dict | None) -> QuantArgs | None:
-    """Inverse of `args_to_dict`; unknown keys are refused (a newer format, or a typo)."""
+    """Inverse of `args_to_dict` (missing format keys take their defaults, as in format version 1);
+    unknown keys are refused (a newer format, or a typo)."""
     if data is None:
         return None
-    known = {"bits", "symmetric", "granularity", "group_size", "clip_ratio", "observer", "dynamic", "full_range"}
+    if not isinstance(data, dict):
+        raise UserError(f"quantization settings must be a mapping; got {data!r}")
+    known = {f.name for f in fields(QuantArgs)}
     unknown = set(data) - known
     if unknown:
         raise UserError(f"unknown quantization settings {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}")
@@ -212,7 +232,8 @@ def args_from_dict(data: dict | None) -> QuantArgs | None:
 
 
 _PART = re.compile(r"(W|A|KV|K|V)(\d+)([a-z0-9]*)")
-_SUFFIX = re.compile(r"g(\d+)|c(\d+)|a|t|s|m|f")
+_SUFFIX = re.compile(r"g(\d+)|c(\d+)|a|t|s|m|f|h|b")
+_SCALE_SUFFIX = {"float16": "h", "bfloat16": "b"}
 
 
 def parse_scheme(name: str) -> Scheme:
@@ -258,7 +279,7 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
         raise UserError(
             f"scheme {text!r}: {field_name} bits must be {MIN_BITS}-{MAX_BITS} or 16 (unquantized); got {bits}"
         )
-    group, clip = None, 1.0
+    group, clip, scale_format = None, 1.0, "float32"
     symmetric, per_tensor, static, mse, full = True, False, False, False, False
     pos = 0
     for m in _SUFFIX.finditer(suffix):
@@ -275,6 +296,10 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
             mse = True
         elif m.group(0) == "f":
             full = True
+        elif m.group(0) in ("h", "b"):
+            if scale_format != "float32":
+                raise UserError(f"scheme {text!r}: {kind}{bits} sets its scale format twice ('h' float16, 'b' bfloat16)")
+            scale_format = "float16" if m.group(0) == "h" else "bfloat16"
         elif m.group(0) == "a":
             symmetric = False
         elif m.group(0) == "t":
@@ -282,7 +307,7 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
         else:
             static = True
     if pos != len(suffix):
-        raise UserError(f"scheme {text!r}: unknown suffix {suffix[pos:]!r} after {kind}{bits}; use g<N>, a, t, s, m, f or c<percent>")
+        raise UserError(f"scheme {text!r}: unknown suffix {suffix[pos:]!r} after {kind}{bits}; use g<N>, a, t, s, m, f, h, b or c<percent>")
     if full and not symmetric:
         raise UserError(f"scheme {text!r}: 'f' (full signed range) is for symmetric quantization; asymmetric 'a' already uses all 2^N codes")
     if static and kind == "W":
@@ -302,7 +327,7 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
     observer = Observer.MSE if mse else Observer.MINMAX
     return QuantArgs(
         bits=bits, symmetric=symmetric, granularity=granularity, group_size=group, dynamic=not static,
-        clip_ratio=clip, observer=observer, full_range=full,
+        clip_ratio=clip, observer=observer, full_range=full, scale_format=scale_format,
     )
 
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.fake import as_rows, fake_quantize, fake_rows, minmax_qparams
+from ..quant.fake import QParams, as_rows, fake_quantize, fake_rows, minmax_qparams
+from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import Granularity, QuantArgs
-from .tokens import clip_token_norms
+from .registry import AlgorithmResult, GroupContext, register_algorithm
+from .objective import clip_token_norms, output_error
 
 SAMPLE_ROWS = 4096  # calibration tokens kept per input for the searches
 SEARCH_ROWS_WITH_ACT_QUANT = 1024  # rows for the scale search when activations are quantized too
@@ -80,8 +82,8 @@ class AWQ:
         scalable: bool = True,
         tie=None,
         input_args: QuantArgs | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(dequantized weight for the *scaled* input, input scales s or None).
+    ) -> tuple[QuantizedWeight, torch.Tensor | None]:
+        """(the quantized weight for the *scaled* input, input scales s or None).
 
         The caller divides the input by s (folds 1/s into the producer); the returned weight
         already includes W * s. `scalable=False` (an input that cannot absorb a scale, e.g. one
@@ -100,7 +102,7 @@ class AWQ:
             x = x / scales
         if config.search_clip:
             return clipped_quantize(x, w, args, config), scales
-        return fake_rows(as_rows(w, args), minmax_qparams(as_rows(w, args), args), args).reshape(w.shape), scales
+        return quantize_weight(w, args, minmax_qparams(as_rows(w, args), args)), scales
 
 
 def awq_scales(
@@ -131,7 +133,7 @@ def awq_scales(
     return best
 
 
-def clipped_quantize(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, config: AWQConfig) -> torch.Tensor:
+def clipped_quantize(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, config: AWQConfig) -> QuantizedWeight:
     """Quantize with, per row of scales (output channel or group), the clip ratio that minimises
     that row's contribution to the output error on `x` (per-tensor: one ratio for all)."""
     out, cols = weight.shape
@@ -145,18 +147,38 @@ def clipped_quantize(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, con
         xg = x.reshape(x.shape[0], groups, g)
         gram = torch.einsum("ngc,ngd->gcd", xg, xg)  # per-group Gram matrices [groups, g, g]
         diff_view = (out, groups, g)
-    best_q = best_err = None
+    best = best_err = None
     for i in range(config.clip_grid):
         ratio = 1.0 - i * config.max_shrink / config.clip_grid
-        q = fake_rows(rows, minmax_qparams(rows, args, ratio), args)
-        diff = (rows - q).reshape(diff_view)
+        qp = minmax_qparams(rows, args, ratio)
+        diff = (rows - fake_rows(rows, qp, args)).reshape(diff_view)
         # ||x_group . diff_(row, group)||^2 over the sample = diff C_group diff^T
         err = (torch.einsum("ogc,gcd->ogd", diff, gram) * diff).sum(-1)
         err = err.sum().reshape(1, 1) if args.granularity is Granularity.TENSOR else err.reshape(-1, 1)
         if best_err is None:
-            best_err, best_q = err, q
+            best_err, best = err, qp
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better, q, best_q)
-    return best_q.reshape(weight.shape)
+            best = QParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero, best.zero))
+    return quantize_weight(weight, args, best)
+
+
+def _awq_statistics(columns: int, config: AWQConfig, device) -> AWQ:
+    return AWQ(columns, token_clip=config.token_clip)
+
+
+@register_algorithm("awq", AWQConfig, statistics=_awq_statistics)
+def awq(weight: torch.Tensor, stats: AWQ, args: QuantArgs, config: AWQConfig, context: GroupContext) -> AlgorithmResult:
+    qweight, scales = stats.quantize(weight, args, config, scalable=context.scalable, tie=context.tie, input_args=context.input_args)
+    # errors on the kept sample through its Gram matrix (X (W - Q/s)^T in full took four output-
+    # sized temporaries: 0.2 GB for gate_up); the scaled input x / s times Q is x times Q / s
+    x = stats.sample().to(weight.device)
+    gram = x.T @ x
+    q = qweight.dequantize()
+    effective = q / scales.to(q.device) if scales is not None else q
+    rtn = quantize_weight(weight, args).dequantize()
+    errors = {"awq": output_error(weight, effective, gram), "rtn": output_error(weight, rtn, gram)}
+    if scales is not None:
+        errors["scaled"] = True
+    return AlgorithmResult(qweight, input_scales=scales, errors=errors)

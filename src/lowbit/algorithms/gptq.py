@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..quant.fake import QParams, as_rows, compute_qparams, fake_rows
+from ..quant.fake import QParams, as_rows, compute_qparams, dequantize_rows, quantize_rows
+from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import Granularity, QuantArgs
-from .tokens import clip_token_norms
+from .registry import AlgorithmResult, GroupContext, register_algorithm
+from .objective import clip_token_norms, output_error
 
 log = logging.getLogger("lowbit")
 
@@ -76,15 +78,16 @@ class GPTQ:
         self.samples = total
 
     @torch.no_grad()
-    def quantize(self, weight: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig()) -> torch.Tensor:
-        """The dequantized GPTQ weight for `weight` [out, in] (rows of all linears reading this input)."""
+    def quantize(self, weight: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
+        """The GPTQ-quantized `weight` [out, in] (rows of all linears reading this input)."""
         config.check(args)
         if self.samples == 0:
             raise RuntimeError("GPTQ.quantize called before any add_batch")
         return gptq_quantize(weight, self.hessian, args, config)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig()) -> torch.Tensor:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
+    """GPTQ's codes for `weight` [out, in], with the scales and offsets it quantized them with."""
     W = weight.detach().float().clone()
     H = hessian.float().clone()
     rows, cols = W.shape
@@ -94,12 +97,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
 
     group = args.group_size if args.granularity is Granularity.GROUP else None
     if group is None:
-        fixed = compute_qparams(as_rows(W, args), args)  # per-channel (or per-tensor) scales up front
+        kept = compute_qparams(as_rows(W, args), args)  # per-channel (or per-tensor) scales up front
+        fixed = kept
         if args.granularity is Granularity.TENSOR:
-            fixed = QParams(fixed.scale.expand(rows, 1), fixed.zero.expand(rows, 1))
-    static = None
-    if group is not None and config.act_order:
-        static = [compute_qparams(W[:, g : g + group], args) for g in range(0, cols, group)]
+            fixed = QParams(kept.scale.expand(rows, 1), kept.zero.expand(rows, 1))
+        groups = None
+    else:
+        # one (scale, zero) per row and group, filled as each group is reached (or all up front)
+        groups = QParams(torch.ones(rows, cols // group), torch.zeros(rows, cols // group))
+        if config.act_order:  # static groups: scales from the weights before any update
+            for j, g in enumerate(range(0, cols, group)):
+                qp = compute_qparams(W[:, g : g + group], args)
+                groups.scale[:, j : j + 1], groups.zero[:, j : j + 1] = qp.scale, qp.zero
 
     perm = None
     if config.act_order:
@@ -107,35 +116,36 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         W, H = W[:, perm], H[perm][:, perm]
 
     Hinv = _inverse_hessian_factor(H, config.damp)
-    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
     qp = fixed if group is None else None
     for i1 in range(0, cols, config.block_size):
         i2 = min(i1 + config.block_size, cols)
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if group is not None:
-                if static is not None:
-                    qp = static[int(perm[col]) // group]
-                elif col % group == 0:  # scales of a new group, from the already-updated weights
+                j = (int(perm[col]) if perm is not None else col) // group
+                if perm is None and col % group == 0:  # scales of a new group, from the already-updated weights
                     columns = W1[:, i : i + group]
                     if columns.shape[1] < group:  # the group runs past this block (block not a multiple of group)
                         columns = torch.cat([columns, W[:, i2 : i2 + group - columns.shape[1]]], dim=1)
-                    qp = compute_qparams(columns, args)
+                    found = compute_qparams(columns, args)
+                    groups.scale[:, j : j + 1], groups.zero[:, j : j + 1] = found.scale, found.zero
+                qp = QParams(groups.scale[:, j : j + 1], groups.zero[:, j : j + 1])
             w = W1[:, i : i + 1]
-            q = fake_rows(w, qp, args)
-            Q1[:, i : i + 1] = q
-            err = (w - q) / Hinv1[i, i]
+            c = quantize_rows(w, qp, args)
+            codes[:, col : col + 1] = c
+            err = (w - dequantize_rows(c, qp)) / Hinv1[i, i]
             W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
             Err1[:, i : i + 1] = err
-        Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return Q.to(weight.dtype)
+        codes = codes[:, torch.argsort(perm)]
+    if groups is not None:
+        kept = QParams(groups.scale.reshape(-1, 1), groups.zero.reshape(-1, 1))
+    return QuantizedWeight.from_qparams(as_rows(codes, args), kept, weight.shape, args)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -162,11 +172,15 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     )
 
 
-def output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Relative quantized-output error on the calibration inputs, from the Hessian:
-    ||X dW^T||^2 / ||X W^T||^2 = tr(dW H dW^T) / tr(W H W^T)."""
-    dw = (weight.float() - qweight.float()).to(hessian.device)
-    w = weight.float().to(hessian.device)
-    num = torch.einsum("oi,ij,oj->", dw, hessian, dw).item()
-    den = torch.einsum("oi,ij,oj->", w, hessian, w).item()
-    return num / den if den > 0 else 0.0
+def _gptq_statistics(columns: int, config: GPTQConfig, device) -> GPTQ:
+    return GPTQ(columns, device=device, token_clip=config.token_clip)
+
+
+@register_algorithm("gptq", GPTQConfig, statistics=_gptq_statistics)
+def gptq(weight: torch.Tensor, stats: GPTQ, args: QuantArgs, config: GPTQConfig, context: GroupContext) -> AlgorithmResult:
+    qweight = stats.quantize(weight, args, config)
+    h = stats.hessian
+    rtn = quantize_weight(weight, args).dequantize()
+    errors = {"gptq": output_error(weight, qweight.dequantize(), h), "rtn": output_error(weight, rtn, h)}
+    del stats.hessian
+    return AlgorithmResult(qweight, errors=errors)

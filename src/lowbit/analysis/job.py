@@ -22,7 +22,8 @@ from ..arch import ArchSpec, get_arch
 from ..data import GENERATED, calibration_batches, generate_samples
 from ..errors import UserError
 from ..scheme import QuantArgs, parse_scheme
-from ..transforms.hadamard import factor_order
+from ..files import write_dir_atomically
+from ..hadamard import factor_order
 from ..transforms.smooth import check_alpha, smooth_scales
 from .capture import InputSite, input_sites, stream_inputs
 from .findings import add_findings
@@ -254,6 +255,7 @@ def analyze_job(
     *,
     data: str | None = None,
     out: str | None = None,
+    overwrite: bool = True,
     plots: bool = True,
     progress: bool = True,
 ) -> dict:
@@ -275,9 +277,7 @@ def analyze_job(
     result["model"] = model_name
     result["data"] = data or "enwiki-sample (calibration half)"
     if out:
-        from ..report import write_dir_atomically
-
-        write_dir_atomically(out, lambda tmp: _write_outputs(tmp, result, plot_data, config, plots, start))
+        write_dir_atomically(out, lambda tmp: _write_outputs(tmp, result, plot_data, config, plots, start), overwrite=overwrite)
         log.info("wrote %s (analysis.json, report.md%s)", out, ", plots" if plots else "")
     else:
         result["seconds"] = time.time() - start

@@ -18,7 +18,7 @@ import torch
 
 from ..quant import fake_quantize
 from ..scheme import QuantArgs
-from ..transforms.hadamard import hadamard_transform
+from ..hadamard import hadamard_transform
 
 TRANSFORMS = ("none", "smooth", "rotate", "smoothrot")
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..transforms.hadamard import hadamard_transform
+from ..hadamard import hadamard_transform
 
 
 def eq8_rotation_max(outliers: list[float], d: int, eps: float = 0.0) -> float:

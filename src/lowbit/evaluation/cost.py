@@ -1,13 +1,13 @@
 """Size, OPs and KV-cache memory of a (quantized) model.
 
 Conventions (stated in every report):
-- size: quantized weights packed at their bit width, plus one fp16 scale per row or group (and
-  one fp16 offset for asymmetric); every other parameter (embeddings, norms, unquantized
-  linears) at 16 bits; tied tensors counted once.
+- size: quantized weights packed at their bit width, plus one scale per row or group (and one
+  offset for asymmetric) in the scheme's scale format (float32 unless it says h or b); every other
+  parameter (embeddings, norms, unquantized linears) at 16 bits; tied tensors counted once.
 - OPs (LLM-QAT): MACs x W_bits x A_bits for every linear layer including lm_head, plus the two
   attention matmuls (Q K^T and P V, causal) at 16 x KV bits, for one sequence of `seq_len` tokens.
-- KV cache: keys and values of every layer at their bit width plus one fp16 scale per token and
-  head (and offset if asymmetric), for a full (not sliding-window) cache.
+- KV cache: keys and values of every layer at their bit width plus one scale per token and head
+  (and offset if asymmetric) in the scale format, for a full (not sliding-window) cache.
 
 `scheme_cost` gives the same numbers for any scheme from the unquantized model, without
 quantizing it (a table comparing schemes); `stored_bytes` is what the tensors really take in
@@ -21,32 +21,20 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ..arch import decoder_layers, get_arch, get_module, head_dim, layer_linears
-from ..quant import packed_nbytes
+from ..quant.qweight import quantized_nbytes, scale_count
 from ..runtime.int_linear import INT_LINEARS, Int8Linear
 from ..runtime.linear import QuantLinear
 from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
 
-SCALE_BYTES = 2  # fp16
-
-
-def scale_count(rows: int, cols: int, args: QuantArgs) -> int:
-    if args.granularity is Granularity.TENSOR:
-        return 1
-    if args.granularity is Granularity.GROUP:
-        return rows * cols // args.group_size
-    return rows
-
-
 def quantized_weight_bytes(rows: int, cols: int, args: QuantArgs) -> int:
-    per_scale = SCALE_BYTES * (1 if args.symmetric else 2)
-    return packed_nbytes(rows * cols, args.bits) + scale_count(rows, cols, args) * per_scale
+    return quantized_nbytes(rows * cols, scale_count(rows, cols, args), args)
 
 
 def model_size_bytes(model: nn.Module) -> int:
-    quantized = {}  # id(weight parameter) -> bytes, for fake-quantized linears
+    quantized = {}  # id(latent weight parameter) -> bytes, for linears training a latent weight
     total = 0
     for module in model.modules():
-        if isinstance(module, INT_LINEARS) or (isinstance(module, QuantLinear) and module.compacted):
+        if isinstance(module, INT_LINEARS) or (isinstance(module, QuantLinear) and module.is_quantized):
             # the weight is held as codes, not as a float parameter: count it at its bit width
             total += quantized_weight_bytes(module.out_features, module.in_features, module.weight_args)
         elif isinstance(module, QuantLinear) and module.weight_args is not None:
@@ -170,7 +158,6 @@ def kv_cache_bytes(config, scheme: Scheme | None, context: int, batch: int = 1) 
         if args is None:
             total += vectors * dim * 2
         else:
-            per_scale = SCALE_BYTES * (1 if args.symmetric else 2)
             scales = 1 if args.granularity is Granularity.TENSOR else vectors * scale_count(1, dim, args)
-            total += packed_nbytes(vectors * dim, args.bits) + scales * per_scale
+            total += quantized_nbytes(vectors * dim, scales, args)
     return total

@@ -3,7 +3,7 @@
 
 What can be expressed, and so exported:
 - weights: 4- or 8-bit, symmetric, per channel or per group (any lowbit algorithm and observer:
-  the stored codes and scales are lowbit's own, recovered exactly by `lowbit.quant.codes`);
+  the stored codes and scales are the model's own `QuantizedWeight`);
 - activations: none (W4A16, W8A16), or 8-bit symmetric dynamic per token on the full signed range
   (W8A8f: scale max/127.5, as compressed-tensors computes it at run time);
 - transforms whose edits are all folded into the weights: smooth, and rotate with only R1
@@ -25,10 +25,10 @@ from torch import nn
 
 from ..arch import get_arch
 from ..errors import UserError
-from ..quant.codes import InexactCodesError, encode_weight
-from ..report import write_dir_atomically
+from ..files import write_dir_atomically
 from ..runtime.kv import KEY_QUANT, QK_ROTATION, VALUE_QUANT
-from ..runtime.linear import QuantLinear, expand_weights
+from ..runtime.linear import QuantLinear
+from ..runtime.state import require_state
 from ..scheme import Granularity, Observer, QuantArgs, Scheme
 
 log = logging.getLogger("lowbit")
@@ -40,9 +40,7 @@ WEIGHT_BITS = (4, 8)
 
 def check_exportable(model: nn.Module) -> Scheme:
     """The model's scheme, or a UserError that says what compressed-tensors cannot express."""
-    scheme: Scheme | None = getattr(model, "lowbit_scheme", None)
-    if scheme is None:
-        raise UserError("this model was not quantized by lowbit (no lowbit_scheme); quantize it first")
+    scheme = require_state(model, "export").scheme
     name = scheme.name
     w, a = scheme.weights, scheme.inputs
     if w is None:
@@ -107,6 +105,9 @@ def _plain_model(model: nn.Module) -> nn.Module:
     plain.tie_weights()  # no_init_weights skips tying; a tied lm_head would be written twice
     wanted = plain.state_dict()
     state = {k: v for k, v in model.state_dict().items() if k in wanted}
+    for name, module in model.named_modules():  # quantized linears hold codes: their dequantized weight
+        if isinstance(module, QuantLinear) and module.is_quantized:
+            state[f"{name}.weight"] = module.dense_weight(dtype)
     plain.load_state_dict(state, strict=True)
     return plain.eval()
 
@@ -128,16 +129,13 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
         raise UserError(f"{out} exists; pass --overwrite to replace it or choose another folder")
     get_arch(model)
     scheme = check_exportable(model)
-    expand_weights(model)  # the plain copy below is built from float weights
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight_args is not None}
+    trainable = [n for n, m in quantized.items() if not m.is_quantized]
+    if trainable:
+        raise UserError(f"cannot export: {trainable[0]} still trains a latent weight; call lowbit.qat.freeze_student(model) first")
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
     ignore = [n for n in linears if n not in quantized]
-    codes = {}
-    for name, module in quantized.items():
-        try:
-            codes[name] = encode_weight(module.weight, module.weight_args, name=f"{name}.weight")
-        except InexactCodesError as exc:
-            raise UserError(f"cannot export: {exc}") from None
+    codes = {name: module.quantized_weight for name, module in quantized.items()}
     group = QuantizationScheme(
         targets=["Linear"],
         weights=_ct_args(scheme.weights, weights=True),
@@ -150,7 +148,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
     with torch.no_grad():
         for name, c in codes.items():
             target = plain.get_submodule(name)
-            target.weight_scale.data = c.scale.reshape(target.weight.shape[0], -1).to(target.weight.dtype)
+            target.weight_scale.data = c.qparams.scale.reshape(target.weight.shape[0], -1).to(target.weight.dtype)
             if hasattr(target, "weight_zero_point"):
                 target.weight_zero_point.data = torch.zeros_like(target.weight_scale, dtype=target.weight_zero_point.dtype)
     compressor = ModelCompressor.from_pretrained_model(plain)

@@ -2,20 +2,25 @@
 
 A saved model is a folder:
 
-    lowbit.json        format name and version, the transformers config, the scheme, the
-                       transform, every module lowbit swapped in (quantized linears with their
-                       weight / input quantizers and online rotations, KV quantizers and query-key
-                       rotations of each attention), and a sha256 of every other file
-    model.safetensors  quantized weights as packed codes (`<name>.codes`, uint8) with float32
-                       scales (`<name>.scale`) and zero points (`<name>.zero`, asymmetric only);
-                       every other tensor (embeddings, norms, biases, static quantizer ranges,
-                       random rotation signs) as it is in the model
+    lowbit.json        format name and version, the transformers config, the quantization
+                       state (scheme, transform, algorithm and its config), every module lowbit
+                       swapped in (quantized linears with their weight / input quantizers and
+                       online rotations, KV quantizers and query-key rotations of each
+                       attention), and a sha256 of every other file
+    model.safetensors  the model's state dict: quantized weights as their `QuantizedWeight`
+                       tensors (`<name>.weight_codes`, packed uint8; `<name>.weight_scale` and,
+                       asymmetric only, `<name>.weight_zero` in the scale format), every other
+                       tensor (embeddings, norms, biases, static quantizer ranges, random rotation
+                       signs) as it is in the model
     tokenizer files    when a tokenizer was given
 
+Saving writes the codes and scales the model holds, so a reload computes bit for bit the same.
 Loading rebuilds the stock transformers model from the config (no download, no modeling code of
-ours), swaps the same lowbit modules in at the same paths, and loads the tensors strictly.
-Scales are stored in float32, not fp16: they must reproduce the in-memory weights bit for bit
-(`lowbit.quant.codes`). The folder is written under a temporary name and renamed into place.
+ours), swaps the same lowbit modules in at the same paths, and loads the tensors strictly. The
+folder is written under a temporary name and renamed into place.
+
+Format version 1 (lowbit 0.1 before the quantized weight became a value) stored the same codes
+as `<name>.weight.codes` with float32 `.scale` / `.zero`; it still loads.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from torch import nn
 from .. import __version__
 from ..arch import get_arch, get_module, set_module
 from ..errors import UserError
-from ..quant.codes import InexactCodesError, WeightCodes, encode_weight
-from ..report import write_dir_atomically
+from ..files import write_dir_atomically
+from ..quant.qweight import QuantizedWeight
 from ..runtime.kv import (
     KEY_QUANT,
     PREFIX,
@@ -41,18 +46,19 @@ from ..runtime.kv import (
     register_attention,
     set_attention_implementation,
 )
-from ..runtime.linear import QuantLinear
+from ..runtime.linear import CODES, SCALE, ZERO, QuantLinear
 from ..runtime.quantizer import TensorQuantizer
 from ..runtime.rotation import OnlineHadamard
+from ..runtime.state import QuantizationState, require_state, set_quantization_state
 from ..scheme import Scheme, args_from_dict, args_to_dict
 
 log = logging.getLogger("lowbit")
 
 FORMAT = "lowbit-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
-RUN_SUBDIR = "model"  # where `lowbit quantize --out DIR` puts the saved model
+RUN_SUBDIR = "model"  # where a run folder (`lowbit quantize --out DIR`) keeps the saved model
 LOWBIT_MODULES = (QuantLinear, TensorQuantizer, OnlineHadamard)
 
 
@@ -92,6 +98,8 @@ def _check_savable(model: nn.Module) -> None:
                 raise UserError(f"cannot save {name}: {cls.__name__} is not a module the lowbit format {FORMAT_VERSION} describes")
             if isinstance(module, TensorQuantizer) and (module.observing or not module.calibrated):
                 raise UserError(f"cannot save {name}: its static quantizer is not calibrated (run lowbit.calibrate_static first)")
+            if isinstance(module, QuantLinear) and module.trainable:
+                raise UserError(f"cannot save {name}: it still trains a latent weight; call lowbit.qat.freeze_student(model) first")
         elif not cls.__module__.startswith(("transformers.", "torch.nn")):
             raise UserError(f"cannot save {name or 'the model'}: {cls.__module__}.{cls.__name__} is neither a transformers nor a lowbit module")
 
@@ -119,43 +127,20 @@ def describe_modules(model: nn.Module) -> dict:
     return {"linears": linears, "attention": attention}
 
 
-def _state_tensors(model: nn.Module, linears: dict) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """Tensors to store (quantized weights as codes), aliases of tied tensors, and the
-    names of the quantized weights."""
-    state = model.state_dict()
+def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict to store (quantized weights are codes and scales already), and aliases of
+    tied tensors (stored once)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_by_storage: dict[tuple, str] = {}
-    quantized = []
-    for key, value in state.items():
+    for key, value in model.state_dict().items():
         ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
         if value.numel() and ident in first_by_storage:
             aliases[key] = first_by_storage[ident]
             continue
         first_by_storage[ident] = key
-        owner, _, leaf = key.rpartition(".")
-        entry = linears.get(owner)
-        if leaf == "weight" and entry is not None and entry["weight"] is not None:
-            args = args_from_dict(entry["weight"])
-            try:
-                codes = encode_weight(value, args, name=key)
-            except InexactCodesError as exc:
-                raise UserError(f"cannot save: {exc}") from None
-            tensors[f"{key}.codes"] = codes.packed
-            tensors[f"{key}.scale"] = codes.scale
-            if codes.zero is not None:
-                tensors[f"{key}.zero"] = codes.zero
-            quantized.append(key)
-        else:
-            tensors[key] = value.detach().contiguous()
-    for name, module in model.named_modules():  # compacted linears hold their codes already (no float weight)
-        if isinstance(module, QuantLinear) and module.compacted:
-            key, codes = f"{name}.weight", module.codes
-            tensors[f"{key}.codes"], tensors[f"{key}.scale"] = codes.packed, codes.scale
-            if codes.zero is not None:
-                tensors[f"{key}.zero"] = codes.zero
-            quantized.append(key)
-    return tensors, aliases, quantized
+        tensors[key] = value.detach().contiguous()
+    return tensors, aliases
 
 
 def _sha256(path: Path) -> str:
@@ -181,16 +166,14 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder")
     spec = get_arch(model)
-    scheme = getattr(model, "lowbit_scheme", None)
-    if scheme is None:
-        raise UserError("this model was not quantized by lowbit (no lowbit_scheme); quantize it with lowbit.quantize first")
+    state = require_state(model, "save")
     _check_savable(model)
     modules = describe_modules(model)
     base_attention = (model.config._attn_implementation or "eager").removeprefix(PREFIX)
     dtype = next(model.parameters()).dtype
 
     def fill(tmp: Path) -> None:
-        tensors, aliases, quantized = _state_tensors(model, modules["linears"])
+        tensors, aliases = _state_tensors(model)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         del tensors
         if tokenizer is not None:
@@ -204,18 +187,16 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
             "dtype": str(dtype).removeprefix("torch."),
             "attn_implementation": base_attention,
             "hf_config": _hf_config(model),
-            "scheme": scheme.to_dict(),
-            "transform": getattr(model, "lowbit_transform", {"kind": "none"}),
-            "source": getattr(model, "lowbit_source", None),
+            **state.to_dict(),
+            "source": state.source or getattr(model, "lowbit_source", None),
             "modules": modules,
-            "quantized_weights": quantized,
             "aliases": aliases,
             "files": files,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     write_dir_atomically(out, fill)
-    log.info("saved quantized model (%s) to %s", scheme.name, out)
+    log.info("saved quantized model (%s) to %s", state.scheme.name, out)
     return out
 
 
@@ -242,7 +223,8 @@ def read_config(path: str | Path) -> dict:
             f"{path} was saved by lowbit {config.get('lowbit_version', '?')} in format version {version}; this lowbit "
             f"({__version__}) reads format versions up to {FORMAT_VERSION}: upgrade lowbit"
         )
-    missing_keys = [k for k in ("hf_config", "scheme", "modules", "files", "quantized_weights", "aliases", "dtype") if k not in config]
+    required = ("hf_config", "scheme", "modules", "files", "aliases", "dtype") + (("quantized_weights",) if version == 1 else ())
+    missing_keys = [k for k in required if k not in config]
     if missing_keys:
         raise UserError(f"{config_file} is incomplete (no {', '.join(missing_keys)}); save the model again")
     if WEIGHTS_FILE not in config["files"]:
@@ -285,15 +267,26 @@ def _build_model(config: dict) -> nn.Module:
     return model.eval()
 
 
-def _swap_modules(model: nn.Module, modules: dict, dtype: torch.dtype) -> None:
+def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Swap the saved lowbit modules in; quantized linears take their codes and scales from `stored`."""
     rotations: dict[str, OnlineHadamard] = {}
     for path, entry in modules["linears"].items():
         old = get_module(model, path)
-        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (entry["out_features"], entry["in_features"]):
-            raise UserError(f"saved model does not match its config: {path} is not a {entry['out_features']}x{entry['in_features']} linear")
-        weight = torch.empty(entry["out_features"], entry["in_features"], dtype=dtype)
+        shape = (entry["out_features"], entry["in_features"])
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != shape:
+            raise UserError(f"saved model does not match its config: {path} is not a {shape[0]}x{shape[1]} linear")
         bias = torch.empty(entry["out_features"], dtype=dtype) if entry["bias"] else None
-        new = QuantLinear(weight, bias, args_from_dict(entry["weight"]), args_from_dict(entry["input"]), _rotation(entry["input_rotation"], rotations, path))
+        w_args = args_from_dict(entry["weight"])
+        if w_args is None:
+            weight = torch.empty(shape, dtype=dtype)
+        else:
+            try:
+                weight = QuantizedWeight.from_packed(
+                    stored[f"{path}.{CODES}"], stored[f"{path}.{SCALE}"], stored.get(f"{path}.{ZERO}"), shape, w_args
+                )
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise UserError(f"quantized weight {path} is damaged ({exc}); save the model again") from None
+        new = QuantLinear(weight, bias, None, args_from_dict(entry["input"]), _rotation(entry["input_rotation"], rotations, path))
         set_module(model, path, new)
     if modules["attention"]:
         for path, entry in modules["attention"].items():
@@ -306,7 +299,8 @@ def _swap_modules(model: nn.Module, modules: dict, dtype: torch.dtype) -> None:
         set_attention_implementation(model, register_attention(model.config._attn_implementation or "eager"))
 
 
-def _load_tensors(path: Path, config: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The stored state dict, tied tensors restored; version-1 names of codes and scales renamed."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -314,22 +308,17 @@ def _load_tensors(path: Path, config: dict, model: nn.Module) -> dict[str, torch
         stored = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path / WEIGHTS_FILE} cannot be read ({exc}); save the model again") from None
-    state: dict[str, torch.Tensor] = {}
-    for key in config["quantized_weights"]:
-        owner = key.rpartition(".")[0]
-        args = args_from_dict(config["modules"]["linears"][owner]["weight"])
-        shape = tuple(get_module(model, owner).weight.shape)
-        try:
-            codes = WeightCodes(stored.pop(f"{key}.codes"), stored.pop(f"{key}.scale"), stored.pop(f"{key}.zero", None), shape)
-            state[key] = codes.dequantize(args)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{path / WEIGHTS_FILE}: quantized weight {key} is damaged ({exc}); save the model again") from None
-    state.update(stored)
+    if config["format_version"] == 1:  # <name>.weight.codes / .scale / .zero -> <name>.weight_codes / ...
+        for key in config["quantized_weights"]:
+            owner = key.rpartition(".")[0]
+            for old, new in (("codes", CODES), ("scale", SCALE), ("zero", ZERO)):
+                if f"{key}.{old}" in stored:
+                    stored[f"{owner}.{new}"] = stored.pop(f"{key}.{old}")
     for alias, target in config["aliases"].items():
-        if target not in state:
+        if target not in stored:
             raise UserError(f"{path / WEIGHTS_FILE} has no {target} (needed by {alias}); save the model again")
-        state[alias] = state[target]
-    return state
+        stored[alias] = stored[target]
+    return stored
 
 
 def load_quantized(path: str | Path, *, device: str | None = None):
@@ -346,8 +335,8 @@ def load_quantized(path: str | Path, *, device: str | None = None):
     log.info("loading quantized model from %s", found)
     model = _build_model(config)
     dtype = getattr(torch, config["dtype"])
-    _swap_modules(model, config["modules"], dtype)
-    state = _load_tensors(found, config, model)
+    state = _read_tensors(found, config)
+    _swap_modules(model, config["modules"], state, dtype)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -355,10 +344,13 @@ def load_quantized(path: str | Path, *, device: str | None = None):
         raise UserError(f"{found / WEIGHTS_FILE} does not match its config ({' '.join(first[:2])[:300]}); save the model again") from None
     if device:
         model.to(device)
-    model.lowbit_scheme = Scheme.from_dict(config["scheme"])
-    model.lowbit_transform = config.get("transform") or {"kind": "none"}
-    model.lowbit_source = str(found)
-    model.lowbit_layer_errors = []
+    set_quantization_state(model, QuantizationState(
+        scheme=Scheme.from_dict(config["scheme"]),
+        transform=config.get("transform") or {"kind": "none"},
+        algorithm=config.get("algorithm", "unknown"),  # format version 1 did not record it
+        algorithm_config=config.get("algorithm_config", {}),
+        source=str(found),
+    ))
     tokenizer = None
     if (found / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

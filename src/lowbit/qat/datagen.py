@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data.generate import Sampling, generate_batch
 from ..errors import UserError
+from ..files import write_file_atomically
 
 log = logging.getLogger("lowbit")
 
@@ -62,17 +61,6 @@ def shard_path(out: Path, index: int) -> Path:
     return out / SHARD.format(index)
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _check_meta(out: Path, meta: dict) -> None:
     path = out / META
     if path.is_file():
@@ -86,7 +74,7 @@ def _check_meta(out: Path, meta: dict) -> None:
     elif any(out.glob("shard-*.pt")):
         raise UserError(f"{out} has shards but no {META}; use an empty --out folder")
     else:
-        _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        write_file_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
 def generate_dataset(
@@ -117,14 +105,14 @@ def generate_dataset(
         ids = torch.cat([s.view(-1) for s in seqs]).to(torch.int32)
         lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.int32)
         shard = {"ids": ids, "lengths": lengths}
-        _write_atomic(shard_path(out, index), lambda tmp, shard=shard: torch.save(shard, tmp))
+        write_file_atomically(shard_path(out, index), lambda tmp, shard=shard: torch.save(shard, tmp))
     bar.close()
     seconds = time.time() - start
     stats = dataset_stats(load_dataset(out))
     stats["generated_tokens_this_run"] = tokens
     stats["seconds_this_run"] = seconds
     stats["tokens_per_second_this_run"] = tokens / seconds if seconds > 0 and tokens else None
-    _write_atomic(out / STATS, lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=2) + "\n"))
+    write_file_atomically(out / STATS, lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=2) + "\n"))
     return stats
 
 

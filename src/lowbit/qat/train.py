@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..files import write_file_atomically
 from ..runtime.kv import register_attention, set_attention_implementation
 from ..runtime.linear import QuantLinear
 from . import distill
@@ -222,15 +222,7 @@ def save_checkpoint(
     if rank() != 0:
         return
     state = {"step": step, "params": weights, "optimizer": optimizer_state, "history": history, "config": asdict(config)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(

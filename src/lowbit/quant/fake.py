@@ -19,6 +19,7 @@ import torch
 from ..errors import UserError
 from ..scheme import Granularity, Observer, QuantArgs
 
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MSE_GRID = 40  # ratios 1.0, 0.9875, ... down to 0.5125
 MSE_MIN_RATIO = 0.5
 
@@ -57,8 +58,20 @@ def minmax_qparams(rows: torch.Tensor, args: QuantArgs, ratio: torch.Tensor | fl
         hi = rows.amax(dim=1, keepdim=True) * ratio
         scale = (hi - lo) / args.qmax
         zero = lo
-    # An all-zero (or constant) row gets scale 1: its values are then represented exactly.
+    return in_scale_format(scale, zero, args)
+
+
+def in_scale_format(scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> QParams:
+    """Scales and offsets as the scale format stores them (float32 tensors holding values of that
+    format), so that what lowbit computes is what a checkpoint with such scales computes. An
+    all-zero (or constant) row gets scale 1: its values are then represented exactly."""
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if args.scale_format != "float32":
+        dtype = SCALE_DTYPES[args.scale_format]
+        info = torch.finfo(dtype)
+        # a scale must stay positive and finite in the format: clamp before rounding
+        scale = scale.clamp(info.tiny, info.max).to(dtype).float()
+        zero = zero.clamp(-info.max, info.max).to(dtype).float()
     return QParams(scale, zero)
 
 
@@ -72,8 +85,7 @@ def range_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> QParam
     else:
         scale = (hi - lo) / args.qmax
         zero = lo
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return QParams(scale, zero)
+    return in_scale_format(scale, zero, args)
 
 
 def mse_qparams(rows: torch.Tensor, args: QuantArgs) -> QParams:

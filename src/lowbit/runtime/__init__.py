@@ -1,19 +1,19 @@
-"""The quantized model at run time: quantized linears, KV-cache quantization, integer kernels."""
+"""The quantized model at run time (modules only): quantized linears, KV-cache quantization,
+online rotations, integer kernels, and the quantization state a model carries."""
 
-from .apply import calibrate_static, check_scheme, quantize_model
 from .int_linear import Int4Linear, Int8Linear, convert_to_int_kernels
-from .linear import QuantLinear, compact_weights, expand_weights
+from .linear import QuantLinear
 from .quantizer import TensorQuantizer
+from .rotation import OnlineHadamard
+from .state import QuantizationState, quantization_state
 
 __all__ = [
     "Int4Linear",
     "Int8Linear",
+    "OnlineHadamard",
     "QuantLinear",
+    "QuantizationState",
     "TensorQuantizer",
-    "calibrate_static",
-    "check_scheme",
-    "compact_weights",
     "convert_to_int_kernels",
-    "expand_weights",
-    "quantize_model",
+    "quantization_state",
 ]

@@ -10,9 +10,9 @@
   so by default activations and scales are rounded to bfloat16 (the 4-bit codes stay exact) and the
   output is cast back; `compute_dtype=torch.float32` runs the same kernel exactly but ~50x slower.
 
-`convert_to_int_kernels` swaps the `QuantLinear`s of a quantized model for these modules. A
-`QuantLinear` holds its weight dequantized (codes x scale); the codes and scales are recovered
-from it exactly (see `recover_codes`), so the conversion works after RTN, GPTQ or AWQ alike.
+`convert_to_int_kernels` swaps the `QuantLinear`s of a quantized model for these modules; they
+take the codes and scales of the `QuantLinear`'s `QuantizedWeight` as they are, so the
+conversion works after RTN, GPTQ or AWQ alike.
 """
 
 from __future__ import annotations
@@ -25,24 +25,14 @@ from torch import nn
 
 from ..errors import UserError
 from ..quant import compute_qparams, range_qparams
-from ..quant.codes import InexactCodesError, exact_codes
-from ..scheme import Granularity, QuantArgs
-from .linear import QuantLinear, expand_weights
+from ..scheme import Granularity
+from .linear import QuantLinear
 
 log = logging.getLogger("lowbit")
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what torch's CPU int4 kernel accepts
 INT4_OUT_MULTIPLE = 16  # its packing needs out_features % 16 == 0
 INT4_TILES = 1  # innerKTiles of the CPU packing (the CPU kernel ignores the tiling)
-def recover_codes(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes [rows, cols] int16 and per-row scale and offset [rows, 1] fp32 that reproduce a
-    weight already on a quantization grid exactly (`quant.codes.exact_codes`); a UserError otherwise."""
-    try:
-        return exact_codes(weight, args)
-    except InexactCodesError as exc:
-        raise UserError(f"{exc}; convert the model right after lowbit.quantize, before any change to its weights") from None
-
-
 class Int8Linear(nn.Module):
     """y = (codes_x @ codes_w^T) x scale_x x scale_w + bias, with int32 accumulation."""
 
@@ -51,8 +41,9 @@ class Int8Linear(nn.Module):
         w_args, a_args = linear.weight_args, linear.input_quant.args
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.weight_args, self.input_args = w_args, a_args
-        codes, scale, _ = recover_codes(linear.weight, w_args)
-        codes, scale = codes.reshape(self.out_features, self.in_features), _per_output(scale, self.out_features)
+        qweight = linear.quantized_weight
+        codes = qweight.codes.reshape(self.out_features, self.in_features)
+        scale = _per_output(qweight.qparams.scale, self.out_features)
         self.register_buffer("weight_codes", codes.to(torch.int8).t().contiguous())  # [in, out]: _int_mm's layout
         self.register_buffer("weight_scale", scale.reshape(1, -1))
         self.bias = linear.bias
@@ -98,7 +89,8 @@ class Int4Linear(nn.Module):
         args = linear.weight_args
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.weight_args, self.compute_dtype = args, compute_dtype
-        codes, scale, zero = recover_codes(linear.weight, args)
+        qweight = linear.quantized_weight
+        codes, (scale, zero) = qweight.codes, qweight.qparams
         n, k = self.out_features, self.in_features
         group = args.group_size if args.granularity is Granularity.GROUP else next(g for g in INT4_GROUP_SIZES if k % g == 0)
         # per-channel / per-tensor: every kernel group of a row repeats the row's scale (exact)
@@ -182,11 +174,11 @@ def convert_to_int_kernels(
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not targets:
         raise UserError("no quantized linear layers to convert; run lowbit.quantize first (e.g. W8A8 or W4A16)")
-    expand_weights(model)  # the kernels take their codes from the float weights
     kinds = {}
     for name, linear in targets:
-        if linear.weight.device.type != "cpu":
-            raise UserError(f"{name} is on {linear.weight.device}; the integer kernels are CPU kernels, move the model to CPU")
+        device = linear.weight_codes.device if linear.is_quantized else linear.weight.device
+        if device.type != "cpu":
+            raise UserError(f"{name} is on {device}; the integer kernels are CPU kernels, move the model to CPU")
         try:
             kinds[name] = int_kernel_for(linear)
         except UserError as exc:

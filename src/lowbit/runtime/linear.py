@@ -1,22 +1,20 @@
 """`QuantLinear`: the module swapped in for each quantized `nn.Linear`.
 
-It holds the weight after weight quantization (dequantized, so any matmul runs it), an optional
-online rotation of its input (an equivalent transformation whose inverse is already in the
-weight) and a quantizer for its input activations. The original `nn.Linear` is not kept.
+It takes one of three forms:
 
-For quantization-aware training (`trainable=True`) the weight is instead the full-precision
-latent weight, fake-quantized in every forward with the straight-through estimator, so the
-optimizer updates the latent weight while the forward sees only quantized values; `freeze()`
-writes the quantized weight back and returns to the plain quantized form. Starting from a
-calibrated result (GPTQ, AWQ), `train_on_fixed_grid()` keeps the algorithm's own scales: the
-latent weight starts at the quantized weight and is re-quantized on that fixed grid, so training
-starts exactly from the PTQ model.
+- quantized: it holds a `QuantizedWeight` (packed codes, scales in their format, offsets) as
+  buffers and dequantizes it in each forward, so a W4 layer takes an eighth of the memory of its
+  float weight and computes exactly what was evaluated and saved;
+- float: `weight` is a plain parameter (activation-only schemes, or a transform's wrapper that
+  only rotates its input);
+- trainable (quantization-aware training): `weight` is the full-precision latent weight,
+  fake-quantized in every forward with the straight-through estimator, on MinMax scales
+  recomputed each step (LLM-QAT) or on a fixed grid (`weight_scale`, `weight_zero`) taken from a
+  calibrated start (`train_on_fixed_grid`), optionally learned (`learn_weight_scale`, LSQ);
+  `freeze()` quantizes the latent weight onto its grid and returns to the quantized form.
 
-`compact()` holds the quantized weight at its bit width (packed codes, per-row scales) instead of
-float values and dequantizes it in each forward: a W4 layer then takes an eighth of the memory.
-The pipeline compacts each layer once it is done and `lowbit quantize` evaluates compacted, so
-memory stays near one float layer; `expand()` (or `expand_weights(model)`) brings the float
-weight back, bit for bit, for whatever edits or saves the weights.
+Each form may also rotate its input online (an equivalent transformation whose inverse is
+already in the weight) and quantize its input activations.
 """
 
 from __future__ import annotations
@@ -26,88 +24,132 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import fake_quantize
-from ..memory import release_mapped_pages
-from ..quant.codes import InexactCodesError, WeightCodes, encode_weight, exact_codes
-from ..quant.fake import QParams, as_rows, compute_qparams
+from ..quant.fake import QParams, as_rows, compute_qparams, in_scale_format
+from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import QuantArgs
 from .quantizer import TensorQuantizer
+
+CODES, SCALE, ZERO, GLOBAL_SCALE = "weight_codes", "weight_scale", "weight_zero", "weight_global_scale"
+QUANTIZED_BUFFERS = (CODES, SCALE, ZERO, GLOBAL_SCALE)
 
 
 class QuantLinear(nn.Module):
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | QuantizedWeight,
         bias: torch.Tensor | None,
-        weight_args: QuantArgs | None,
-        input_args: QuantArgs | None,
+        weight_args: QuantArgs | None = None,
+        input_args: QuantArgs | None = None,
         input_rotation: nn.Module | None = None,
         trainable: bool = False,
     ) -> None:
+        """`weight` is a `QuantizedWeight` (the quantized form), or a float tensor: with
+        `weight_args` and `trainable` the latent weight of QAT, without `weight_args` a float weight."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)  # shares `weight`'s storage
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.weight_args = weight_args
         self.input_rotation = input_rotation
         self.input_quant = TensorQuantizer(input_args) if input_args is not None else None
-        self.trainable = trainable
-        # fixed per-row weight grid for QAT from a calibrated start (None: MinMax of the latent weight)
-        self.register_buffer("weight_scale", None)
-        self.register_buffer("weight_zero", None)
-        self.codes: WeightCodes | None = None  # the weight while compacted (then `weight` is None)
-        self._dense: tuple[torch.dtype, torch.device] | None = None  # the float weight's dtype and device
+        self.trainable = False
+        for name in QUANTIZED_BUFFERS:
+            self.register_buffer(name, None)
+        self.weight_args: QuantArgs | None = None
+        if isinstance(weight, QuantizedWeight):
+            if weight_args is not None and weight_args != weight.args:
+                raise ValueError("weight_args differ from the QuantizedWeight's own arguments")
+            self.weight = None
+            self.set_quantized_weight(weight)
+        else:
+            if weight_args is not None and not trainable:
+                raise ValueError("a float weight with weight_args must be trainable; quantize it to a QuantizedWeight instead")
+            self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares `weight`'s storage
+            self.weight_args = weight_args
+            self.trainable = trainable
+
+    # ------------------------------------------------------------------ forms
 
     @property
-    def compacted(self) -> bool:
-        return self.codes is not None
+    def is_quantized(self) -> bool:
+        """Holds a `QuantizedWeight` (codes and scales), not a float weight."""
+        return getattr(self, CODES) is not None
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        if not self.is_quantized:
+            raise ValueError("this linear holds no quantized weight (a float or a trainable latent weight)")
+        return QuantizedWeight.from_packed(
+            getattr(self, CODES), getattr(self, SCALE), getattr(self, ZERO), (self.out_features, self.in_features),
+            self.weight_args, getattr(self, GLOBAL_SCALE),
+        )
 
     @torch.no_grad()
-    def compact(self) -> bool:
-        """Hold the weight as packed integer codes; False (and nothing changes) where it cannot be:
-        no weight quantization, a trainable latent weight, a non-CPU weight, values off the grid."""
-        if self.codes is not None:
-            return True
-        if self.weight_args is None or self.trainable or self.weight.device.type != "cpu":
-            return False
-        try:
-            codes = encode_weight(self.weight, self.weight_args)
-        except InexactCodesError:
-            return False
-        dense, self._dense = self.weight, (self.weight.dtype, self.weight.device)
-        self.codes, self.weight = codes, None
-        release_mapped_pages(dense)  # a memory-mapped checkpoint's pages would stay resident otherwise
-        return True
+    def set_quantized_weight(self, qweight: QuantizedWeight) -> None:
+        """Hold `qweight` (any float or latent weight is dropped)."""
+        if tuple(qweight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight of shape {qweight.shape} for a {self.out_features}x{self.in_features} linear")
+        device = self.bias.device if self.bias is not None else qweight.scale.device
+        self.weight = None
+        self.weight_args = qweight.args
+        self.trainable = False
+        self._set_buffer(CODES, qweight.packed().to(device))
+        self._set_buffer(SCALE, qweight.scale.reshape(-1).to(device))
+        self._set_buffer(ZERO, None if qweight.zero is None else qweight.zero.reshape(-1).to(device))
+        gs = qweight.global_scale
+        self._set_buffer(GLOBAL_SCALE, None if gs is None else gs.reshape(()).to(device))
 
-    @torch.no_grad()
-    def expand(self) -> None:
-        """Back to a float weight (bit-identical to the one compacted)."""
-        if self.codes is not None:
-            self.weight = nn.Parameter(self._dense_weight(), requires_grad=False)
-            self.codes = None
+    def _set_buffer(self, name: str, value: torch.Tensor | None) -> None:
+        self._parameters.pop(name, None)  # a learned scale was a parameter
+        self._buffers.pop(name, None)
+        self.register_buffer(name, value)
 
-    def _dense_weight(self) -> torch.Tensor:
-        dtype, device = self._dense
-        return self.codes.dequantize(self.weight_args).to(device=device, dtype=dtype)
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as the forward uses it: dequantized codes, the (fake-quantized) latent weight
+        while training, or the float weight. Quantized forms come out in `dtype` (float32 default)."""
+        if self.is_quantized:
+            return self.quantized_weight.dequantize(dtype or torch.float32)
+        if self.trainable and self.weight_args is not None:
+            weight = fake_quantize(self.weight, self.weight_args, self._weight_grid())
+        else:
+            weight = self.weight
+        return weight if dtype is None else weight.to(dtype)
 
     def _weight_grid(self) -> QParams | None:
-        return None if self.weight_scale is None else QParams(self.weight_scale, self.weight_zero)
+        scale = getattr(self, SCALE)
+        return None if scale is None else QParams(scale, getattr(self, ZERO))
 
-    def quantized_weight(self) -> torch.Tensor:
-        if self.codes is not None:
-            return self._dense_weight()
-        if self.trainable and self.weight_args is not None:
-            return fake_quantize(self.weight, self.weight_args, self._weight_grid())
-        return self.weight
+    @property
+    def weight_scale_grid(self) -> torch.Tensor | None:
+        """QAT's fixed (or learned) per-row weight scale [rows, 1], None on a MinMax grid."""
+        return getattr(self, SCALE) if self.trainable else None
+
+    def _apply(self, fn, recurse=True):
+        # A dtype change (model.to(torch.bfloat16)) must not round the stored scales: they keep their
+        # own number format and only follow the module's device.
+        kept = {name: self._buffers[name] for name in (SCALE, ZERO, GLOBAL_SCALE) if self.is_quantized and self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
+    # ------------------------------------------------------------------ QAT
 
     @torch.no_grad()
     def train_on_fixed_grid(self) -> None:
-        """Make the (already quantized) weight a trainable latent weight on its own grid: the scales
-        and offsets that reproduce it exactly are kept fixed during training."""
-        if self.weight_args is None:
-            raise ValueError("this linear has no quantized weight to train")
-        self.expand()
-        _, scale, zero = exact_codes(self.weight, self.weight_args)
-        self.weight_scale, self.weight_zero = scale.to(self.weight.device), zero.to(self.weight.device)
+        """Make the quantized weight a trainable latent weight on its own grid: its scales and
+        offsets stay fixed during training, so training starts exactly from the quantized model."""
+        qweight = self.quantized_weight
+        qp = qweight.qparams
+        self.set_latent_weight(qweight.dequantize(), qweight.args)
+        self._set_buffer(SCALE, qp.scale.to(self.weight.device))
+        self._set_buffer(ZERO, qp.zero.to(self.weight.device))
+
+    @torch.no_grad()
+    def set_latent_weight(self, weight: torch.Tensor, args: QuantArgs) -> None:
+        """Train a full-precision latent weight, fake-quantized with `args` on a MinMax grid."""
+        for name in QUANTIZED_BUFFERS:
+            self._set_buffer(name, None)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.weight_args = args
         self.trainable = True
 
     @torch.no_grad()
@@ -116,57 +158,42 @@ class QuantLinear(nn.Module):
         of a calibrated start, or the MinMax grid of the latent weight (so the function is unchanged)."""
         if not self.trainable or self.weight_args is None:
             raise ValueError("only a trainable quantized weight can learn its scales")
-        if isinstance(self.weight_scale, nn.Parameter):
+        if self.learns_weight_scale:
             return
-        if self.weight_scale is None:
+        scale = getattr(self, SCALE)
+        if scale is None:
             qp = compute_qparams(as_rows(self.weight.detach().float(), self.weight_args), self.weight_args)
-            self.weight_zero = qp.zero.to(self.weight.device)
+            self._set_buffer(ZERO, qp.zero.to(self.weight.device))
             scale = qp.scale
-        else:
-            scale = self.weight_scale
+        self._buffers.pop(SCALE, None)
         self.weight_scale = nn.Parameter(scale.detach().clone().to(self.weight.device))
 
     @property
     def learns_weight_scale(self) -> bool:
-        return isinstance(self.weight_scale, nn.Parameter)
+        return isinstance(self._parameters.get(SCALE), nn.Parameter)
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """End training: keep the quantized weight (the latent one is dropped)."""
-        self.expand()
-        if self.trainable and self.weight_args is not None:
-            grid = self._weight_grid()
-            if grid is not None:
-                grid = QParams(grid.scale.detach(), grid.zero)
-            q = fake_quantize(self.weight.detach().float(), self.weight_args, grid)
-            self.weight.copy_(q.to(self.weight.dtype))
-        self.trainable = False
-        self._parameters.pop("weight_scale", None)  # a learned scale is a parameter: back to a buffer
-        self.register_buffer("weight_scale", None)
-        self.weight_zero = None
-        self.weight.requires_grad_(False)
+        """End training: quantize the latent weight onto its grid (the latent weight is dropped)."""
+        if not self.trainable:
+            return
+        grid = self._weight_grid()
+        if grid is not None:  # a learned scale is stored in the scale format like any other
+            grid = in_scale_format(grid.scale.detach().float(), grid.zero.float(), self.weight_args)
+        self.set_quantized_weight(quantize_weight(self.weight.detach().float(), self.weight_args, grid))
+
+    # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
             x = self.input_rotation(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        weight = self.dense_weight(x.dtype) if self.is_quantized else self.dense_weight()
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         w = self.weight_args.name() if self.weight_args else "16"
         a = self.input_quant.args.name() if self.input_quant else "16"
-        state = ", trainable" if self.trainable else ", compacted" if self.codes is not None else ""
+        state = ", trainable" if self.trainable else ", codes" if self.is_quantized else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, W{w}A{a}{state}"
-
-
-def compact_weights(module: nn.Module) -> int:
-    """Compact every `QuantLinear` inside `module` that can be; returns how many were."""
-    return sum(m.compact() for m in module.modules() if isinstance(m, QuantLinear))
-
-
-def expand_weights(module: nn.Module) -> None:
-    """Expand every compacted `QuantLinear` inside `module` back to a float weight."""
-    for m in module.modules():
-        if isinstance(m, QuantLinear):
-            m.expand()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..transforms.hadamard import factor_order, hadamard_transform
+from ..hadamard import factor_order, hadamard_transform
 
 
 class OnlineHadamard(nn.Module):

@@ -30,12 +30,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, attention_modules, decoder_layers, get_module, head_dim, kv_groups, set_module
+from ..arch import (
+    ArchSpec,
+    attention_modules,
+    decoder_layers,
+    get_module,
+    head_dim,
+    kv_groups,
+    kv_head_channels,
+    set_module,
+    tie_kv_heads,
+)
 from ..errors import UserError
 from ..runtime.linear import QuantLinear
 from ..runtime.rotation import OnlineHadamard
 from ..scheme import Scheme
-from .hadamard import factor_order, hadamard_transform, random_signs
+from ..hadamard import factor_order, hadamard_transform, random_signs
 from .rotate import (
     norm_gain,
     rotate_embedding,
@@ -183,8 +193,8 @@ def apply_transform(
         for group in spec.input_groups:
             linears = [get_module(layer, n) for n in group.linears]
             online_r1 = config.r1 and not fused_r1
-            rotate = config.rotates and {"qkv": online_r1, "gate_up": online_r1, "o": config.r2, "down": config.r4}[group.role]
-            smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.role == "down"))
+            rotate = config.rotates and {"r1": online_r1, "r2": config.r2, "r4": config.r4}[group.rotation]
+            smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.massive_outliers))
             source_is_norm = group.source not in spec.linears
             entry = stats.get((i, group.role))
             act_absmax = entry["absmax"] if entry else None
@@ -206,12 +216,12 @@ def apply_transform(
                     set_norm_gain(norm, norm_gain(norm, offset) / s, offset)
                 else:
                     producer = get_module(layer, group.source)
-                    scale_output_rows(producer, 1 / (s.view(-1, n_rep, dim)[:, 0].reshape(-1) if group.role == "o" else s))
+                    scale_output_rows(producer, 1 / (kv_head_channels(s, n_rep, dim) if group.kv_tied else s))
                 for lin in linears:
                     scale_input_columns(lin, s)
             if not rotate:
                 continue
-            if group.role == "o":
+            if group.rotation == "r2":
                 rotate_head_outputs(get_module(layer, group.source), dim)  # R2 on v_proj
                 for lin in linears:
                     rotate_head_inputs(lin, dim)
@@ -254,13 +264,10 @@ def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tenso
 def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate):
     weight = torch.cat([lin.weight.double() for lin in linears])
     w_absmax = weight.abs().amax(0)
-    if group.role == "o" and n_rep > 1:
-        # o_proj channels of the heads that share one KV head must share a scale (it is folded
-        # into that KV head's v_proj rows): pool their statistics.
-        def pooled(t):
-            return t.view(-1, n_rep, dim).amax(1, keepdim=True).expand(-1, n_rep, -1).reshape(-1)
-
-        act_absmax, w_absmax = pooled(act_absmax), pooled(w_absmax)
+    if group.kv_tied:
+        # channels of the heads that share one KV head must share a scale (it is folded into that
+        # KV head's rows of the source): pool their statistics
+        act_absmax, w_absmax = tie_kv_heads(act_absmax, n_rep, dim, "amax"), tie_kv_heads(w_absmax, n_rep, dim, "amax")
     if config.alpha is not None:
         return smooth_scales(act_absmax, w_absmax, config.alpha), config.alpha
     rotation = (lambda t: hadamard_transform(t)) if rotate else None

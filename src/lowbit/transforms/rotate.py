@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hadamard import hadamard_transform
+from ..hadamard import hadamard_transform
 
 
 def _write(param: torch.Tensor, value: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import UserError
+from .errors import UserError
 
 
 def _is_prime(q: int) -> bool:

@@ -1,7 +1,8 @@
-"""Turn a stock transformers causal LM into a quantized one: module swaps and attention hooks.
+"""The public quantization API: `quantize` a stock transformers causal LM, `calibrate_static`
+quantizers, `check_scheme` before any work.
 
-Every linear of every decoder layer becomes a `QuantLinear` (quantized weight, fake-quantized
-input); keys and values are fake-quantized per token as attention reads them (see `kv`).
+Every linear of every decoder layer becomes a `QuantLinear` (a `QuantizedWeight`, a
+fake-quantized input); keys and values are fake-quantized per token as attention reads them.
 Embeddings and lm_head stay in full precision unless the scheme says otherwise.
 """
 
@@ -9,30 +10,24 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import asdict
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms import ALGORITHMS, rtn_weight
-from ..arch import (
-    ArchSpec,
-    attention_modules,
-    decoder_layers,
-    get_arch,
-    get_module,
-    head_dim,
-    layer_linears,
-    set_module,
-)
-from ..errors import UserError
-from ..pipeline import SEQUENTIAL_ALGORITHMS, PipelineConfig, quantize_sequential
-from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
-from ..transforms.apply import TransformConfig, apply_transform, check_transform
-from .kv import install_kv_quantizers
-from .linear import QuantLinear, compact_weights, expand_weights
-from .quantizer import TensorQuantizer
+from .algorithms import rtn_weight
+from .algorithms.registry import resolve_algorithm
+from .arch import ArchSpec, attention_modules, decoder_layers, get_arch, get_module, head_dim, layer_linears, set_module
+from .errors import UserError
+from .memory import release_mapped_pages
+from .pipeline import PipelineConfig, quantize_sequential
+from .runtime.kv import install_kv_quantizers
+from .runtime.linear import QuantLinear
+from .runtime.quantizer import TensorQuantizer
+from .runtime.state import QuantizationState, set_quantization_state
+from .scheme import Granularity, QuantArgs, Scheme, parse_scheme
+from .transforms.apply import TransformConfig, apply_transform, check_transform
 
 
 def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
@@ -60,46 +55,50 @@ def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
             raise UserError(f"{what} group size {args.group_size} does not divide head_dim={dim}")
 
 
-def quantize_model(
+def quantize(
     model: nn.Module,
-    scheme: Scheme | str,
+    scheme,
     *,
     transform: TransformConfig | str = "none",
-    algorithm: str = "rtn",
+    algorithm="rtn",
     calibration: Iterable[torch.Tensor] | None = None,
     pipeline: PipelineConfig | None = None,
     inplace: bool = False,
     trainable: bool = False,
-    compact: bool = False,
     progress: bool = True,
 ) -> nn.Module:
     """A quantized copy of `model` (or `model` itself with `inplace=True`).
 
-    `transform` (none, smooth, rotate, smoothrot, or a `TransformConfig`) is applied first;
-    `calibration` (token-id batches) is needed for smoothing, static quantizers, GPTQ and AWQ.
-    GPTQ and AWQ run layer by layer (`lowbit.pipeline`); `pipeline` holds their options.
-    Per-layer errors of the pipeline are left in `model.lowbit_layer_errors`.
-    With `trainable=True` (quantization-aware training) every `QuantLinear` keeps the full-precision
-    (transformed) weight as a latent weight and fake-quantizes it in forward: with RTN on MinMax
-    scales recomputed each time, as LLM-QAT does (its forward equals the RTN model's); with GPTQ/AWQ
-    the latent weight starts at the algorithm's quantized weight and is re-quantized on the
-    algorithm's own, fixed per-row grid (its forward equals the GPTQ/AWQ model's).
-    With `compact=True` quantized weights are left packed at their bit width (`QuantLinear.compact`;
-    the forward is the same, memory is a fraction; `expand_weights` restores float weights).
+    `scheme` is a scheme name (``W4A8KV4``), a `Scheme`, or a `Recipe` (which then also gives the
+    transform and algorithm). `transform` (none, smooth, rotate, smoothrot, or a
+    `TransformConfig`) is applied first. `algorithm` is a registered name (rtn, gptq, awq, ...)
+    or a config instance (`GPTQConfig(damp=0.05)`); calibration-based ones run layer by layer
+    (`lowbit.pipeline`, options in `pipeline`) on `calibration` (token-id batches), which
+    smoothing and static quantizers need too. Per-layer errors of the pipeline are in the
+    model's `QuantizationState` (`lowbit.quantization_state(model).layer_errors`).
+
+    Quantized weights are held as codes and scales (`QuantizedWeight`). With `trainable=True`
+    (quantization-aware training) every `QuantLinear` keeps a full-precision latent weight,
+    fake-quantized in forward: with RTN on MinMax scales recomputed each time, as LLM-QAT does;
+    with a calibrated algorithm the latent weight starts at its quantized weight and is
+    re-quantized on the algorithm's own fixed grid.
     """
+    from .recipes import Recipe
+
+    if isinstance(scheme, Recipe):
+        scheme, transform, algorithm = scheme.scheme, scheme.transform, scheme.algorithm_config
     scheme = parse_scheme(scheme)
     transform = transform if isinstance(transform, TransformConfig) else TransformConfig(kind=transform)
+    algo, algo_config = resolve_algorithm(algorithm)
+    algo.check(algo_config, scheme.weights)
     spec = get_arch(model)
     check_scheme(model, spec, scheme)
     check_transform(model, spec, transform, calibration)
-    if algorithm not in ALGORITHMS:
-        raise UserError(f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
-    sequential = algorithm in SEQUENTIAL_ALGORITHMS
-    if sequential:
-        pipeline = replace(pipeline or PipelineConfig(), algorithm=algorithm)
-        pipeline.check(scheme)
+    pipeline = pipeline or PipelineConfig()
+    if algo.calibrated:
+        pipeline.check()
         if calibration is None:
-            raise UserError(f"{algorithm} needs calibration data (--calib: a text file, a dataset, or 'generated')")
+            raise UserError(f"{algo.name} needs calibration data (--calib: a text file, a dataset, or 'generated')")
     if scheme.needs_calibration and calibration is None:
         raise UserError("static (s) activation or KV quantization needs calibration data (--calib)")
     if not inplace:
@@ -108,53 +107,49 @@ def quantize_model(
         calibration = list(calibration)
     transform_info = apply_transform(model, spec, transform, scheme, calibration, progress)
     install_kv_quantizers(model, attention_modules(model, spec), scheme.keys, scheme.values)
-    model.lowbit_layer_errors = []
-    if sequential:
-        model.lowbit_layer_errors = quantize_sequential(model, spec, scheme, calibration, pipeline, progress)
-        if not compact:  # the pipeline packs each finished layer
-            expand_weights(model)
+    layer_errors = []
+    if algo.calibrated:
+        layer_errors = quantize_sequential(model, spec, scheme, calibration, algo, algo_config, pipeline, progress)
         if trainable and scheme.weights is not None:  # QAT from GPTQ/AWQ: train on the algorithm's own grid
             for layer in decoder_layers(model, spec):
                 for linear in layer_linears(layer, spec).values():
                     linear.train_on_fixed_grid()
-    quantize_weight = rtn_weight
-    layers = decoder_layers(model, spec)
-    if not sequential and (scheme.weights is not None or scheme.inputs is not None):
-        for layer in tqdm(layers, desc=f"quantizing ({algorithm})", unit="layer", disable=not progress, leave=False):
+    elif scheme.weights is not None or scheme.inputs is not None:
+        for layer in tqdm(decoder_layers(model, spec), desc=f"quantizing ({algo.name})", unit="layer", disable=not progress, leave=False):
             for name, linear in layer_linears(layer, spec).items():
-                set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, quantize_weight, trainable))
-            if compact:
-                compact_weights(layer)
+                set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, algo, algo_config, trainable))
     if scheme.quantize_lm_head:  # RTN: the head's input is the last layer's output, no pipeline step
         head = get_module(model, spec.lm_head)
         if head.weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr():
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # tied: keep the embeddings exact
             model.config.tie_word_embeddings = False
-        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, quantize_weight, trainable))
-        if compact:
-            compact_weights(get_module(model, spec.lm_head))
+        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, None, None, trainable))
     if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
         calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
-    model.lowbit_scheme = scheme
-    model.lowbit_transform = {"kind": transform.kind, **transform_info}
+    set_quantization_state(model, QuantizationState(
+        scheme=scheme,
+        transform={**asdict(transform), **transform_info},
+        algorithm=algo.name,
+        algorithm_config=asdict(algo_config),
+        layer_errors=layer_errors,
+    ))
     return model
 
 
-def _quant_linear(
-    linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, quantize_weight, trainable: bool = False
-) -> QuantLinear:
-    """Quantize a linear (an nn.Linear, or a QuantLinear a transform made, keeping its rotation).
-
-    The quantized values are written into the weight's own storage, so no second copy of the
-    model's weights is ever resident (a memory-mapped checkpoint is copy-on-write: the file on
-    disk is not touched)."""
+def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, algo, config, trainable: bool) -> QuantLinear:
+    """Quantize a linear (an nn.Linear, or a QuantLinear a transform made, keeping its rotation)
+    with an algorithm that needs no calibration (`algo` None: RTN). A memory-mapped checkpoint's
+    pages of the float weight are given back once the codes replace it."""
     weight = linear.weight.detach()
+    rotation = getattr(linear, "input_rotation", None)
+    if w is None:
+        return QuantLinear(weight, linear.bias, None, a, rotation)
     if trainable:  # the latent weight stays full precision; forward fake-quantizes it
-        return QuantLinear(weight, linear.bias, w, a, getattr(linear, "input_rotation", None), trainable=True)
-    if w is not None:
-        with torch.no_grad():
-            weight.copy_(quantize_weight(weight.float(), w).to(weight.dtype))
-    return QuantLinear(weight, linear.bias, w, a, getattr(linear, "input_rotation", None))
+        return QuantLinear(weight, linear.bias, w, a, rotation, trainable=True)
+    with torch.no_grad():
+        qweight = rtn_weight(weight.float(), w) if algo is None else algo.quantize(weight.float(), None, w, config, None).qweight
+    release_mapped_pages(weight)
+    return QuantLinear(qweight, linear.bias, None, a, rotation)
 
 
 @torch.no_grad()
