@@ -201,7 +201,11 @@ def test_data_free_calibration_from_the_cli(tiny_model_dir, sample_text_file, tm
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--act-order"], "GPTQ options"),
+        (["--act-order"], "act_order: not a setting of algorithm 'rtn'"),
+        (["--algorithm", "awq", "--set", "damp=0.1"], "damp: not a setting of algorithm 'awq'"),
+        (["--algorithm", "gptq", "--set", "damp=abc"], "damp must be a number"),
+        (["--algorithm", "gptq", "--set", "act_order=maybe"], "act_order must be true/false"),
+        (["--set", "nokey"], "--set takes KEY=VALUE"),
         (["--algorithm", "gptq", "--calib-samples", "100000"], "fewer than the 100000 samples requested"),
         (["--algorithm", "gptq", "--device", "nonsense"], "is not usable here"),
         (["--algorithm", "gptq", "--damp", "2"], "damping must be in"),

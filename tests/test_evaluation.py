@@ -118,7 +118,7 @@ def test_integer_kernels_cost_like_the_fake_quantized_model():
         q = lowbit.quantize(model, name, progress=False)
         qi = convert_to_int_kernels(q)
         assert model_size_bytes(qi) == model_size_bytes(q)
-        assert model_ops(qi, q.lowbit_scheme, 16) == model_ops(q, q.lowbit_scheme, 16)
+        assert model_ops(qi, lowbit.quantization_state(q).scheme, 16) == model_ops(q, lowbit.quantization_state(q).scheme, 16)
         assert stored_bytes(qi) < stored_bytes(q)  # codes in 8 or 4 bits instead of fp32 weights
     assert stored_bytes(model) == 4 * sum(p.numel() for p in model.parameters()) + sum(
         b.untyped_storage().nbytes() for b in model.buffers()

@@ -72,7 +72,7 @@ def test_gptq_equals_the_direct_update(scheme, act_order):
     x = layer_inputs()
     weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
     h = hessian_of(x)
-    fast = h.quantize(weight, args, GPTQConfig(block_size=32, act_order=act_order))
+    fast = h.quantize(weight, args, GPTQConfig(block_size=32, act_order=act_order)).dequantize()
     order = torch.argsort(torch.diag(h.hessian), descending=True).tolist() if act_order else None
     slow = direct_gptq(weight, h.hessian, args, order=order)
     # float32 blocked updates vs float64 elimination: the same grid points except a rare tie
@@ -93,8 +93,8 @@ def test_gptq_output_error_never_worse_than_rtn(scheme, seed):
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(seed + 10))
     h = hessian_of(x)
     for act_order in (False, True):
-        q = h.quantize(weight, args, GPTQConfig(act_order=act_order))
-        assert output_error(weight, q, h.hessian) <= output_error(weight, rtn_weight(weight, args), h.hessian)
+        q = h.quantize(weight, args, GPTQConfig(act_order=act_order)).dequantize()
+        assert output_error(weight, q, h.hessian) <= output_error(weight, rtn_weight(weight, args).dequantize(), h.hessian)
 
 
 @pytest.mark.parametrize("scheme,act_order", [("W4A16", False), ("W3aA16", False), ("W4g32A16", True)])
@@ -103,7 +103,7 @@ def test_gptq_weights_lie_on_the_grid_of_the_original_scales(scheme, act_order):
     every GPTQ weight is an integer multiple of its row's step, within the code range."""
     args = parse_scheme(scheme).weights
     weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
-    q = hessian_of(layer_inputs()).quantize(weight, args, GPTQConfig(act_order=act_order))
+    q = hessian_of(layer_inputs()).quantize(weight, args, GPTQConfig(act_order=act_order)).dequantize()
     qp = compute_qparams(as_rows(weight, args), args)
     codes = (as_rows(q, args) - qp.zero) / qp.scale
     assert torch.allclose(codes, codes.round(), atol=1e-3)
@@ -114,7 +114,7 @@ def test_dead_inputs_are_zeroed_and_do_not_break_cholesky():
     x = layer_inputs()
     x[:, 5] = 0
     weight = torch.randn(8, 128)
-    q = hessian_of(x).quantize(weight, parse_scheme("W4A16").weights)
+    q = hessian_of(x).quantize(weight, parse_scheme("W4A16").weights).dequantize()
     assert torch.all(q[:, 5] == 0) and torch.isfinite(q).all()
 
 
@@ -123,7 +123,7 @@ def test_non_positive_definite_hessian_recovers_with_more_damping(caplog):
     h = hessian_of(x)
     h.hessian -= 0.05 * torch.diag(h.hessian).mean() * torch.eye(128)  # an eigenvalue below zero
     with caplog.at_level(logging.WARNING, logger="lowbit"):
-        q = h.quantize(torch.randn(8, 128), parse_scheme("W4A16").weights)
+        q = h.quantize(torch.randn(8, 128), parse_scheme("W4A16").weights).dequantize()
     assert torch.isfinite(q).all()
     assert "not positive definite" in caplog.text and "succeeded with damping" in caplog.text
 
@@ -160,4 +160,5 @@ def test_functional_form_matches_the_class():
     h = hessian_of(x)
     weight = torch.randn(8, 128)
     args = parse_scheme("W4A16").weights
-    assert torch.equal(h.quantize(weight, args), gptq_quantize(weight, h.hessian, args))
+    a, b = h.quantize(weight, args), gptq_quantize(weight, h.hessian, args)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)

@@ -29,7 +29,7 @@ def test_pipeline_without_quantization_reproduces_the_model(family):
     """Nothing to quantize: the pipeline's captured inputs, masks and rotary embeddings flow
     through every layer exactly as in the stock forward (sliding-window layers included)."""
     model = tiny_model(family)
-    out = lowbit.quantize_model(model, "W16A16", algorithm="gptq", calibration=calib(), pipeline=PipelineConfig(batch_size=4), progress=False)
+    out = lowbit.quantize(model, "W16A16", algorithm="gptq", calibration=calib(), pipeline=PipelineConfig(batch_size=4), progress=False)
     x = probe()
     assert torch.allclose(out(x).logits, model(x).logits, atol=1e-5)
 
@@ -39,14 +39,14 @@ def test_pipeline_without_quantization_reproduces_the_model(family):
 def test_layer_errors_never_worse_than_rtn(family, algorithm):
     model = tiny_model(family)
     data = calib(n=16, length=64)  # enough tokens that the Hessian of the 128-wide MLP input is well estimated
-    q = lowbit.quantize_model(model, "W4g16A16", algorithm=algorithm, calibration=data, progress=False)
-    assert len(q.lowbit_layer_errors) == model.config.num_hidden_layers
-    for entry in q.lowbit_layer_errors:
+    q = lowbit.quantize(model, "W4g16A16", algorithm=algorithm, calibration=data, progress=False)
+    assert len(lowbit.quantization_state(q).layer_errors) == model.config.num_hidden_layers
+    for entry in lowbit.quantization_state(q).layer_errors:
         for group in ("qkv", "o", "gate_up", "down"):
             assert entry[group][algorithm] <= entry[group]["rtn"] * (1 + 1e-6), (entry["layer"], group)
     assert all(isinstance(m, QuantLinear) for name, m in q.named_modules() if name.endswith("proj"))
     x = torch.cat(data[:4])  # end to end on calibration text (a random tiny model has no held-out signal to speak of)
-    rtn = lowbit.quantize_model(model, "W4g16A16", progress=False)
+    rtn = lowbit.quantize(model, "W4g16A16", progress=False)
     fp = model(x).logits
     assert (q(x).logits - fp).pow(2).mean() < (rtn(x).logits - fp).pow(2).mean()
 
@@ -66,7 +66,7 @@ def test_groups_are_calibrated_on_inputs_from_the_quantized_parts_before_them(mo
     monkeypatch.setattr(GPTQ, "add_batch", spy)
     model = tiny_model("llama")
     data = calib(n=4)
-    q = lowbit.quantize_model(model, "W4A4KV4", algorithm="gptq", calibration=data, pipeline=PipelineConfig(batch_size=4), progress=False)
+    q = lowbit.quantize(model, "W4A4KV4", algorithm="gptq", calibration=data, pipeline=PipelineConfig(batch_size=4), progress=False)
     captured = seen[-1]  # one batch of 4 samples for the last group of the last layer
     inside = []
     handle = q.model.layers[-1].mlp.down_proj.register_forward_pre_hook(lambda m, a: inside.append(a[0]))
@@ -76,14 +76,14 @@ def test_groups_are_calibrated_on_inputs_from_the_quantized_parts_before_them(mo
 
 
 @torch.no_grad()
-def test_awq_scales_are_folded_exactly(family, monkeypatch):
-    """With rounding switched off, AWQ's scaling alone must leave the function unchanged: 1/s
-    folded into norms and into v_proj / up_proj rows (shared across heads of a KV group)."""
-    monkeypatch.setattr(awq_module, "fake_rows", lambda rows, qp, args: rows)
+def test_awq_scales_are_folded_exactly(family):
+    """On a lossless grid (8 bits, one scale per weight: W8g1) AWQ's scaling alone must leave the
+    function unchanged: 1/s folded into norms and into the quantized v_proj / up_proj rows' scales
+    (shared across heads of a KV group)."""
     model = tiny_model(family)
-    config = PipelineConfig(awq=awq_module.AWQConfig(search_clip=False))
-    q = lowbit.quantize_model(model, "W4A16", algorithm="awq", calibration=calib(), pipeline=config, progress=False)
-    assert all(e[g].get("scaled") for e in q.lowbit_layer_errors for g in ("qkv", "o", "gate_up", "down"))
+    config = awq_module.AWQConfig(search_clip=False)
+    q = lowbit.quantize(model, "W8g1A16", algorithm=config, calibration=calib(), progress=False)
+    assert all(e[g].get("scaled") for e in lowbit.quantization_state(q).layer_errors for g in ("qkv", "o", "gate_up", "down"))
     x = probe()
     assert torch.allclose(q(x).logits, model(x).logits, atol=1e-4)
 
@@ -95,15 +95,15 @@ def test_after_rotation(algorithm):
     model = tiny_model("llama")
     transform = TransformConfig("rotate")
     data = calib(n=16, length=64)
-    q = lowbit.quantize_model(model, "W4A8KV8", transform=transform, algorithm=algorithm, calibration=data, progress=False)
+    q = lowbit.quantize(model, "W4A8KV8", transform=transform, algorithm=algorithm, calibration=data, progress=False)
     assert q.model.layers[0].mlp.down_proj.input_rotation is not None
     if algorithm == "awq":
-        assert not q.lowbit_layer_errors[0]["down"].get("scaled")
-        assert q.lowbit_layer_errors[0]["qkv"].get("scaled")  # fused R1: the norm still takes a scale
-    for entry in q.lowbit_layer_errors:
+        assert not lowbit.quantization_state(q).layer_errors[0]["down"].get("scaled")
+        assert lowbit.quantization_state(q).layer_errors[0]["qkv"].get("scaled")  # fused R1: the norm still takes a scale
+    for entry in lowbit.quantization_state(q).layer_errors:
         assert all(entry[g][algorithm] <= entry[g]["rtn"] * (1 + 1e-6) for g in ("qkv", "o", "gate_up", "down"))
     if algorithm == "gptq":  # on a random tiny model AWQ's gain is too small to show end to end
-        rtn = lowbit.quantize_model(model, "W4A8KV8", transform=transform, calibration=data, progress=False)
+        rtn = lowbit.quantize(model, "W4A8KV8", transform=transform, calibration=data, progress=False)
         x = torch.cat(data[:4])
         fp = model(x).logits
         assert (q(x).logits - fp).pow(2).mean() < (rtn(x).logits - fp).pow(2).mean()
@@ -112,7 +112,7 @@ def test_after_rotation(algorithm):
 @torch.no_grad()
 def test_static_activations_and_kv_are_calibrated_in_the_pipeline():
     model = tiny_model("qwen2")
-    q = lowbit.quantize_model(model, "W4A8sKV8s", algorithm="gptq", calibration=calib(), progress=False)
+    q = lowbit.quantize(model, "W4A8sKV8s", algorithm="gptq", calibration=calib(), progress=False)
     quantizers = [m for m in q.modules() if isinstance(m, lowbit.runtime.quantizer.TensorQuantizer)]
     assert quantizers and all(m.calibrated for m in quantizers)
     assert torch.isfinite(q(probe()).logits).all()
@@ -121,27 +121,26 @@ def test_static_activations_and_kv_are_calibrated_in_the_pipeline():
 def test_input_model_is_untouched():
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    lowbit.quantize_model(model, "W4A16", algorithm="awq", calibration=calib(), progress=False)
+    lowbit.quantize(model, "W4A16", algorithm="awq", calibration=calib(), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_pipeline_errors():
     model = tiny_model("llama")
     with pytest.raises(UserError, match="gptq needs calibration data"):
-        lowbit.quantize_model(model, "W4A16", algorithm="gptq", progress=False)
+        lowbit.quantize(model, "W4A16", algorithm="gptq", progress=False)
     with pytest.raises(UserError, match="share one length"):
-        lowbit.quantize_model(model, "W4A16", algorithm="gptq", calibration=[calib(1, 16)[0], calib(1, 32)[0]], progress=False)
+        lowbit.quantize(model, "W4A16", algorithm="gptq", calibration=[calib(1, 16)[0], calib(1, 32)[0]], progress=False)
     with pytest.raises(UserError, match="act-order with dynamic groups"):
-        lowbit.quantize_model(
-            model, "W4g16A16", algorithm="gptq", calibration=calib(),
-            pipeline=PipelineConfig(gptq=GPTQConfig(act_order=True, static_groups=False)), progress=False,
+        lowbit.quantize(
+            model, "W4g16A16", algorithm=GPTQConfig(act_order=True, static_groups=False), calibration=calib(), progress=False,
         )
     with pytest.raises(UserError, match="does not divide"):
-        lowbit.quantize_model(model, "W4g48A16", algorithm="gptq", calibration=calib(), progress=False)
+        lowbit.quantize(model, "W4g48A16", algorithm="gptq", calibration=calib(), progress=False)
     with pytest.raises(UserError, match="device 'nonsense"):
-        lowbit.quantize_model(model, "W4A16", algorithm="gptq", calibration=calib(), pipeline=PipelineConfig(device="nonsense:0"), progress=False)
+        lowbit.quantize(model, "W4A16", algorithm="gptq", calibration=calib(), pipeline=PipelineConfig(device="nonsense:0"), progress=False)
     with pytest.raises(UserError, match="unknown algorithm"):
-        lowbit.quantize_model(model, "W4A16", algorithm="obq", calibration=calib(), progress=False)
+        lowbit.quantize(model, "W4A16", algorithm="obq", calibration=calib(), progress=False)
 
 
 @torch.no_grad()
@@ -177,12 +176,20 @@ def test_recipe_yaml_with_gptq_and_awq_knobs(tmp_path):
     with pytest.raises(UserError, match="unknown keys clip_tokens"):
         load_recipe(str(path))
     path.write_text("scheme: W4g32A16\nalgorithm: gptq\ntoken_clip: null\n")
-    assert load_recipe(str(path)).gptq.token_clip is None and load_recipe(str(path)).awq.token_clip is None
+    assert load_recipe(str(path)).algorithm_config.token_clip is None
     path.write_text("scheme: W4g32A16\nalgorithm: gptq\nact_order: true\ndamp: 0.02\n")
     recipe = load_recipe(str(path))
-    assert recipe.gptq.act_order and recipe.gptq.damp == 0.02
+    assert recipe.algorithm_config.act_order and recipe.algorithm_config.damp == 0.02
     path.write_text("scheme: W4A16\nalgorithm: awq\nclip_grid: 10\n")
-    assert load_recipe(str(path)).awq.clip_grid == 10
+    assert load_recipe(str(path)).algorithm_config.clip_grid == 10
+    path.write_text("scheme: W4A16\nalgorithm: awq\ndamp: 0.1\n")  # a knob of another algorithm
+    with pytest.raises(UserError, match="unknown keys damp for algorithm awq.*belong to gptq"):
+        load_recipe(str(path))
+    for bad, needle in (("damp: abc", "damp must be a number"), ("act_order: 'false'", "act_order must be true/false"),
+                        ("block_size: 'x'", "block_size must be an integer"), ("fuse_r1: 'false'", "fuse_r1 must be true/false")):
+        path.write_text(f"scheme: W4A16\nalgorithm: gptq\n{bad}\n")
+        with pytest.raises(UserError, match=needle):
+            load_recipe(str(path))
     path.write_text("scheme: W4g32A16\nalgorithm: gptq\nact_order: true\nstatic_groups: false\n")
     with pytest.raises(UserError, match="act-order with dynamic groups"):
         load_recipe(str(path))
@@ -198,7 +205,7 @@ def test_awq_clip_search_never_worse_than_minmax():
     weight[:, 3] *= 10  # a few large weights make clipping worthwhile
     for scheme in ("W4A16", "W3g16A16", "W4tA16", "W4aA16"):
         args = parse_scheme(scheme).weights
-        clipped = awq_module.clipped_quantize(x, weight, args, awq_module.AWQConfig())
+        clipped = awq_module.clipped_quantize(x, weight, args, awq_module.AWQConfig()).dequantize()
         plain = fake_quantize(weight, args)
         err = lambda q: (x @ (weight - q).T).pow(2).sum()
         assert err(clipped) <= err(plain) * (1 + 1e-6), scheme
@@ -235,25 +242,25 @@ def test_bfloat16_calibration_forwards_stay_close_to_float32(monkeypatch):
         return hidden, kwargs
 
     monkeypatch.setattr(pipeline_module, "_capture_layer_inputs", spy)
-    fp32 = lowbit.quantize_model(model, "W4A16", algorithm="gptq", calibration=data, progress=False)
-    bf16 = lowbit.quantize_model(model, "W4A16", algorithm="gptq", calibration=data, pipeline=PipelineConfig(dtype="bfloat16"), progress=False)
+    fp32 = lowbit.quantize(model, "W4A16", algorithm="gptq", calibration=data, progress=False)
+    bf16 = lowbit.quantize(model, "W4A16", algorithm="gptq", calibration=data, pipeline=PipelineConfig(dtype="bfloat16"), progress=False)
     assert next(bf16.parameters()).dtype == torch.float32  # only the calibration passes ran in bf16
     assert stored == [{torch.float32}, {torch.bfloat16}]  # layer inputs kept at the pipeline's precision
     x = probe()
     fp = model(x).logits
     assert (bf16(x).logits - fp).pow(2).mean() < 2 * (fp32(x).logits - fp).pow(2).mean()
     with pytest.raises(UserError, match="float32 or bfloat16"):
-        PipelineConfig(dtype="float16").check(lowbit.parse_scheme("W4A16"))
+        PipelineConfig(dtype="float16").check()
 
 
 @torch.no_grad()
 def test_pipeline_on_a_bfloat16_model():
     model = tiny_model("qwen2").to(torch.bfloat16)
-    q = lowbit.quantize_model(model, "W4A16", algorithm="gptq", calibration=calib(n=4), progress=False)
+    q = lowbit.quantize(model, "W4A16", algorithm="gptq", calibration=calib(n=4), progress=False)
     assert next(q.parameters()).dtype == torch.bfloat16
     x = probe()
     err = (q(x).logits.float() - model(x).logits.float()).pow(2).mean()
-    rtn = lowbit.quantize_model(model, "W4A16", progress=False)
+    rtn = lowbit.quantize(model, "W4A16", progress=False)
     assert err < 2 * (rtn(x).logits.float() - model(x).logits.float()).pow(2).mean()
 
 

@@ -143,7 +143,7 @@ def test_dataset_stats():
 
 
 def _student(model, scheme="W4A4KV4", **kw):
-    return lowbit.quantize_model(model, scheme, trainable=True, progress=False, **kw)
+    return lowbit.quantize(model, scheme, trainable=True, progress=False, **kw)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
@@ -151,7 +151,7 @@ def test_trainable_student_matches_ptq_and_gradients_pass_every_quantizer(family
     model = tiny_model(family)
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     student = _student(model, transform="rotate")
-    ptq = lowbit.quantize_model(model, "W4A4KV4", transform="rotate", progress=False)
+    ptq = lowbit.quantize(model, "W4A4KV4", transform="rotate", progress=False)
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, ptq(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -181,8 +181,8 @@ def test_trainable_student_from_a_calibrated_start(algorithm):
     """QAT from GPTQ/AWQ starts exactly at that model, trains on its fixed grid and freezes onto it."""
     model = tiny_model("llama")
     calib = [torch.randint(0, 512, (1, 16)) for _ in range(4)]
-    ptq = lowbit.quantize_model(model, "W4A8KV4", algorithm=algorithm, calibration=calib, progress=False)
-    student = lowbit.quantize_model(model, "W4A8KV4", algorithm=algorithm, calibration=calib, trainable=True, progress=False)
+    ptq = lowbit.quantize(model, "W4A8KV4", algorithm=algorithm, calibration=calib, progress=False)
+    student = lowbit.quantize(model, "W4A8KV4", algorithm=algorithm, calibration=calib, trainable=True, progress=False)
     x = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         assert torch.equal(student(x).logits, ptq(x).logits)
@@ -291,7 +291,7 @@ def test_learned_scale_quantizer_matches_and_passes_gradients(scheme):
 def test_learned_scales_start_unchanged_train_and_freeze_onto_a_grid(algorithm):
     teacher = tiny_model("llama")
     calib = [torch.randint(0, 512, (1, 16)) for _ in range(4)] if algorithm == "gptq" else None
-    student = lowbit.quantize_model(teacher, "W4A8KV4", algorithm=algorithm, calibration=calib, trainable=True, progress=False)
+    student = lowbit.quantize(teacher, "W4A8KV4", algorithm=algorithm, calibration=calib, trainable=True, progress=False)
     x = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         start = student(x).logits
@@ -496,8 +496,8 @@ def test_calibrated_start_on_group_grids(scheme):
 
     model = tiny_model("qwen2")
     calib = [torch.randint(0, 512, (1, 16)) for _ in range(4)]
-    ptq = lowbit.quantize_model(model, scheme, algorithm="gptq", calibration=calib, progress=False)
-    student = lowbit.quantize_model(model, scheme, algorithm="gptq", calibration=calib, trainable=True, progress=False)
+    ptq = lowbit.quantize(model, scheme, algorithm="gptq", calibration=calib, progress=False)
+    student = lowbit.quantize(model, scheme, algorithm="gptq", calibration=calib, trainable=True, progress=False)
     x = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         assert torch.equal(student(x).logits, ptq(x).logits)
@@ -521,4 +521,4 @@ def test_generated_calibration_joins_sequences_of_any_length_into_equal_windows(
     with pytest.raises(UserError, match="too few"):
         generated_calibration([torch.tensor([1])], samples=2, seq_len=8)
     model = tiny_model("llama")  # the windows feed the layer-by-layer pipeline
-    lowbit.quantize_model(model, "W4A8KV4", algorithm="gptq", calibration=windows, progress=False)
+    lowbit.quantize(model, "W4A8KV4", algorithm="gptq", calibration=windows, progress=False)

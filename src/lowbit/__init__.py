@@ -1,9 +1,15 @@
 """lowbit: low-bit quantization of weights, activations and KV cache for stock transformers LMs."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from . import data
-from .algorithms import AWQConfig, GPTQConfig, RTNConfig, algorithm_names, register_algorithm
+from .algorithms import (
+    AWQConfig,
+    GPTQConfig,
+    RTNConfig,
+    algorithm_names,
+    register_algorithm,
+)
 from .algorithms.registry import AlgorithmResult, GroupContext
 from .api import calibrate_static, check_scheme, quantize
 from .arch import ArchSpec, InputGroup, register_arch

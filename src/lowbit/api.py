@@ -18,7 +18,16 @@ from tqdm.auto import tqdm
 
 from .algorithms import rtn_weight
 from .algorithms.registry import resolve_algorithm
-from .arch import ArchSpec, attention_modules, decoder_layers, get_arch, get_module, head_dim, layer_linears, set_module
+from .arch import (
+    ArchSpec,
+    attention_modules,
+    decoder_layers,
+    get_arch,
+    get_module,
+    head_dim,
+    layer_linears,
+    set_module,
+)
 from .errors import UserError
 from .memory import release_mapped_pages
 from .pipeline import PipelineConfig, quantize_sequential

@@ -69,6 +69,9 @@ class ArchSpec:
     qk_norm: bool = False
     # norms applied to a block's output before the residual add (Gemma 2/3 "sandwich" norms)
     post_norms: tuple[str, ...] = ()
+    # RMSNorms (no mean subtraction): the residual stream may then be rotated with R1 fused into
+    # the weights (QuaRot); a LayerNorm's mean subtraction is not rotation-invariant, so R1 runs online
+    rms_norm: bool = True
     # linears that write into the residual stream (their outputs are rotated by a fused R1)
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     # equivalent transformations known to preserve this family's function (tested)

@@ -11,17 +11,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
+from .algorithms.registry import get_algorithm
+from .api import check_scheme, quantize
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
-from .data import DEFAULT_DATA, GENERATED, calibration_batches, generate_samples, load_text, tokenize
+from .data import (
+    DEFAULT_DATA,
+    GENERATED,
+    calibration_batches,
+    generate_samples,
+    load_text,
+    tokenize,
+)
 from .errors import UserError
-from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity, scheme_cost
+from .evaluation import (
+    kv_cache_bytes,
+    model_ops,
+    model_size_bytes,
+    perplexity,
+    scheme_cost,
+)
 from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
 from .memory import peak_rss_bytes, release_freed_memory
 from .models import load_model
-from .algorithms.registry import get_algorithm
-from .api import check_scheme, quantize
 from .pipeline import PipelineConfig
 from .recipes import Recipe
 from .runtime.int_linear import convert_to_int_kernels
@@ -278,10 +291,8 @@ def qat_job(
     Calibration, where the recipe needs it, uses the generated data too (data-free throughout).
     Under torchrun every rank trains; rank 0 evaluates and returns the report (others return {})."""
     from .qat import freeze_student, init_distributed, load_dataset, train
-    from .qat.datagen import generated_calibration
-    from .qat.train import gather_weights, learn_weight_scales
-    from .qat.datagen import dataset_stats
-    from .qat.train import rank
+    from .qat.datagen import dataset_stats, generated_calibration
+    from .qat.train import gather_weights, learn_weight_scales, rank
 
     start = time.time()
     device = init_distributed()

@@ -31,14 +31,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.registry import Algorithm, GroupContext
-from .arch import ArchSpec, InputGroup, decoder_layers, get_module, head_dim, kv_groups, kv_head_channels, set_module, tie_kv_heads
+from .arch import (
+    ArchSpec,
+    InputGroup,
+    decoder_layers,
+    get_module,
+    head_dim,
+    kv_groups,
+    kv_head_channels,
+    set_module,
+    tie_kv_heads,
+)
 from .errors import UserError
 from .memory import release_freed_memory, release_mapped_pages
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
 from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
 from .scheme import Granularity, Scheme
-from .transforms.rotate import norm_gain, scale_output_rows, set_norm_gain
+from .transforms.rotate import scale_norm_output, scale_output_rows
 
 log = logging.getLogger("lowbit")
 
@@ -327,5 +337,4 @@ def _fold_input_scales(layer, spec, group: InputGroup, scales, n_rep, dim) -> No
         else:
             scale_output_rows(source, factor)
     else:
-        offset = spec.norm_weight_offset
-        set_norm_gain(source, norm_gain(source, offset) / scales.to(source.weight.device).double(), offset)
+        scale_norm_output(source, 1 / scales.to(source.weight.device).double(), spec.norm_weight_offset)

@@ -16,8 +16,8 @@ import torch
 from ..quant.fake import QParams, as_rows, fake_quantize, fake_rows, minmax_qparams
 from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import Granularity, QuantArgs
-from .registry import AlgorithmResult, GroupContext, register_algorithm
 from .objective import clip_token_norms, output_error
+from .registry import AlgorithmResult, GroupContext, register_algorithm
 
 SAMPLE_ROWS = 4096  # calibration tokens kept per input for the searches
 SEARCH_ROWS_WITH_ACT_QUANT = 1024  # rows for the scale search when activations are quantized too

@@ -17,11 +17,17 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..quant.fake import QParams, as_rows, compute_qparams, dequantize_rows, quantize_rows
+from ..quant.fake import (
+    QParams,
+    as_rows,
+    compute_qparams,
+    dequantize_rows,
+    quantize_rows,
+)
 from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import Granularity, QuantArgs
-from .registry import AlgorithmResult, GroupContext, register_algorithm
 from .objective import clip_token_norms, output_error
+from .registry import AlgorithmResult, GroupContext, register_algorithm
 
 log = logging.getLogger("lowbit")
 

@@ -17,17 +17,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..arch import ArchSpec, get_arch
 from ..data import GENERATED, calibration_batches, generate_samples
 from ..errors import UserError
-from ..scheme import QuantArgs, parse_scheme
 from ..files import write_dir_atomically
 from ..hadamard import factor_order
+from ..scheme import QuantArgs, parse_scheme
 from ..transforms.smooth import check_alpha, smooth_scales
 from .capture import InputSite, input_sites, stream_inputs
 from .findings import add_findings
-from .metrics import TRANSFORMS, ActivationStats, quantize_input, quantized_error, transform_pair, weight_summary
+from .metrics import (
+    TRANSFORMS,
+    ActivationStats,
+    quantize_input,
+    quantized_error,
+    transform_pair,
+    weight_summary,
+)
 from .outliers import InputScan, OutlierConfig, massive_entries
 from .theory import theory_check
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..hadamard import hadamard_transform
 from ..quant import fake_quantize
 from ..scheme import QuantArgs
-from ..hadamard import hadamard_transform
 
 TRANSFORMS = ("none", "smooth", "rotate", "smoothrot")
 

@@ -26,6 +26,7 @@ from ..runtime.int_linear import INT_LINEARS, Int8Linear
 from ..runtime.linear import QuantLinear
 from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
 
+
 def quantized_weight_bytes(rows: int, cols: int, args: QuantArgs) -> int:
     return quantized_nbytes(rows * cols, scale_count(rows, cols, args), args)
 

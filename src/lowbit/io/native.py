@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..arch import get_arch, get_module, set_module
 from ..errors import UserError
 from ..files import write_dir_atomically

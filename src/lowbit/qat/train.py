@@ -238,7 +238,10 @@ def load_checkpoint(
     if set(state["params"]) != set(params):
         raise UserError(f"checkpoint {path} does not match this student (other scheme or model?); use a new --out")
     if sharded_model is not None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         set_model_state_dict(sharded_model, state["params"], options=_state_dict_options())
         set_optimizer_state_dict(sharded_model, optimizer, state["optimizer"], options=_state_dict_options())

@@ -2,7 +2,15 @@
 integer packing, and the `QuantizedWeight` value. Tensors in, tensors out; nothing here knows
 about models."""
 
-from .fake import QParams, as_rows, compute_qparams, dequantize, fake_quantize, quantize, range_qparams
+from .fake import (
+    QParams,
+    as_rows,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+    range_qparams,
+)
 from .packing import pack, packed_nbytes, signed_codes, unpack, unsigned_codes
 from .qweight import QuantizedWeight, quantize_weight
 

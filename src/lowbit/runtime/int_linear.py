@@ -90,7 +90,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.weight_args, self.compute_dtype = args, compute_dtype
         qweight = linear.quantized_weight
-        codes, (scale, zero) = qweight.codes, qweight.qparams
+        codes, scale, zero = qweight.codes, qweight.qparams.scale, qweight.qparams.zero
         n, k = self.out_features, self.in_features
         group = args.group_size if args.granularity is Granularity.GROUP else next(g for g in INT4_GROUP_SIZES if k % g == 0)
         # per-channel / per-tensor: every kernel group of a row repeats the row's scale (exact)

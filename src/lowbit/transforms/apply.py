@@ -42,20 +42,22 @@ from ..arch import (
     tie_kv_heads,
 )
 from ..errors import UserError
+from ..hadamard import factor_order, hadamard_transform, random_signs
 from ..runtime.linear import QuantLinear
 from ..runtime.rotation import OnlineHadamard
 from ..scheme import Scheme
-from ..hadamard import factor_order, hadamard_transform, random_signs
 from .rotate import (
+    fold_norm_into_readers,
+    norm_bias,
     norm_gain,
     rotate_embedding,
-    rotate_output_rows,
     rotate_head_inputs,
     rotate_head_outputs,
     rotate_input_columns,
+    rotate_output_rows,
     scale_input_columns,
+    scale_norm_output,
     scale_output_rows,
-    set_norm_gain,
 )
 from .smooth import check_alpha, search_alpha, smooth_scales
 
@@ -184,7 +186,7 @@ def apply_transform(
     alphas: dict[str, float] = {}
     offset = spec.norm_weight_offset
     fused_r1 = (
-        config.rotates and config.r1 and config.fuse_r1 and not spec.post_norms
+        config.rotates and config.r1 and config.fuse_r1 and not spec.post_norms and spec.rms_norm
         and not (config.kind == "smoothrot" and config.smooth_all)
     )
     if fused_r1:
@@ -201,19 +203,18 @@ def apply_transform(
             rows = entry["rows"] if entry else None
             if rotate and source_is_norm and config.fold_norms:
                 norm = get_module(layer, group.source)
-                gain = norm_gain(norm, offset)
-                for lin in linears:
-                    scale_input_columns(lin, gain)
-                set_norm_gain(norm, torch.ones_like(gain), offset)
-                if act_absmax is not None:  # the stats saw the norm's output with its gain
-                    act_absmax = act_absmax / gain.abs().clamp(min=1e-12)
-                    rows = rows / gain if rows is not None else None
+                gain, bias = norm_gain(norm, offset), norm_bias(norm)
+                fold_norm_into_readers(norm, linears, offset, f"layer {i} {group.source}")
+                if act_absmax is not None:  # the stats saw the norm's output y = x gain + bias
+                    # with a bias only a bound of the channel maximum follows: (max|y| + |bias|) / |gain|
+                    shift = bias.abs() if bias is not None else 0.0
+                    act_absmax = (act_absmax + shift) / gain.abs().clamp(min=1e-12)
+                    rows = (rows - (bias if bias is not None else 0.0)) / gain if rows is not None else None
             if smooth:
                 s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate)
                 alphas[f"{i}.{group.role}"] = alpha
                 if source_is_norm:
-                    norm = get_module(layer, group.source)
-                    set_norm_gain(norm, norm_gain(norm, offset) / s, offset)
+                    scale_norm_output(get_module(layer, group.source), 1 / s, offset)
                 else:
                     producer = get_module(layer, group.source)
                     scale_output_rows(producer, 1 / (kv_head_channels(s, n_rep, dim) if group.kv_tied else s))
@@ -251,11 +252,9 @@ def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tenso
                 readers.append((get_module(layer, group.source), [get_module(layer, n) for n in group.linears]))
         writers += [get_module(layer, n) for n in spec.residual_writers]
     for norm, linears in readers:
-        gain = norm_gain(norm, offset)
+        fold_norm_into_readers(norm, linears, offset)
         for lin in linears:
-            scale_input_columns(lin, gain)
             rotate_input_columns(lin, signs)
-        set_norm_gain(norm, torch.ones_like(gain), offset)
     for lin in writers:
         rotate_output_rows(lin, signs)
     rotate_embedding(embed, signs)

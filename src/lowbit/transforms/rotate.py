@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..hadamard import hadamard_transform
 
 
@@ -81,9 +82,40 @@ def rotate_head_inputs(linear: nn.Linear, head_dim: int) -> None:
 
 
 def norm_gain(norm: nn.Module, offset: float) -> torch.Tensor:
-    """The effective per-channel gain of an RMSNorm: offset + weight (Gemma stores weight - 1)."""
+    """The effective per-channel gain of a norm: offset + weight (Gemma stores weight - 1)."""
     return norm.weight.double() + offset
 
 
 def set_norm_gain(norm: nn.Module, gain: torch.Tensor, offset: float) -> None:
     _write(norm.weight, gain.double() - offset)
+
+
+def norm_bias(norm: nn.Module) -> torch.Tensor | None:
+    """The bias of a LayerNorm (None for an RMSNorm)."""
+    bias = getattr(norm, "bias", None)
+    return None if bias is None else bias.double()
+
+
+def scale_norm_output(norm: nn.Module, factor: torch.Tensor, offset: float) -> None:
+    """The norm's output becomes y * factor (gain and, for a LayerNorm, bias)."""
+    set_norm_gain(norm, norm_gain(norm, offset) * factor.double(), offset)
+    if getattr(norm, "bias", None) is not None:
+        _write(norm.bias, norm.bias.double() * factor.double())
+
+
+def fold_norm_into_readers(norm: nn.Module, linears: list[nn.Module], offset: float, name: str = "norm") -> None:
+    """Move the norm's affine part into the linears that read it: W <- W diag(gain) and, for a
+    LayerNorm, b <- b + W bias; the norm then only normalizes (gain 1, bias 0)."""
+    gain, bias = norm_gain(norm, offset), norm_bias(norm)
+    for lin in linears:
+        if bias is not None:
+            if lin.bias is None:
+                raise UserError(
+                    f"cannot fold the bias of {name} into a linear without a bias; rotate without folding the norms "
+                    "(fold_norms: false, --no-fold-norms)"
+                )
+            _write(lin.bias, lin.bias.double() + lin.weight.double() @ bias)
+        scale_input_columns(lin, gain)
+    set_norm_gain(norm, torch.ones_like(gain), offset)
+    if bias is not None:
+        _write(norm.bias, torch.zeros_like(bias))
