@@ -20,7 +20,7 @@ in one invocation of this script. Measured per variant:
   prefill_ms      one forward pass of 512 tokens (batch 1, with KV cache), median of --repeats
   decode_tok_s    greedy decoding, one token per forward, --decode-tokens tokens after the 512-token
                   prefill, median of --repeats
-  ppl             WikiText-2 test perplexity, first --windows windows of --seq-len tokens (DESIGN.md §3)
+  ppl             WikiText-2 test perplexity, first --windows windows of --seq-len tokens
 On disk = the saved folder: lowbit's native format for the quantized variants, transformers'
 safetensors for fp32 (tokenizer files included in both).
 

@@ -1,6 +1,6 @@
 """Perplexity table on the default model: WikiText-2 test perplexity, size and OPs per setting.
 
-Protocol (DESIGN.md §3, §6): the whole WikiText-2 raw test file tokenized once (no BOS: the
+Protocol (as GPTQ, SmoothQuant and QuaRot evaluate): the whole WikiText-2 raw test file tokenized once (no BOS: the
 SmolLM2 tokenizer adds none), the first N non-overlapping windows of 2048 tokens, token-level
 exp(mean NLL); fp32 on the CPU. Calibration (smoothing) uses random 512-token windows of the
 calibration half of the gensim Wikipedia sample, never the evaluation text.
@@ -39,7 +39,7 @@ VARIANTS = {
     "smooth": TransformConfig("smooth"),
     "rotate": TransformConfig("rotate"),  # QuaRot: norms folded, fused R1, R2, online R3/R4
     "rotate-online": TransformConfig("rotate", fuse_r1=False, fold_norms=False),  # R1 online, norms kept
-    "smoothrot": TransformConfig("smoothrot"),  # smoothing at down_proj only (seed 003)
+    "smoothrot": TransformConfig("smoothrot"),  # smoothing at down_proj only ("Turning LLM Activations Quantization-Friendly")
     "smoothrot-online": TransformConfig("smoothrot", fuse_r1=False, fold_norms=False),
     "smoothrot-all-search": TransformConfig("smoothrot", smooth_all=True, alpha=None),  # every input, alpha per layer
 }

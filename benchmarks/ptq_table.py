@@ -5,7 +5,7 @@ Every row runs in a fresh process (so its peak RSS is its own): load the model, 
 calibration set (random non-overlapping 512-token windows of the calibration half of the gensim
 Wikipedia sample, never the evaluation text), quantize in place, record time and peak RSS, then
 evaluate on the first N windows of 2048 tokens of the WikiText-2 raw test file (token-level
-perplexity, no BOS; DESIGN.md §6 protocol). Rows are appended to results/NAME.jsonl as they
+perplexity, no BOS; the protocol of GPTQ, SmoothQuant and QuaRot). Rows are appended to results/NAME.jsonl as they
 finish, so an interrupted run resumes; results/NAME.{json,md} are written from all rows.
 
     python benchmarks/ptq_table.py --name ptq_wikitext2 --windows 10
@@ -64,7 +64,7 @@ def transform_variants():
         "smooth-search": TransformConfig("smooth", alpha=None),
         "rotate": TransformConfig("rotate"),  # QuaRot: norms folded, fused R1, R2, online R3/R4
         "rotate-online": TransformConfig("rotate", fuse_r1=False, fold_norms=False),
-        "smoothrot": TransformConfig("smoothrot"),  # smoothing at down_proj only (seed 003)
+        "smoothrot": TransformConfig("smoothrot"),  # smoothing at down_proj only ("Turning LLM Activations Quantization-Friendly")
         "smoothrot-all-search": TransformConfig("smoothrot", smooth_all=True, alpha=None),
     }
 

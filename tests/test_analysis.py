@@ -1,4 +1,4 @@
-"""lowbit analyze: seed 003's metrics on constructed inputs with known answers, outlier detection,
+"""lowbit analyze: "Turning LLM Activations Quantization-Friendly"'s metrics on constructed inputs with known answers, outlier detection,
 eq. 8/9, the streaming capture on every family, and the command."""
 
 import json
@@ -253,8 +253,8 @@ def test_default_model_has_massive_outliers_at_down_proj_and_eq8_holds(default_m
     batches = calibration_batches(tokenizer, None, 1, 128, 0)
     result, _ = analyze_model(model, tokenizer, batches, AnalysisConfig(tokens=128, seq_len=128), progress=False)
     massive = result["massive_outliers"]
-    assert massive and all(r["role"] == "down" for r in massive)  # seed 003: massive outliers live in down_proj
-    big = [r for r in massive if r["max_abs"] > 1000]  # down_proj 11 and 28 (seed 003: > 1000 in LLaMA2-7B)
+    assert massive and all(r["role"] == "down" for r in massive)  # as in "Turning LLM Activations Quantization-Friendly": massive outliers live in down_proj
+    big = [r for r in massive if r["max_abs"] > 1000]  # down_proj 11 and 28 (as in "Turning LLM Activations Quantization-Friendly": > 1000 in LLaMA2-7B)
     assert {r["site"] for r in big} == {"down.11", "down.28"}
     for r in big:  # where the outliers dominate the token, eq. 8 is within 10% of the measured max
         assert r["rotate_measured"] == pytest.approx(r["rotate_eq8"], rel=0.1)

@@ -51,11 +51,14 @@ def test_model_size_by_hand():
     q = lowbit.quantize(model, "W4A8", progress=False)
     linear_params = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3)
     out_rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
-    expected = 2 * (n_params - linear_params) + linear_params // 2 + 2 * out_rows
+    # 4-bit codes and one float32 scale per output row (the default scale format)
+    expected = 2 * (n_params - linear_params) + linear_params // 2 + 4 * out_rows
     assert model_size_bytes(q) == expected
+    h = lowbit.quantize(model, "W4hA8", progress=False)  # float16 scales: two bytes each
+    assert model_size_bytes(h) == expected - 2 * out_rows
     g = lowbit.quantize(model, "W3g32aA16", progress=False)
-    groups = linear_params // 32
-    assert model_size_bytes(g) == 2 * (n_params - linear_params) + (linear_params * 3 + 7) // 8 + 4 * groups
+    groups = linear_params // 32  # a float32 scale and a float32 offset per group
+    assert model_size_bytes(g) == 2 * (n_params - linear_params) + (linear_params * 3 + 7) // 8 + 8 * groups
 
 
 def test_tied_embeddings_counted_once():
@@ -86,10 +89,12 @@ def test_kv_cache_bytes_by_hand():
     config = tiny_model("llama").config  # 2 layers, 2 kv heads, head_dim 16
     vectors = 2 * 2 * 1000
     assert kv_cache_bytes(config, None, 1000) == 2 * vectors * 16 * 2
-    scheme = lowbit.parse_scheme("W4A8KV4")
-    assert kv_cache_bytes(config, scheme, 1000) == 2 * (vectors * 16 // 2 + vectors * 2)
+    scheme = lowbit.parse_scheme("W4A8KV4")  # one float32 scale per token and head
+    assert kv_cache_bytes(config, scheme, 1000) == 2 * (vectors * 16 // 2 + vectors * 4)
+    half = lowbit.parse_scheme("W4A8KV4h")  # float16 scales
+    assert kv_cache_bytes(config, half, 1000) == 2 * (vectors * 16 // 2 + vectors * 2)
     asym = lowbit.parse_scheme("W4A8K8aV4")
-    assert kv_cache_bytes(config, asym, 1000) == vectors * 16 + vectors * 4 + vectors * 8 + vectors * 2
+    assert kv_cache_bytes(config, asym, 1000) == vectors * 16 + vectors * 8 + vectors * 8 + vectors * 4
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: tied embeddings
@@ -119,7 +124,7 @@ def test_integer_kernels_cost_like_the_fake_quantized_model():
         qi = convert_to_int_kernels(q)
         assert model_size_bytes(qi) == model_size_bytes(q)
         assert model_ops(qi, lowbit.quantization_state(q).scheme, 16) == model_ops(q, lowbit.quantization_state(q).scheme, 16)
-        assert stored_bytes(qi) < stored_bytes(q)  # codes in 8 or 4 bits instead of fp32 weights
+        assert stored_bytes(q) < stored_bytes(model) and stored_bytes(qi) < stored_bytes(model)  # codes, not fp32 weights
     assert stored_bytes(model) == 4 * sum(p.numel() for p in model.parameters()) + sum(
         b.untyped_storage().nbytes() for b in model.buffers()
     )

@@ -198,11 +198,11 @@ def test_trainable_student_from_a_calibrated_start(algorithm):
     from lowbit.qat import freeze_student
 
     freeze_student(student)
-    codes = linear.weight.detach() / grid  # per-channel rows: the frozen weight sits on the PTQ grid
-    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
-    assert not torch.equal(linear.weight, ptq.model.layers[0].self_attn.q_proj.weight)  # training moved it
-    assert torch.allclose(linear.weight, (moved / grid).round().clamp(-8, 7) * grid)
-    assert linear.weight_scale is None and not linear.trainable
+    assert linear.is_quantized and not linear.trainable
+    assert torch.equal(linear.weight_scale, grid.reshape(-1))  # the frozen codes sit on the PTQ grid
+    frozen = linear.dense_weight()
+    assert not torch.equal(frozen, ptq.model.layers[0].self_attn.q_proj.dense_weight())  # training moved it
+    assert torch.allclose(frozen, (moved / grid).round().clamp(-8, 7) * grid)
 
 
 def test_weight_quantizer_is_straight_through():
@@ -212,12 +212,12 @@ def test_weight_quantizer_is_straight_through():
     x = torch.randn(3, linear.in_features)
     linear.weight.requires_grad_(True)
     linear(x).pow(2).sum().backward()
-    wq = linear.quantized_weight().detach().requires_grad_(True)
+    wq = linear.dense_weight().detach().requires_grad_(True)
     torch.nn.functional.linear(x, wq).pow(2).sum().backward()
     torch.testing.assert_close(linear.weight.grad, wq.grad)  # d loss / d latent = d loss / d quantized weight
     assert not torch.equal(linear.weight.detach(), wq.detach())  # the latent weight is full precision
     linear.freeze()
-    assert torch.equal(linear.weight, wq.detach()) and not linear.trainable
+    assert torch.equal(linear.dense_weight(), wq.detach()) and not linear.trainable and linear.weight is None
 
 
 def _data(n=8, length=10, seed=0):
@@ -311,12 +311,10 @@ def test_learned_scales_start_unchanged_train_and_freeze_onto_a_grid(algorithm):
     with torch.no_grad():
         trained = student(x).logits
     freeze_student(student)
-    assert all(m.weight_scale is None and not m.trainable for m in linears)
+    assert all(m.is_quantized and not m.trainable and not m.learns_weight_scale for m in linears)  # 4-bit codes
+    assert all(torch.equal(m.weight_scale, m.weight_scale.float()) for m in linears)  # the learned scales, stored
     with torch.no_grad():
         assert torch.allclose(student(x).logits, trained, atol=1e-5)  # freezing keeps the trained function
-    assert all(m.compact() for m in linears)  # the frozen weights sit exactly on a 4-bit grid
-    with torch.no_grad():
-        assert torch.allclose(student(x).logits, trained, atol=1e-5)
 
 
 def test_scale_lr_needs_learn_scales():
@@ -492,7 +490,6 @@ def test_calibrated_start_on_group_grids(scheme):
     """Per-group (symmetric and asymmetric) GPTQ grids are kept too: step 0 = the PTQ model, and the
     frozen weights are exact codes of the same scheme."""
     from lowbit.qat import freeze_student
-    from lowbit.quant.codes import exact_codes
 
     model = tiny_model("qwen2")
     calib = [torch.randint(0, 512, (1, 16)) for _ in range(4)]
@@ -502,9 +499,13 @@ def test_calibrated_start_on_group_grids(scheme):
     with torch.no_grad():
         assert torch.equal(student(x).logits, ptq(x).logits)
         linear = next(m for m in student.model.layers.modules() if isinstance(m, QuantLinear))
+        grid = linear.weight_scale.clone()
         linear.weight.add_(torch.randn_like(linear.weight) * linear.weight.abs().mean())
     freeze_student(student)
-    exact_codes(linear.weight, linear.weight_args)  # raises if the frozen weight left the grid
+    frozen = linear.quantized_weight  # codes of the same scheme on the PTQ grid
+    assert frozen.args == lowbit.parse_scheme(scheme).weights and torch.equal(frozen.qparams.scale, grid)
+    args = frozen.args
+    assert frozen.codes.min() >= args.qmin and frozen.codes.max() <= args.qmax
 
 
 def test_generated_calibration_joins_sequences_of_any_length_into_equal_windows():

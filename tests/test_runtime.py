@@ -44,8 +44,8 @@ def test_every_decoder_linear_is_quantized_and_lm_head_is_not(family):
     assert isinstance(q.lm_head, torch.nn.Linear) and not isinstance(q.lm_head, QuantLinear)
     layer = q.model.layers[0]
     orig = model.model.layers[0].mlp.down_proj.weight
-    assert torch.equal(layer.mlp.down_proj.weight, fake_quantize(orig, QuantArgs(bits=4)))
-    assert len(torch.unique(layer.mlp.down_proj.weight[0])) <= 16
+    assert torch.equal(layer.mlp.down_proj.dense_weight(), fake_quantize(orig, QuantArgs(bits=4)))
+    assert len(torch.unique(layer.mlp.down_proj.dense_weight()[0])) <= 16
 
 
 @torch.no_grad()
@@ -60,14 +60,15 @@ def test_lm_head_quantized_when_asked(name):
     if name == "gemma2":  # tied: the quantized head must not drag the embeddings along
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
         assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
-        assert not torch.equal(q.lm_head.weight, q.model.embed_tokens.weight)
+        assert not torch.equal(q.lm_head.dense_weight(), q.model.embed_tokens.weight)
 
 
-def test_inplace_quantization_writes_into_the_weights_own_storage():
+def test_inplace_quantization_keeps_no_float_copy():
+    """In place, the quantized linears replace the float ones: codes and scales, no float weight."""
     model = tiny_model("llama")
-    ptr = model.model.layers[0].mlp.down_proj.weight.data_ptr()
     q = lowbit.quantize(model, "W4A16", inplace=True, progress=False)
-    assert q is model and q.model.layers[0].mlp.down_proj.weight.data_ptr() == ptr
+    down = q.model.layers[0].mlp.down_proj
+    assert q is model and down.weight is None and down.weight_codes.dtype == torch.uint8
 
 
 @torch.no_grad()
@@ -86,7 +87,10 @@ def test_input_model_is_not_modified(family):
 
 @torch.no_grad()
 def test_kv_quantization_same_in_full_forward_and_cached_decoding(family):
-    model = tiny_model(family)
+    # float64: a 1-token and a 28-token matmul differ by float rounding, which in float32 can move a
+    # value across a rounding step of the 8-bit activation or 4-bit KV grid (a flip unrelated to
+    # how the cache is quantized); in float64 such a tie is vanishingly rare
+    model = tiny_model(family).double()
     q = lowbit.quantize(model, "W4A8KV4", progress=False)
     x = tokens(length=28)
     full = q(x).logits
@@ -165,7 +169,7 @@ def test_group_size_that_does_not_divide_fails_early():
 def test_group_quantization_applies():
     model = tiny_model("qwen2")
     q = lowbit.quantize(model, "W4g32A16", progress=False)
-    w = q.model.layers[0].self_attn.q_proj.weight
+    w = q.model.layers[0].self_attn.q_proj.dense_weight()
     for group in w.reshape(-1, 32)[:10]:
         assert len(torch.unique(group)) <= 16
 

@@ -184,8 +184,8 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
 @click.option(
     "--tasks",
     default=None,
-    help="lm-evaluation-harness tasks, comma-separated (e.g. piqa,arc_easy), or a preset: seed001 (BoolQ, PIQA, "
-    "SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA; 0-shot) or seed001-fewshot (MMLU, TriviaQA; 5-shot).",
+    help="lm-evaluation-harness tasks, comma-separated (e.g. piqa,arc_easy), or a preset: llm-qat (BoolQ, PIQA, "
+    "SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA; 0-shot) or llm-qat-fewshot (MMLU, TriviaQA; 5-shot).",
 )
 @click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per task [default: the preset's, else the task's].")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N examples of each task.")
@@ -410,7 +410,7 @@ def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_s
     "(text the model writes itself).",
 )
 @click.option("--tokens", type=int, default=512, show_default=True, help="Tokens analysed (a multiple of --seq-len).")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (seed 003: one sample of 128).")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (one sample of 128, as in 'Turning LLM Activations Quantization-Friendly').")
 @click.option("--scheme", default="W4A4", show_default=True, help="W and A quantization (RTN), e.g. W4A4, W8A8, W4g64A8; KV is ignored.")
 @click.option("--transforms", default="none,smooth,rotate,smoothrot", show_default=True, help="Comma-separated transforms to compare.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Smoothing migration strength.")
@@ -422,7 +422,7 @@ def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_s
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_context
 def analyze(ctx, model, out, overwrite, data, tokens, seq_len, scheme, transforms, alpha, keep_raw, massive_ratio, systematic_ratio, systematic_fraction, no_plots, seed):
-    """Outliers, layer-wise error and quantization difficulty per transform (seed 003), with plots and a report."""
+    """Outliers, layer-wise error and quantization difficulty per transform ("Turning LLM Activations Quantization-Friendly"), with plots and a report."""
     from .analysis.job import AnalysisConfig, analyze_job
     from .analysis.outliers import OutlierConfig
     from .analysis.report import analysis_markdown

@@ -81,7 +81,7 @@ def quantize_job(
     progress: bool = True,
     save_to: str | Path | None = None,
 ) -> dict:
-    """Load, quantize and evaluate; returns the report (DESIGN.md §5). With `save_to`, the
+    """Load, quantize and evaluate; returns the report (the report contract in the README). With `save_to`, the
     quantized model and tokenizer are also saved there (`lowbit.io`).
 
     The model is quantized in place after the FP evaluation, so only one copy is ever in memory,

@@ -60,7 +60,7 @@ NAMED: dict[str, dict] = {
     "w8a8-smoothquant-gptq": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
     "w4a8kv4-smoothrot-gptq": {"scheme": "W4A8KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
     "w4a4kv4-rotate-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "algorithm": "gptq"},
-    # R1 online, norm gains left in place: 52.6 vs 77.4 fused on SmolLM2 (README), at a run-time rotation's cost
+    # R1 online, norm gains left in place: better than fused on models whose norm gains vary widely (README), at a run-time rotation's cost
     "w4a4kv4-rotate-online-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
     "w4a4kv4-smoothrot-gptq": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
 }

@@ -1,4 +1,4 @@
-"""Run reports: `report.json` (machine-readable, DESIGN.md §5) and `report.md`, written atomically."""
+"""Run reports: `report.json` (machine-readable, the report contract) and `report.md`, written atomically."""
 
 from __future__ import annotations
 

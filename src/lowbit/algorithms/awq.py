@@ -172,7 +172,7 @@ def _awq_statistics(columns: int, config: AWQConfig, device) -> AWQ:
 def awq(weight: torch.Tensor, stats: AWQ, args: QuantArgs, config: AWQConfig, context: GroupContext) -> AlgorithmResult:
     qweight, scales = stats.quantize(weight, args, config, scalable=context.scalable, tie=context.tie, input_args=context.input_args)
     # errors on the kept sample through its Gram matrix (X (W - Q/s)^T in full took four output-
-    # sized temporaries: 0.2 GB for gate_up); the scaled input x / s times Q is x times Q / s
+    # sized temporaries); the scaled input x / s times Q is x times Q / s
     x = stats.sample().to(weight.device)
     gram = x.T @ x
     q = qweight.dequantize()

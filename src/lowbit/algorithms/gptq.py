@@ -38,12 +38,12 @@ MAX_DAMP_RETRIES = 6  # damping x10 each time: 1% of the mean diagonal -> at mos
 class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
-    # Columns in order of decreasing H_jj (on by default, as in llm-compressor and GPTQModel; on
-    # SmolLM2 it was the largest single gain in ad hoc runs: W4A16, 4 WikiText-2 windows, 52 -> 43).
+    # Columns in order of decreasing H_jj (on by default, as in llm-compressor and GPTQModel: the
+    # columns with the largest inputs are quantized first, while the most columns can compensate).
     act_order: bool = True
     static_groups: bool = True  # with act_order: group scales from the weights before updates
     # Optional: tokens whose input norm exceeds token_clip x the batch median enter the Hessian
-    # scaled down to that norm, so a few massive-activation tokens (seed 003) cannot own it.
+    # scaled down to that norm, so a few massive-activation tokens ("Turning LLM Activations Quantization-Friendly") cannot own it.
     # None (default): the paper's plain Hessian.
     token_clip: float | None = None
 

@@ -1,4 +1,4 @@
-"""Outlier and error analysis (seed 003): capture every decoder block's linear inputs, measure
+"""Outlier and error analysis ("Turning LLM Activations Quantization-Friendly"): capture every decoder block's linear inputs, measure
 layer-wise quantization error and quantization difficulty under each equivalent transformation,
 find systematic and massive outliers, check eq. 8/9, plot and report."""
 

@@ -12,7 +12,7 @@ from .metrics import pearson, spearman
 
 def set_aside(layers: list[dict]) -> list[dict]:
     """Inputs left out of the correlation, with the reason: those holding massive outliers, whose
-    error is made by a few tokens rather than by the spread of channel magnitudes (seed 003 sets
+    error is made by a few tokens rather than by the spread of channel magnitudes ("Turning LLM Activations Quantization-Friendly" sets
     aside down_proj 1/30/31 and gate_proj 31 of LLaMA2-7B for this reason)."""
     return [
         {

@@ -1,7 +1,7 @@
-"""`lowbit analyze`: seed 003's study on any supported model.
+"""`lowbit analyze`: the study of "Turning LLM Activations Quantization-Friendly" on any supported model.
 
 Two passes over the same token sample, each streaming every input site through once:
-1. scan: per-channel max |x| (for the smoothing scales of the whole sample, as seed 003 computes
+1. scan: per-channel max |x| (for the smoothing scales of the whole sample, as "Turning LLM Activations Quantization-Friendly" computes
    them "online" from the data analysed), per-token maxima (massive-outlier threshold) and the
    systematic-outlier counts;
 2. measure: for each transform, the layer-wise error of every linear, activation statistics,
@@ -40,17 +40,17 @@ from .theory import theory_check
 
 log = logging.getLogger("lowbit")
 
-DEFAULT_SCHEME = "W4A4"  # seed 003: symmetric INT4 RTN, per-channel weights, per-token activations, no clipping
+DEFAULT_SCHEME = "W4A4"  # as in "Turning LLM Activations Quantization-Friendly": symmetric INT4 RTN, per-channel weights, per-token activations, no clipping
 
 
 @dataclass(frozen=True)
 class AnalysisConfig:
     tokens: int = 512
-    seq_len: int = 128  # seed 003 analyses one WikiText-2 sample of 128 tokens
+    seq_len: int = 128  # "Turning LLM Activations Quantization-Friendly" analyses one WikiText-2 sample of 128 tokens
     batch_size: int = 4  # sequences per forward pass
     scheme: str = DEFAULT_SCHEME
     transforms: tuple[str, ...] = TRANSFORMS
-    alpha: float = 0.5  # seed 003's fixed migration strength
+    alpha: float = 0.5  # the fixed migration strength of "Turning LLM Activations Quantization-Friendly"
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     keep_raw: tuple[int, ...] = ()  # layers whose raw inputs are kept (and plotted)
     seed: int = 0
@@ -325,7 +325,7 @@ def _write_outputs(folder, result: dict, plot_data: dict, config: AnalysisConfig
     result["plots"] = names
     result["seconds"] = time.time() - start
     (folder / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
-    # every --out folder holds report.json (DESIGN.md §5): the contract's fields this command has
+    # every --out folder holds report.json (the report contract in the README): the contract's fields this command has
     contract = {k: result[k] for k in ("lowbit_version", "model", "scheme", "seconds")}
     (folder / "report.json").write_text(json.dumps({**contract, "analysis": "analysis.json"}, indent=2) + "\n")
     (folder / "report.md").write_text(analysis_markdown(result, names))

@@ -66,7 +66,7 @@ def transform_pair(
     kind: str, x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor | None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(X A, [W A^-T ...]) in nn.Linear layout for one transform: smooth X / s, W * s (s per input
-    channel); rotate X R, W R with the deterministic Hadamard R (no random signs, as seed 003);
+    channel); rotate X R, W R with the deterministic Hadamard R (no random signs, as "Turning LLM Activations Quantization-Friendly");
     smoothrot both, smoothing first. X W^T is unchanged by each."""
     if kind in ("smooth", "smoothrot"):
         x = x / scales

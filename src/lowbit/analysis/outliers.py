@@ -1,11 +1,11 @@
-"""Systematic and massive outliers (seed 003 §IV-A), found with stated thresholds.
+"""Systematic and massive outliers ("Turning LLM Activations Quantization-Friendly", section IV-A), found with stated thresholds.
 
 - systematic: channel j is systematic in an input if |x_tj| >= `systematic_ratio` x (median over
   channels of |x_t|) in at least `systematic_fraction` of the tokens: a channel large across most
-  tokens (the kind smoothing targets; seed 003 sees them at the attention and gate/up inputs).
+  tokens (the kind smoothing targets; "Turning LLM Activations Quantization-Friendly" sees them at the attention and gate/up inputs).
 - massive: entry x_tj is massive if |x_tj| >= `massive_ratio` x M, where M is the median over the
   sample's tokens of the token's largest |x|: a single token far above what the typical token's
-  largest value is (seed 003 sees > 1000 in down_proj of LLaMA2-7B, where typical values are ~1).
+  largest value is ("Turning LLM Activations Quantization-Friendly" sees > 1000 in down_proj of LLaMA2-7B, where typical values are ~1).
 
 Both tests are relative, so they carry across models whose activations differ in scale. The
 per-token and per-channel sums they need stream: `InputScan.update` sees one batch at a time.

@@ -1,4 +1,4 @@
-"""PNG plots of an analysis (matplotlib, Agg backend): seed 003's Figs. 1-5 for any model.
+"""PNG plots of an analysis (matplotlib, Agg backend): the figures 1-5 of "Turning LLM Activations Quantization-Friendly" for any model.
 
 - surface_<site>.png   |X| over tokens x channels under each transform (Figs. 1-2)
 - layers_<role>.png    per-layer error and activation / weight difficulty per transform (Fig. 4)

@@ -89,7 +89,7 @@ def _massive_table(result: dict) -> list[str]:
     if not rows:
         return lines + ["None at the chosen threshold."]
     lines += [
-        "Each row is one token; predicted maxima from seed 003 eq. 8 (rotation; |eps| = std of the token's other entries) "
+        "Each row is one token; predicted maxima from eq. 8 of 'Turning LLM Activations Quantization-Friendly' (rotation; |eps| = std of the token's other entries) "
         "and eq. 9 (smoothing with alpha 0.5, then rotation; as written, and + the std of the smoothed token's other entries)"
         + ("." if result["alpha"] == 0.5 else f"; eq. 9 assumes alpha 0.5, this run smoothed with alpha {result['alpha']}."),
         "",

@@ -6,8 +6,8 @@ values eps elsewhere, d channels):
                                             max|t diag(s)^-1 R| ~ sum_O sqrt(|o_i| max|W_i| / d)
 
 eq. 8 is exact when some column of the Hadamard matrix has the same sign at every outlier
-channel; |eps| is taken as the standard deviation of the token's other entries (seed 003's
-eps ~ N(0, sigma^2)). The measured maximum sits at the sign-aligned column with the largest
+channel; |eps| is taken as the standard deviation of the token's other entries (the
+paper models eps ~ N(0, sigma^2)). The measured maximum sits at the sign-aligned column with the largest
 noise, so it exceeds the outlier part by a few sigma. eq. 9 assumes the token holds the channel
 maximum max|X_i| = |o_i|, so that o_i / s_i = sqrt(|o_i| max|W_i|), and ignores eps; beside it we
 give eq. 9 + sigma of the smoothed token's other entries, which matters once smoothing has shrunk

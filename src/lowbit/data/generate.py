@@ -1,4 +1,4 @@
-"""Data-free text: sequences the model writes itself (LLM-QAT's generation, seed 001 §2.1).
+"""Data-free text: sequences the model writes itself (the generation of LLM-QAT, section 2.1).
 
 Each sequence starts from a random vocabulary token (never a special token). With the hybrid
 strategy (the paper's) the first k tokens (k drawn from `greedy_tokens` per sequence) are decoded

@@ -1,9 +1,10 @@
 """Zero-shot and few-shot tasks through lm-evaluation-harness, on a lowbit model object in memory.
 
 The model (quantized with fake-quantized or integer layers, or not) is handed to lm-eval's `HFLM`
-as a `PreTrainedModel`; nothing is saved or reloaded. Task names are lm-eval's; the seed-001
+as a `PreTrainedModel`; nothing is saved or reloaded. Task names are lm-eval's; the `llm-qat`
 preset is the zero-shot list of LLM-QAT (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c,
-OBQA), and `seed001-fewshot` its few-shot pair (MMLU and TriviaQA, 5-shot unless told).
+OBQA), and `llm-qat-fewshot` its few-shot pair (MMLU and TriviaQA, 5-shot unless told); their
+first names, `seed001` and `seed001-fewshot`, still work.
 
 Datasets come from the Hugging Face hub through `datasets`; where the hub cannot be reached, a
 task can be defined from local files with lm-eval's own mechanism: a folder of task YAMLs
@@ -24,9 +25,10 @@ log = logging.getLogger("lowbit")
 
 LM_EVAL_VERSION = "0.4.13"  # the version lowbit is tested with (extra `eval`)
 PRESETS: dict[str, tuple[tuple[str, ...], int | None]] = {
-    "seed001": (("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"), 0),
-    "seed001-fewshot": (("mmlu", "triviaqa"), 5),
+    "llm-qat": (("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"), 0),
+    "llm-qat-fewshot": (("mmlu", "triviaqa"), 5),
 }
+PRESETS.update({"seed001": PRESETS["llm-qat"], "seed001-fewshot": PRESETS["llm-qat-fewshot"]})  # first names, kept
 METRICS = ("acc", "acc_norm", "exact_match")
 
 
@@ -44,7 +46,7 @@ class HarnessConfig:
 
 
 def parse_tasks(text: str) -> list[str]:
-    """'piqa,arc_easy' or 'seed001' -> task names (presets expanded, order kept, no duplicates)."""
+    """'piqa,arc_easy' or 'llm-qat' -> task names (presets expanded, order kept, no duplicates)."""
     names: list[str] = []
     for part in (p.strip() for p in str(text).split(",")):
         if not part:
@@ -163,4 +165,4 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress:
         "limit": config.limit,
         "results": results,
     }
-    return {k: v for k, v in summary.items() if v is not None}  # absent, not null (DESIGN.md §5)
+    return {k: v for k, v in summary.items() if v is not None}  # absent, not null (the report contract in the README)

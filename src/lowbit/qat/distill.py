@@ -1,4 +1,4 @@
-"""Distillation losses of LLM-QAT (seed 001 §2.2 and its ablation, Table 5).
+"""Distillation losses of LLM-QAT (LLM-QAT, section 2.2 and its ablation, Table 5).
 
 The student is the quantized model, the teacher the full-precision one. Every loss averages over
 the predicted positions selected by `mask` ([batch, tokens], 1 where a token is real):

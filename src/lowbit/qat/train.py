@@ -3,7 +3,7 @@
 The student is a lowbit quantized model built with `trainable=True`: its `QuantLinear`s keep
 latent weights that are fake-quantized in every forward, and activation and KV quantizers pass
 gradients straight through (STE), so the optimizer (AdamW, weight decay 0, lr 2e-5, cosine decay,
-as in seed 001) updates the latent weights of every quantized linear; everything else is frozen.
+as in LLM-QAT) updates the latent weights of every quantized linear; everything else is frozen.
 
 The data order is a function of (seed, step) only, and a checkpoint holds the trainable weights,
 the optimizer and the schedule, so a resumed run continues exactly where it stopped. Under

@@ -1,6 +1,6 @@
 """Apply an equivalent transformation (smooth, rotate, smoothrot) to a stock transformers model.
 
-Every decoder layer is handled one input group at a time (DESIGN.md: norm -> q,k,v; v -> o;
+Every decoder layer is handled one input group at a time (norm -> q,k,v; v -> o;
 norm -> gate,up; up -> down). For a group reading X with weights W:
 
 - smooth:    X / s and W * s; 1/s is folded into the producer of X (the norm's gain, or the rows
@@ -9,7 +9,7 @@ norm -> gate,up; up -> down). For a group reading X with weights W:
              the residual-stream readers, R4 on down_proj, a full rotation on o_proj's input on
              top of the per-head R2 fused into v_proj / o_proj), and R3 on queries and keys after
              RoPE inside attention, so the KV cache is quantized in the rotated basis.
-- smoothrot: smoothing first, then rotation (seed 003), by default only where massive outliers
+- smoothrot: smoothing first, then rotation ("Turning LLM Activations Quantization-Friendly"), by default only where massive outliers
              live (down_proj), optionally at every rotated input.
 
 R1 is fused into the weights as QuaRot does it: every norm's gain is folded into the linears that
@@ -130,8 +130,7 @@ def collect_input_stats(
                 entry = stats.get(key)
                 if entry is None:
                     # One buffer per group, allocated once: appending a small tensor per batch
-                    # instead pinned the allocator's heap between the forward's temporaries
-                    # (measured: ~0.1 GB of resident memory per calibration batch).
+                    # instead pinned the allocator's heap between the forward's temporaries.
                     rows = torch.empty(share * len(batches) if keep_rows else 0, x.shape[-1], dtype=torch.float64)
                     entry = stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0}
                 torch.maximum(entry["absmax"], x.abs().amax(0), out=entry["absmax"])

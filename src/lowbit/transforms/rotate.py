@@ -37,7 +37,7 @@ ROW_BLOCK = 4096  # rows edited at a time: float64 copies of a whole vocabulary 
 
 def _edit_rows(weight: torch.Tensor, edit) -> None:
     """weight <- edit(weight) for a row-wise `edit`, in float64, a block of rows at a time, in place
-    (a whole lm_head in float64 took 0.56 GB of transient memory)."""
+    (a whole vocabulary matrix in float64 is a large transient)."""
     for start in range(0, weight.shape[0], ROW_BLOCK):
         block = weight[start : start + ROW_BLOCK]
         _write(block, edit(block.double()))
