@@ -69,17 +69,15 @@ def transform_variants():
     }
 
 
-def pipeline_config(algorithm: str, options: list[str]):
+def row_settings(algorithm: str, options: list[str]):
+    """(the algorithm with its config, the pipeline settings) of a row's options."""
     from lowbit import GPTQConfig, PipelineConfig
 
     unknown = set(options) - {"bf16", "noactorder"}
     if unknown:
         raise SystemExit(f"unknown row options {sorted(unknown)}; known: bf16, noactorder")
-    return PipelineConfig(
-        algorithm=algorithm,
-        gptq=GPTQConfig(act_order="noactorder" not in options),
-        dtype="bfloat16" if "bf16" in options else "float32",
-    )
+    chosen = GPTQConfig(act_order="noactorder" not in options) if algorithm == "gptq" else algorithm
+    return chosen, PipelineConfig(dtype="bfloat16" if "bf16" in options else "float32")
 
 
 def run_row(row: str, args) -> dict:
@@ -114,14 +112,12 @@ def run_row(row: str, args) -> dict:
             calib = calibration_batches(tokenizer, None, args.calib_samples, args.calib_seq_len, seed=0)
         calib_seconds = time.time() - t0
         t0 = time.time()
-        pipeline = pipeline_config(algorithm, options) if algorithm in ("gptq", "awq") else None
-        model = lowbit.quantize_model(
-            model, scheme, transform=config, algorithm=algorithm, calibration=calib, pipeline=pipeline, inplace=True
-        )
+        chosen, pipeline = row_settings(algorithm, options)
+        model = lowbit.quantize(model, scheme, transform=config, algorithm=chosen, calibration=calib, pipeline=pipeline, inplace=True)
         result["quantize_seconds"] = time.time() - t0
         result["calib_seconds"] = calib_seconds
         del calib
-        errors = model.lowbit_layer_errors
+        errors = lowbit.quantization_state(model).layer_errors
         if errors:
             for group in ("qkv", "o", "gate_up", "down"):
                 result[f"err_{group}"] = sum(e[group][algorithm] for e in errors) / len(errors)
@@ -226,7 +222,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['threads']} CPU threads, torch {meta['torch']}, lowbit {meta['lowbit_version']}. "
         f"Calibration: {meta['calibration']}.",
         "",
-        "Quantize = wall time of `quantize_model` (transform statistics, layer-by-layer pipeline, swaps). "
+        "Quantize = wall time of `lowbit.quantize` (transform statistics, layer-by-layer pipeline, swaps). "
         "Peak RSS = the process's peak resident memory up to the end of quantization (model load included), "
         "and including the perplexity evaluation. Load avg = 5-minute load average at the end of the row "
         "(2 cores: above ~2 other work shared the machine and the row's times are inflated; '-' = not recorded).",

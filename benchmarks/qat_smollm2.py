@@ -5,7 +5,7 @@ WikiText-2 perplexity before (its PTQ starting point) and after, training time a
    --samples sequences of at most --max-length tokens (stop at end of sequence) to --work
    (resumable; the shards are not committed, their statistics are).
 2. Each run (scheme/transform/algorithm/data strategy/loss) builds the trainable student with
-   `quantize_model(..., trainable=True)` (GPTQ/AWQ starts calibrated on the generated data), evaluates it (= the PTQ model it starts from), trains
+   `lowbit.quantize(..., trainable=True)` (GPTQ/AWQ starts calibrated on the generated data), evaluates it (= the PTQ model it starts from), trains
    with `lowbit.qat.train` and evaluates again. The FP model and each starting point are evaluated
    once. Perplexity: token-level, first --windows windows of 2048 tokens of wiki.test.raw (the
    same windows as benchmarks/results/ptq_wikitext2.md, so its PTQ rows sit beside these).
@@ -115,7 +115,7 @@ def run_all(args, jsonl: Path) -> None:
         stats[strategy] = generate_dataset(teacher, tok, data_dir, config)
         dataset = load_dataset(data_dir)
         calibration = generated_calibration(dataset, CALIB_SAMPLES, args.max_length) if algorithm != "rtn" else None
-        student = lowbit.quantize_model(teacher, scheme, transform=transform, algorithm=algorithm, calibration=calibration,
+        student = lowbit.quantize(teacher, scheme, transform=transform, algorithm=algorithm, calibration=calibration,
                                         trainable=True)
         before = ppl(f"{scheme}/{transform}/{algorithm}", student)
         tconfig = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_seq_len=args.max_length,
