@@ -94,3 +94,39 @@ def test_full_range_suffix():
     assert parse_scheme("W4A16").weights.max_steps == 7
     with pytest.raises(UserError, match="full_range is for symmetric"):
         QuantArgs(bits=4, symmetric=False, full_range=True)
+
+
+def test_scale_format_suffixes_round_trip():
+    from lowbit.scheme import parse_scheme
+
+    s = parse_scheme("W4g64hA8bKV4h")
+    assert s.weights.scale_format == "float16" and s.inputs.scale_format == "bfloat16" and s.keys.scale_format == "float16"
+    assert parse_scheme(s.name) == s and s.name == "W4g64hA8bKV4h"
+    assert parse_scheme("W4A8").weights.scale_format == "float32"
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [("W4hb", "sets its scale format twice"), ("W4hh", "sets its scale format twice"), ("W4x", "unknown suffix")],
+)
+def test_scale_format_mistakes(bad, needle):
+    from lowbit.scheme import parse_scheme
+
+    with pytest.raises(UserError, match=needle):
+        parse_scheme(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"bits": 4, "scale_format": "fp8"}, "scale format must be one of"),
+        ({"bits": 4, "element": "fp4"}, "element format must be one of"),
+        ({"bits": 4, "symmetric": "false"}, "symmetric must be true or false"),
+        ({"bits": 4, "dynamic": 1}, "dynamic must be true or false"),
+    ],
+)
+def test_quant_args_are_type_checked(kwargs, needle):
+    from lowbit.scheme import QuantArgs
+
+    with pytest.raises(UserError, match=needle):
+        QuantArgs(**kwargs)

@@ -1,7 +1,5 @@
 """lowbit: low-bit quantization of weights, activations and KV cache for stock transformers LMs."""
 
-from .version import __version__
-
 from . import data
 from .algorithms import (
     AWQConfig,
@@ -24,8 +22,10 @@ from .recipes import Recipe, load_recipe
 from .runtime import QuantizationState, convert_to_int_kernels, quantization_state
 from .scheme import Granularity, Observer, QuantArgs, Scheme, parse_scheme
 from .transforms.apply import TransformConfig
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "AWQConfig",
     "AlgorithmResult",
     "ArchSpec",

@@ -11,9 +11,9 @@ import sys
 
 import click
 
-from .version import __version__
 from .errors import UserError
 from .models import DEFAULT_MODEL
+from .version import __version__
 
 log = logging.getLogger("lowbit")
 
@@ -106,39 +106,70 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
 @click.option("--no-save-model", is_flag=True, help="With --out: write only the reports, not the quantized model (out/model).")
 @click.pass_context
-def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, online_r1, no_fold_norms, algorithm, settings, recipe, calib, calib_samples, calib_seq_len, act_order, damp, device, calib_dtype, data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
+def quantize(ctx, **o):
     """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
+    from .jobs import CalibrationSettings, EvalSettings, quantize_job
+    from .pipeline import PipelineConfig
+    from .report import RunOutput, report_markdown
+
+    chosen = _recipe_from_options(o)
+    calib_samples = o["calib_samples"]
+    if calib_samples is None:
+        from .algorithms.registry import get_algorithm
+
+        calib_samples = 128 if get_algorithm(chosen.algorithm).calibrated else 32
+    if calib_samples < 1:
+        raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
+    if o["calib_seq_len"] < 2:
+        raise UserError(f"--calib-seq-len must be at least 2; got {o['calib_seq_len']}")
+    if o["calib"] and o["data"] and o["calib"] == o["data"]:
+        raise UserError("--calib and --data name the same text; never calibrate on the evaluation text")
+    with RunOutput(o["out"], o["overwrite"], save_model=not o["no_save_model"]) as run:
+        report = quantize_job(
+            o["model"],
+            chosen,
+            evaluation=EvalSettings(o["data"], _windows(o["windows"]), o["seq_len"]),
+            calibration=CalibrationSettings(o["calib"], calib_samples, o["calib_seq_len"]),
+            pipeline=PipelineConfig(device=o["device"], dtype=o["calib_dtype"]),
+            seed=o["seed"],
+            evaluate_fp=not o["no_fp"],
+            progress=ctx.obj["progress"],
+            save_to=run.model_dir,
+        )
+        run.finish(report)
+    click.echo(report_markdown(report))
+
+
+def _recipe_from_options(o: dict):
+    """The recipe of `lowbit quantize`: --recipe (or the default scheme), then the options that change it."""
     from dataclasses import replace
 
     from .algorithms.registry import get_algorithm
-    from .jobs import quantize_job
     from .recipes import Recipe, load_recipe, parse_alpha
-    from .report import RunOutput, report_markdown
     from .scheme import parse_scheme
 
-    base = load_recipe(recipe) if recipe else Recipe(scheme=parse_scheme(DEFAULT_SCHEME))
+    base = load_recipe(o["recipe"]) if o["recipe"] else Recipe(scheme=parse_scheme(DEFAULT_SCHEME))
     changes = {}
-    if transform:
-        changes["kind"] = transform
-    if alpha is not None:
-        changes["alpha"] = parse_alpha(alpha)
-    if smooth_all:
+    if o["transform"]:
+        changes["kind"] = o["transform"]
+    if o["alpha"] is not None:
+        changes["alpha"] = parse_alpha(o["alpha"])
+    if o["smooth_all"]:
         changes["smooth_all"] = True
-    if random_hadamard:
-        changes["seed"] = seed
-    if online_r1:
+    if o["random_hadamard"]:
+        changes["seed"] = o["seed"]
+    if o["online_r1"]:
         changes["fuse_r1"] = False
-    if no_fold_norms:
+    if o["no_fold_norms"]:
         changes["fold_norms"] = False
-    knobs = _settings(settings)
-    if act_order is not None:
-        knobs["act_order"] = act_order
-    if damp is not None:
-        knobs["damp"] = damp
+    knobs = _settings(o["settings"])
+    for name in ("act_order", "damp"):  # the GPTQ options that predate --set
+        if o[name] is not None:
+            knobs[name] = o[name]
     chosen = base.replace(
-        scheme=parse_scheme(scheme) if scheme else base.scheme,
+        scheme=parse_scheme(o["scheme"]) if o["scheme"] else base.scheme,
         transform=replace(base.transform, **changes) if changes else base.transform,
-        algorithm=algorithm or base.algorithm,
+        algorithm=o["algorithm"] or base.algorithm,
     )
     if knobs:
         found = get_algorithm(chosen.algorithm)
@@ -149,33 +180,7 @@ def quantize(ctx, model, scheme, transform, alpha, smooth_all, random_hadamard, 
             )
         current = {k: getattr(chosen.algorithm_config, k) for k in found.knobs()}
         chosen = chosen.replace(algorithm_config=found.config({**current, **knobs}, f"{found.name} settings"))
-    if calib_samples is None:
-        calib_samples = 128 if get_algorithm(chosen.algorithm).calibrated else 32
-    if calib_samples < 1:
-        raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
-    if calib_seq_len < 2:
-        raise UserError(f"--calib-seq-len must be at least 2; got {calib_seq_len}")
-    if calib and data and calib == data:
-        raise UserError("--calib and --data name the same text; never calibrate on the evaluation text")
-    with RunOutput(out, overwrite, save_model=not no_save_model) as run:
-        report = quantize_job(
-            model,
-            chosen,
-            data=data,
-            windows=_windows(windows),
-            seq_len=seq_len,
-            calib=calib,
-            calib_samples=calib_samples,
-            calib_seq_len=calib_seq_len,
-            device=device,
-            calib_dtype=calib_dtype,
-            seed=seed,
-            evaluate_fp=not no_fp,
-            progress=ctx.obj["progress"],
-            save_to=run.model_dir,
-        )
-        run.finish(report)
-    click.echo(report_markdown(report))
+    return chosen
 
 
 @cli.command()
@@ -212,7 +217,7 @@ def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, 
 
     from .evaluation.harness import HarnessConfig, parse_tasks, preset_fewshot
     from .io.native import saved_model_dir
-    from .jobs import evaluate_job
+    from .jobs import EvalSettings, evaluate_job
     from .report import RunOutput, report_markdown
     from .scheme import parse_scheme
 
@@ -238,9 +243,7 @@ def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, 
     with RunOutput(out, overwrite, save_model=False) as run:
         report = evaluate_job(
             model_or_run_dir,
-            data=data,
-            windows=_windows(windows),
-            seq_len=seq_len,
+            evaluation=EvalSettings(data, _windows(windows), seq_len),
             scheme=parse_scheme(scheme) if scheme else None,
             int_kernels=int_kernels,
             harness=harness,
@@ -362,34 +365,32 @@ def _loss_weights(text: str) -> dict[str, float]:
 @click.option("--no-fp", is_flag=True, help="Skip the full-precision evaluation.")
 @click.option("--no-save-model", is_flag=True, help="Write only the reports, not the trained quantized model (out/model).")
 @click.pass_context
-def qat(ctx, model, data_dir, scheme, transform, algorithm, loss, steps, batch_size, grad_accum, lr, warmup_steps, schedule, max_seq_len, teacher_topk, bf16, grad_checkpointing, fsdp, learn_scales, scale_lr, checkpoint_every, calib_samples, eval_data, windows, seq_len, out, overwrite, seed, no_fp, no_save_model):
+def qat(ctx, **o):
     """Quantization-aware training by distillation from the full-precision model (LLM-QAT)."""
     import shutil
+    from dataclasses import fields
     from pathlib import Path
 
     from .algorithms.registry import get_algorithm
-    from .jobs import qat_job
+    from .jobs import EvalSettings, qat_job
     from .qat import TrainConfig
     from .recipes import Recipe
     from .report import RunOutput, report_markdown
     from .scheme import parse_scheme
     from .transforms.apply import TransformConfig
 
-    get_algorithm(algorithm)  # fail before loading anything
-    recipe = Recipe(scheme=parse_scheme(scheme), transform=TransformConfig(kind=transform), algorithm=algorithm)
-    config = TrainConfig(
-        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
-        max_seq_len=max_seq_len, losses=_loss_weights(loss), teacher_topk=teacher_topk, bf16=bf16,
-        grad_checkpointing=grad_checkpointing, fsdp=fsdp, checkpoint_every=checkpoint_every, seed=seed,
-        learn_scales=learn_scales, scale_lr=scale_lr,
-    )
+    get_algorithm(o["algorithm"])  # fail before loading anything
+    recipe = Recipe(scheme=parse_scheme(o["scheme"]), transform=TransformConfig(kind=o["transform"]), algorithm=o["algorithm"])
+    # the training options are TrainConfig's fields under the same names
+    config = TrainConfig(losses=_loss_weights(o["loss"]), **{f.name: o[f.name] for f in fields(TrainConfig) if f.name in o})
     config.check(1)
+    out = o["out"]
     checkpoints = Path(str(out).rstrip("/") + ".checkpoints")
-    with RunOutput(out, overwrite, save_model=not no_save_model) as run:
+    with RunOutput(out, o["overwrite"], save_model=not o["no_save_model"]) as run:
         report = qat_job(
-            model, recipe, data_dir, config, checkpoint_dir=str(checkpoints), data=eval_data,
-            windows=_windows(windows), seq_len=seq_len, calib_samples=calib_samples, evaluate_fp=not no_fp,
-            progress=ctx.obj["progress"], save_to=run.model_dir,
+            o["model"], recipe, o["data_dir"], config, checkpoint_dir=str(checkpoints),
+            evaluation=EvalSettings(o["eval_data"], _windows(o["windows"]), o["seq_len"]), calib_samples=o["calib_samples"],
+            evaluate_fp=not o["no_fp"], progress=ctx.obj["progress"], save_to=run.model_dir,
         )
         if report:  # rank 0
             run.finish(report)

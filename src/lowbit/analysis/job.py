@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..version import __version__
 from ..arch import ArchSpec, get_arch
 from ..data import GENERATED, calibration_batches, generate_samples
 from ..errors import UserError
@@ -25,6 +24,7 @@ from ..files import write_dir_atomically
 from ..hadamard import factor_order
 from ..scheme import QuantArgs, parse_scheme
 from ..transforms.smooth import check_alpha, smooth_scales
+from ..version import __version__
 from .capture import InputSite, input_sites, stream_inputs
 from .findings import add_findings
 from .metrics import (

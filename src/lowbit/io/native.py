@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..version import __version__
 from ..arch import get_arch, get_module, set_module
 from ..errors import UserError
 from ..files import write_dir_atomically
@@ -51,6 +50,8 @@ from ..runtime.quantizer import TensorQuantizer
 from ..runtime.rotation import OnlineHadamard
 from ..runtime.state import QuantizationState, require_state, set_quantization_state
 from ..scheme import Scheme, args_from_dict, args_to_dict
+from ..version import __version__
+from .tensorfile import write_safetensors
 
 log = logging.getLogger("lowbit")
 
@@ -160,8 +161,6 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
     """Save a lowbit-quantized model (and its tokenizer) to folder `out`; returns `out`.
 
     The model is not modified. `out` appears complete or not at all."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder")
@@ -174,11 +173,13 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
 
     def fill(tmp: Path) -> None:
         tensors, aliases = _state_tensors(model)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        digest, size = write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata)  # hashed as it is written
         del tensors
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file() and p.name != WEIGHTS_FILE}
+        files[WEIGHTS_FILE] = {"sha256": digest, "bytes": size}
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -195,7 +196,7 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
-    write_dir_atomically(out, fill)
+    write_dir_atomically(out, fill, overwrite=overwrite)
     log.info("saved quantized model (%s) to %s", state.scheme.name, out)
     return out
 
