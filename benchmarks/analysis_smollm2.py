@@ -60,13 +60,17 @@ def main() -> None:
         (out / "README.md").write_text(readme)
     print("\n".join(result["recommendation"]))
     corr = result["correlation_error_vs_difficulty_sq"]["none"]
-    print(f"error vs difficulty^2: r = {corr['all']:.3f} (all {corr['points']}), {corr['without_set_aside']:.3f} "
-          f"({corr['points_kept']} kept; set aside {', '.join(a['site'] for a in result['set_aside'])})")
+    print(
+        f"error vs difficulty^2: r = {corr['all']:.3f} (all {corr['points']}), {corr['without_set_aside']:.3f} "
+        f"({corr['points_kept']} kept; set aside {', '.join(a['site'] for a in result['set_aside'])})"
+    )
     print("| role | " + " | ".join(result["transforms"]) + " |")
     for role, r in result["by_role"].items():
         print(f"| {role} | " + " | ".join(f"{r['total_error'][k]:.3g}" for k in result["transforms"]) + " |")
-    print(f"wall time {seconds:.1f} s, CPU time {timing['cpu_seconds']:.1f} s, peak RSS {peak / 1e9:.2f} GB, "
-          f"load average before {load_before[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"wall time {seconds:.1f} s, CPU time {timing['cpu_seconds']:.1f} s, peak RSS {peak / 1e9:.2f} GB, "
+        f"load average before {load_before[0]:.1f} on {os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

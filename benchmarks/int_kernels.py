@@ -218,8 +218,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         child = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k.replace('_', '-')}={getattr(args, k)}"
-            for k in ("windows", "seq_len", "prefill", "decode_tokens", "repeats", "threads", "data")
+            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("windows", "seq_len", "prefill", "decode_tokens", "repeats", "threads", "data")
         ]
         done = subprocess.run(child, check=True, capture_output=True, text=True)
         rows.append(json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:]))

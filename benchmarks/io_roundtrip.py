@@ -101,8 +101,13 @@ def run_rows(args, jsonl: Path) -> None:
         "eval": {"data": str(DEFAULT_DATA.name), "windows": args.windows, "seq_len": args.seq_len},
         "calibration": {"data": "enwiki-sample (calibration half)", "samples": args.calib_samples, "seq_len": 512},
         "cpu_threads": torch.get_num_threads(),
-        "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "compressed_tensors": compressed_tensors.__version__, "python": platform.python_version()},
+        "versions": {
+            "lowbit": lowbit.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "compressed_tensors": compressed_tensors.__version__,
+            "python": platform.python_version(),
+        },
     }
     wanted = [tuple(r.split("/")) for r in args.rows.split(",")] if args.rows else ROWS
     done = set()
@@ -184,10 +189,7 @@ def render(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        ct = (
-            f"{r['ct_bytes'] / mb:.1f} ({r['ct_format']}) | {r['ct_ppl']:.3f} | {r['ct_max_abs_diff']:.3g}"
-            if "ct_bytes" in r else "refused | - | -"
-        )
+        ct = f"{r['ct_bytes'] / mb:.1f} ({r['ct_format']}) | {r['ct_ppl']:.3f} | {r['ct_max_abs_diff']:.3g}" if "ct_bytes" in r else "refused | - | -"
         lines.append(
             f"| {r['scheme']} | {r['transform']} | {r['algorithm']} | {r['ppl']:.3f} | {r['native_bytes'] / mb:.1f} | "
             f"{r['native_ppl']:.3f} | {r['native_max_abs_diff']:.3g} | {r['native_save_s']:.1f} | {r['native_load_s']:.1f} | {ct} |"

@@ -27,8 +27,8 @@ import torch
 
 import lowbit
 from lowbit.data import calibration_batches, load_text, tokenize
-from lowbit.transforms.apply import TransformConfig
 from lowbit.evaluation import kv_cache_bytes, model_ops, model_size_bytes
+from lowbit.transforms.apply import TransformConfig
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"

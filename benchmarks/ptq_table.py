@@ -50,7 +50,9 @@ def sort_key(r: dict) -> tuple:
         return order.index(value) if value in order else len(order)
 
     return (
-        index(SCHEME_ORDER, r["scheme"]), index(TRANSFORM_ORDER, r["transform"]), index(ALGORITHM_ORDER, r["algorithm"]),
+        index(SCHEME_ORDER, r["scheme"]),
+        index(TRANSFORM_ORDER, r["transform"]),
+        index(ALGORITHM_ORDER, r["algorithm"]),
         r.get("options", ""),
     )
 
@@ -98,8 +100,14 @@ def run_row(row: str, args) -> dict:
     model, tokenizer = lowbit.load_model()
     load_seconds = time.time() - t0
     ids = tokenize(tokenizer, load_text(args.data))
-    result = {"row": row, "scheme": scheme_name, "transform": transform, "algorithm": algorithm, "load_seconds": load_seconds,
-              "commit": source_commit()}  # at the start: the code this process imported
+    result = {
+        "row": row,
+        "scheme": scheme_name,
+        "transform": transform,
+        "algorithm": algorithm,
+        "load_seconds": load_seconds,
+        "commit": source_commit(),
+    }  # at the start: the code this process imported
     if options:
         result["options"] = "/".join(options)
     scheme = None
@@ -126,7 +134,11 @@ def run_row(row: str, args) -> dict:
     t0 = time.time()
     ppl = lowbit.perplexity(model, ids, args.seq_len, args.windows, desc=row)
     result.update(
-        ppl=ppl.ppl, windows=ppl.windows, tokens=ppl.tokens, eval_seconds=time.time() - t0, peak_rss_gb=rss_gb(),
+        ppl=ppl.ppl,
+        windows=ppl.windows,
+        tokens=ppl.tokens,
+        eval_seconds=time.time() - t0,
+        peak_rss_gb=rss_gb(),
         size_bytes=lowbit.evaluation.model_size_bytes(model),
         # > 2 means other work shared the 2 cores during the row: its times are then inflated
         load_avg_5min=os.getloadavg()[1],
@@ -163,15 +175,29 @@ def main() -> None:
         for row in args.rows.split(","):
             if row in done:
                 continue
-            cmd = [sys.executable, __file__, "--child", row, "--windows", str(args.windows), "--seq-len", str(args.seq_len),
-                   "--data", args.data, "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                row,
+                "--windows",
+                str(args.windows),
+                "--seq-len",
+                str(args.seq_len),
+                "--data",
+                args.data,
+                "--calib-samples",
+                str(args.calib_samples),
+                "--calib-seq-len",
+                str(args.calib_seq_len),
+            ]
             t0 = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(f"{row}: failed\n{proc.stderr[-2000:]}", flush=True)
                 continue
-            result = json.loads(lines[-1][len("RESULT "):])
+            result = json.loads(lines[-1][len("RESULT ") :])
             result["wall_seconds"] = time.time() - t0
             done[row] = result
             with jsonl.open("a") as f:
@@ -234,7 +260,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "samples in a way that grew ~0.1 GB per calibration sample; rotated rows before bbc5320 include a 0.56 GB transient "
         "(the final norm's gain folded into a float64 copy of the whole lm_head).",
         "",
-        "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with eval (GB) | load avg | commit |",
+        "| scheme | transform | algorithm | options | WikiText-2 PPL | vs FP32 | quantize (s) | peak RSS quantize (GB) | peak RSS with "
+        "eval (GB) | load avg | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -58,8 +58,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16")
     parser.add_argument("--slow-sequences", type=int, default=4, help="sequences for the one-at-a-time loops")
     parser.add_argument("--name", default="qat_datagen_throughput")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 by default: on a shared machine 2 threads ran ~10x slower from oversubscription)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 by default: on a shared machine 2 threads ran ~10x slower from oversubscription)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = lowbit.load_model()
@@ -68,14 +69,20 @@ def main() -> None:
 
     def add(method: str, batch: int, seconds: float, seqs: list[torch.Tensor]) -> None:
         tokens = sum(s.numel() - 1 for s in seqs)  # generated tokens (the start token is drawn, not generated)
-        rows.append({"method": method, "batch": batch, "sequences": len(seqs), "tokens": tokens,
-                     "seconds": seconds, "tokens_per_s": tokens / seconds})
+        rows.append(
+            {"method": method, "batch": batch, "sequences": len(seqs), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        )
         print(f"{method:40s} batch {batch:3d}: {len(seqs)} x {args.length} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s", flush=True)
 
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         gen = torch.Generator().manual_seed(0)
-        seconds, seqs = timed(lambda: [s for i in range(0, args.sequences, batch)
-                                        for s in generate_batch(model, tok, min(batch, args.sequences - i), args.length, gen, sampling)])
+        seconds, seqs = timed(
+            lambda batch=batch, gen=gen: [
+                s
+                for i in range(0, args.sequences, batch)
+                for s in generate_batch(model, tok, min(batch, args.sequences - i), args.length, gen, sampling)
+            ]
+        )
         add("lowbit batched, KV cache", batch, seconds, seqs)
     gen = torch.Generator().manual_seed(0)
     seconds, seqs = timed(lambda: [s for _ in range(args.slow_sequences) for s in generate_batch(model, tok, 1, args.length, gen, sampling)])
@@ -85,8 +92,15 @@ def main() -> None:
     add("one at a time, no cache (reference loop)", 1, seconds, seqs)
 
     slowest = rows[-1]["tokens_per_s"]
-    meta = {"model": lowbit.DEFAULT_MODEL, "length": args.length, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "lowbit": lowbit.__version__, "machine": platform.machine(), "rows": rows}
+    meta = {
+        "model": lowbit.DEFAULT_MODEL,
+        "length": args.length,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lowbit": lowbit.__version__,
+        "machine": platform.machine(),
+        "rows": rows,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [
@@ -99,8 +113,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['batch']} | {r['sequences']} | {r['tokens']} | {r['seconds']:.1f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / slowest:.1f}x |")
+        lines.append(
+            f"| {r['method']} | {r['batch']} | {r['sequences']} | {r['tokens']} | {r['seconds']:.1f} | "
+            f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / slowest:.1f}x |"
+        )
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -20,17 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from statistics import mean
 from dataclasses import asdict
 from pathlib import Path
+from statistics import mean
 
 import torch
 
 import lowbit
 from lowbit.data import tokenize
 from lowbit.data.generate import Sampling
-from lowbit.qat.datagen import generated_calibration
 from lowbit.qat import DatagenConfig, TrainConfig, generate_dataset, load_dataset, train
+from lowbit.qat.datagen import generated_calibration
 from lowbit.runtime import QuantLinear
 
 ROOT = Path(__file__).resolve().parent
@@ -78,8 +78,9 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT.parent / "runs" / "qat_bench"))
     parser.add_argument("--name", default="qat_smollm2")
     parser.add_argument("--render", action="store_true")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 by default: on a shared machine 2 threads ran ~10x slower from oversubscription)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 by default: on a shared machine 2 threads ran ~10x slower from oversubscription)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     jsonl = RESULTS / f"{args.name}.jsonl"
@@ -110,16 +111,23 @@ def run_all(args, jsonl: Path) -> None:
     for scheme, transform, algorithm, strategy, loss, *options in todo:
         scales = "scales" in options
         data_dir = Path(args.work) / f"data-{strategy}-{args.samples}x{args.max_length}"
-        config = DatagenConfig(samples=args.samples, max_length=args.max_length, shard_size=64, batch_size=32,
-                               sampling=Sampling(strategy=strategy, stop_at_eos=True))
+        config = DatagenConfig(
+            samples=args.samples, max_length=args.max_length, shard_size=64, batch_size=32, sampling=Sampling(strategy=strategy, stop_at_eos=True)
+        )
         stats[strategy] = generate_dataset(teacher, tok, data_dir, config)
         dataset = load_dataset(data_dir)
         calibration = generated_calibration(dataset, CALIB_SAMPLES, args.max_length) if algorithm != "rtn" else None
-        student = lowbit.quantize(teacher, scheme, transform=transform, algorithm=algorithm, calibration=calibration,
-                                        trainable=True)
+        student = lowbit.quantize(teacher, scheme, transform=transform, algorithm=algorithm, calibration=calibration, trainable=True)
         before = ppl(f"{scheme}/{transform}/{algorithm}", student)
-        tconfig = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_seq_len=args.max_length,
-                              losses={loss: 1.0}, learn_scales=scales, scale_lr=args.scale_lr if scales else None)
+        tconfig = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            max_seq_len=args.max_length,
+            losses={loss: 1.0},
+            learn_scales=scales,
+            scale_lr=args.scale_lr if scales else None,
+        )
         torch.manual_seed(0)
         summary = train(student, teacher, dataset, tconfig)
         for m in student.modules():
@@ -128,13 +136,27 @@ def run_all(args, jsonl: Path) -> None:
         start = time.time()
         after = lowbit.perplexity(student, eval_ids, 2048, args.windows, desc="perplexity after QAT").ppl
         row = {
-            "key": run_key((scheme, transform, algorithm, strategy, loss, *options)), "scheme": scheme, "transform": transform,
-            "algorithm": algorithm, "data": strategy, "loss": loss, "learn_scales": scales, "fp_ppl": fp, "before_ppl": before, "after_ppl": after,
-            "train_seconds": summary["seconds"], "eval_seconds": time.time() - start, "tokens": summary["tokens_this_run"],
-            "first_loss": summary["history"][0]["loss"], "last_loss": summary["history"][-1]["loss"],
+            "key": run_key((scheme, transform, algorithm, strategy, loss, *options)),
+            "scheme": scheme,
+            "transform": transform,
+            "algorithm": algorithm,
+            "data": strategy,
+            "loss": loss,
+            "learn_scales": scales,
+            "fp_ppl": fp,
+            "before_ppl": before,
+            "after_ppl": after,
+            "train_seconds": summary["seconds"],
+            "eval_seconds": time.time() - start,
+            "tokens": summary["tokens_this_run"],
+            "first_loss": summary["history"][0]["loss"],
+            "last_loss": summary["history"][-1]["loss"],
             "loss_history": [round(h["loss"], 4) for h in summary["history"]],
-            "train_config": asdict(tconfig), "data_stats": stats[strategy], "windows": args.windows,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "train_config": asdict(tconfig),
+            "data_stats": stats[strategy],
+            "windows": args.windows,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
         }
         print(json.dumps({k: v for k, v in row.items() if k not in ("loss_history", "data_stats", "train_config")}), flush=True)
         with jsonl.open("a") as f:
@@ -156,14 +178,16 @@ def render(args, jsonl: Path) -> None:
         "is read from ptq_wikitext2.json, measured on the first 5 windows: it is comparable with the other columns only "
         f"when --windows is 5. Training: {c['steps']} steps x {c['batch_size']} sequences (<= {c['max_seq_len']} tokens), "
         f"AdamW lr {c['lr']} cosine, weight decay {c['weight_decay']}, on {rows[0]['data_stats']['sequences']} generated "
-        "sequences (batch-size 32 generation, stop at end of sequence); trained: the latent weights of every quantized linear, and in 'scales' rows their per-row weight scales too (LSQ). Start rtn: the latent weights start "
+        "sequences (batch-size 32 generation, stop at end of sequence); trained: the latent weights of every quantized linear, and in "
+        "'scales' rows their per-row weight scales too (LSQ). Start rtn: the latent weights start "
         "from the full-precision (transformed) weights; start gptq/awq: from the algorithm's quantized weights, on its fixed grid, "
         f"calibrated on {CALIB_SAMPLES} windows of the generated text (data-free throughout).",
         "",
         f"Reproduce: `python benchmarks/qat_smollm2.py --samples {args.samples} --max-length {args.max_length} "
         f"--steps {c['steps']} --batch-size {c['batch_size']} --lr {c['lr']} --scale-lr {args.scale_lr} --windows {rows[0]['windows']}`",
         "",
-        "| scheme | transform | start | trained | data | loss | FP32 PPL | PPL before QAT | PPL after QAT | change | best PTQ (ptq_wikitext2) | train time (s) | loss, mean of the first -> last 8 steps |",
+        "| scheme | transform | start | trained | data | loss | FP32 PPL | PPL before QAT | PPL after QAT | change | best PTQ "
+        "(ptq_wikitext2) | train time (s) | loss, mean of the first -> last 8 steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -175,7 +199,13 @@ def render(args, jsonl: Path) -> None:
             f"{r['before_ppl']:.2f} | {r['after_ppl']:.2f} | {change:+.1f}% | {best_text} | {r['train_seconds']:.0f} | "
             f"{mean(r['loss_history'][:8]):.3f} -> {mean(r['loss_history'][-8:]):.3f} |"
         )
-    lines += ["", "Generated data (per strategy):", "", "| data | sequences | tokens | mean length | distinct 1/2/3/4-grams |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Generated data (per strategy):",
+        "",
+        "| data | sequences | tokens | mean length | distinct 1/2/3/4-grams |",
+        "|---|---|---|---|---|",
+    ]
     seen = set()
     for r in rows:
         if r["data"] in seen:
@@ -183,8 +213,10 @@ def render(args, jsonl: Path) -> None:
         seen.add(r["data"])
         s = r["data_stats"]
         d = s["distinct_ngram_ratio"]
-        lines.append(f"| {r['data']} | {s['sequences']} | {s['tokens']} | {s['length']['mean']:.1f} | "
-                     f"{d['1']:.3f} / {d['2']:.3f} / {d['3']:.3f} / {d['4']:.3f} |")
+        lines.append(
+            f"| {r['data']} | {s['sequences']} | {s['tokens']} | {s['length']['mean']:.1f} | "
+            f"{d['1']:.3f} / {d['2']:.3f} / {d['3']:.3f} / {d['4']:.3f} |"
+        )
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

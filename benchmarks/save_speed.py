@@ -70,10 +70,10 @@ def main() -> None:
     try:
         for i in range(args.repeats):
             fp_dir, q_dir = work / f"fp-{i}", work / f"q-{i}"
-            times["save_pretrained (fp32)"].append(timed(lambda: model.save_pretrained(fp_dir)))
-            times["save_quantized (W4fA16 GPTQ)"].append(timed(lambda: lowbit.save_quantized(qmodel, q_dir)))
             loaded = {}
-            times["load_quantized"].append(timed(lambda: loaded.update(model=lowbit.load_quantized(q_dir)[0])))
+            times["save_pretrained (fp32)"].append(timed(lambda d=fp_dir: model.save_pretrained(d)))
+            times["save_quantized (W4fA16 GPTQ)"].append(timed(lambda d=q_dir: lowbit.save_quantized(qmodel, d)))
+            times["load_quantized"].append(timed(lambda d=q_dir, into=loaded: into.update(model=lowbit.load_quantized(d)[0])))
             sizes = {"save_pretrained (fp32)": folder_bytes(fp_dir), "save_quantized (W4fA16 GPTQ)": folder_bytes(q_dir)}
             with torch.no_grad():
                 diff = (loaded["model"](probe).logits - qmodel(probe).logits).abs().max().item()

@@ -25,8 +25,8 @@ from lowbit.analysis.outliers import InputScan, OutlierConfig, massive_entries
 from lowbit.analysis.theory import eq8_rotation_max, eq9_smoothrot_max, theory_check
 from lowbit.arch import get_arch
 from lowbit.cli import main
-from lowbit.scheme import QuantArgs
 from lowbit.hadamard import hadamard_transform
+from lowbit.scheme import QuantArgs
 from lowbit.transforms.smooth import smooth_scales
 
 INT4_W = QuantArgs(bits=4, granularity="channel")
@@ -190,8 +190,22 @@ def run(args, capsys):
 def test_analyze_command_writes_report_and_plots(tiny_model_dir, sample_text_file, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "analysis"
-    args = ["-q", "analyze", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--tokens", "64",
-            "--seq-len", "32", "--massive-ratio", "5", "--out", str(out)]
+    args = [
+        "-q",
+        "analyze",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(sample_text_file),
+        "--tokens",
+        "64",
+        "--seq-len",
+        "32",
+        "--massive-ratio",
+        "5",
+        "--out",
+        str(out),
+    ]
     code, stdout, _ = run(args, capsys)
     assert code == 0
     result = json.loads((out / "analysis.json").read_text())
@@ -213,8 +227,23 @@ def test_analyze_keeps_raw_inputs_of_named_layers(tiny_model_dir, sample_text_fi
     from safetensors.torch import load_file
 
     out = tmp_path / "analysis"
-    args = ["-q", "analyze", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--tokens", "64",
-            "--seq-len", "32", "--keep-raw", "1", "--no-plots", "--out", str(out)]
+    args = [
+        "-q",
+        "analyze",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(sample_text_file),
+        "--tokens",
+        "64",
+        "--seq-len",
+        "32",
+        "--keep-raw",
+        "1",
+        "--no-plots",
+        "--out",
+        str(out),
+    ]
     code, _, _ = run(args, capsys)
     assert code == 0 and not list(out.glob("*.png"))
     assert sorted(p.name for p in (out / "raw").iterdir()) == [f"{r}.1.safetensors" for r in ("down", "gate_up", "o", "qkv")]
@@ -238,8 +267,21 @@ def test_analyze_keeps_raw_inputs_of_named_layers(tiny_model_dir, sample_text_fi
 )
 def test_analyze_bad_input_exits_2_with_one_line(tiny_model_dir, sample_text_file, tmp_path, capsys, extra, message):
     out = tmp_path / "analysis"
-    args = ["-q", "analyze", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--tokens", "64",
-            "--seq-len", "32", "--out", str(out), *extra]
+    args = [
+        "-q",
+        "analyze",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(sample_text_file),
+        "--tokens",
+        "64",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+        *extra,
+    ]
     code, _, err = run(args, capsys)
     assert code == 2 and message in err and err.startswith("lowbit: error:") and err.count("\n") == 1
     assert not out.exists()
@@ -253,8 +295,12 @@ def test_default_model_has_massive_outliers_at_down_proj_and_eq8_holds(default_m
     batches = calibration_batches(tokenizer, None, 1, 128, 0)
     result, _ = analyze_model(model, tokenizer, batches, AnalysisConfig(tokens=128, seq_len=128), progress=False)
     massive = result["massive_outliers"]
-    assert massive and all(r["role"] == "down" for r in massive)  # as in "Turning LLM Activations Quantization-Friendly": massive outliers live in down_proj
-    big = [r for r in massive if r["max_abs"] > 1000]  # down_proj 11 and 28 (as in "Turning LLM Activations Quantization-Friendly": > 1000 in LLaMA2-7B)
+    assert massive and all(
+        r["role"] == "down" for r in massive
+    )  # as in "Turning LLM Activations Quantization-Friendly": massive outliers live in down_proj
+    big = [
+        r for r in massive if r["max_abs"] > 1000
+    ]  # down_proj 11 and 28 (as in "Turning LLM Activations Quantization-Friendly": > 1000 in LLaMA2-7B)
     assert {r["site"] for r in big} == {"down.11", "down.28"}
     for r in big:  # where the outliers dominate the token, eq. 8 is within 10% of the measured max
         assert r["rotate_measured"] == pytest.approx(r["rotate_eq8"], rel=0.1)
@@ -266,8 +312,21 @@ def test_default_model_has_massive_outliers_at_down_proj_and_eq8_holds(default_m
 
 def test_analyze_on_generated_text(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "analysis"
-    args = ["-q", "analyze", "--model", str(tiny_model_dir), "--data", "generated", "--tokens", "32", "--seq-len", "16",
-            "--no-plots", "--out", str(out)]
+    args = [
+        "-q",
+        "analyze",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        "generated",
+        "--tokens",
+        "32",
+        "--seq-len",
+        "16",
+        "--no-plots",
+        "--out",
+        str(out),
+    ]
     code, _, _ = run(args, capsys)
     assert code == 0
     result = json.loads((out / "analysis.json").read_text())
@@ -278,5 +337,10 @@ def test_batches_of_different_shapes_are_refused():
     from lowbit.errors import UserError
 
     with pytest.raises(UserError, match="one shape"):
-        analyze_model(tiny_model("llama"), None, [torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 9, dtype=torch.long)],
-                      AnalysisConfig(tokens=16, seq_len=8), progress=False)
+        analyze_model(
+            tiny_model("llama"),
+            None,
+            [torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 9, dtype=torch.long)],
+            AnalysisConfig(tokens=16, seq_len=8),
+            progress=False,
+        )

@@ -43,8 +43,15 @@ def tiny_opt(seed=0):
 
     torch.manual_seed(seed)
     config = OPTConfig(
-        vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-        max_position_embeddings=256, do_layer_norm_before=True, enable_bias=True,
+        vocab_size=512,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=256,
+        do_layer_norm_before=True,
+        enable_bias=True,
     )
     config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -118,7 +118,10 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOWBIT_CACHE": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "lowbit.cli", "-q", "info", "--model", "no-org/no-model"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "cannot load model 'no-org/no-model'" in proc.stderr and "Traceback" not in proc.stderr
@@ -146,7 +149,9 @@ def test_transforms_from_the_cli(tiny_model_dir, sample_text_file, tmp_path, cap
         assert report["transform_args"]["alphas"]  # one alpha per layer and group
 
 
-@pytest.mark.parametrize("extra, message", [(["--transform", "smooth", "--alpha", "1.5"], "alpha must be in"), (["--alpha", "x"], "alpha must be a number")])
+@pytest.mark.parametrize(
+    "extra, message", [(["--transform", "smooth", "--alpha", "1.5"], "alpha must be in"), (["--alpha", "x"], "alpha must be a number")]
+)
 def test_bad_transform_options(tiny_model_dir, sample_text_file, capsys, extra, message):
     code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, *extra), capsys)
     assert code == 2 and message in err
@@ -174,7 +179,9 @@ def test_calibrated_algorithms_from_the_cli(tiny_model_dir, sample_text_file, tm
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text_file.read_text()[::-1])
     out = tmp_path / "run"
-    args = quantize_args(tiny_model_dir, sample_text_file, "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "16", "--out", str(out), *extra)
+    args = quantize_args(
+        tiny_model_dir, sample_text_file, "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "16", "--out", str(out), *extra
+    )
     code, stdout, err = run(args, capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
@@ -190,8 +197,20 @@ def test_calibrated_algorithms_from_the_cli(tiny_model_dir, sample_text_file, tm
 def test_data_free_calibration_from_the_cli(tiny_model_dir, sample_text_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = quantize_args(
-        tiny_model_dir, sample_text_file, "--algorithm", "gptq", "--scheme", "W4A16", "--calib", "generated",
-        "--calib-samples", "2", "--calib-seq-len", "12", "--out", str(out),
+        tiny_model_dir,
+        sample_text_file,
+        "--algorithm",
+        "gptq",
+        "--scheme",
+        "W4A16",
+        "--calib",
+        "generated",
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "12",
+        "--out",
+        str(out),
     )
     code, _, err = run(args, capsys)
     assert code == 0, err
@@ -228,13 +247,19 @@ def test_quantize_never_modifies_the_model_files(tiny_model_dir, sample_text_fil
     before = digest()
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text_file.read_text()[::-1])
-    for extra in (["--scheme", "W4A8KV4"], ["--algorithm", "gptq", "--scheme", "W3g32A16", "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "16"]):
+    for extra in (
+        ["--scheme", "W4A8KV4"],
+        ["--algorithm", "gptq", "--scheme", "W3g32A16", "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "16"],
+    ):
         code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, *extra), capsys)
         assert code == 0, err
     assert digest() == before
 
 
-@pytest.mark.parametrize("extra", [["--scheme", "W4g16aA8KV4", "--transform", "rotate"], ["--recipe", "w4a8kv4-smoothrot-gptq", "--calib-samples", "4", "--calib-seq-len", "32"]])
+@pytest.mark.parametrize(
+    "extra",
+    [["--scheme", "W4g16aA8KV4", "--transform", "rotate"], ["--recipe", "w4a8kv4-smoothrot-gptq", "--calib-samples", "4", "--calib-seq-len", "32"]],
+)
 def test_evaluate_a_saved_run_reproduces_its_perplexity(tiny_model_dir, sample_text_file, tmp_path, capsys, extra):
     """quantize --out saves the model; evaluate on the run folder (or its model folder) reloads it and
     gets the very perplexity quantize measured in memory (identical logits)."""

@@ -1,8 +1,7 @@
 import pytest
 
 from lowbit import UserError
-from lowbit.data import calibration_batches, load_text, tokenize
-from lowbit.data import enwiki
+from lowbit.data import calibration_batches, enwiki, load_text, tokenize
 
 
 def test_markup_to_text():

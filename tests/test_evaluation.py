@@ -64,8 +64,15 @@ def test_model_size_by_hand():
 def test_tied_embeddings_counted_once():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = AutoModelForCausalLM.from_config(config)
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     assert model_size_bytes(model) == 2 * sum(unique.values())
@@ -125,6 +132,4 @@ def test_integer_kernels_cost_like_the_fake_quantized_model():
         assert model_size_bytes(qi) == model_size_bytes(q)
         assert model_ops(qi, lowbit.quantization_state(q).scheme, 16) == model_ops(q, lowbit.quantization_state(q).scheme, 16)
         assert stored_bytes(q) < stored_bytes(model) and stored_bytes(qi) < stored_bytes(model)  # codes, not fp32 weights
-    assert stored_bytes(model) == 4 * sum(p.numel() for p in model.parameters()) + sum(
-        b.untyped_storage().nbytes() for b in model.buffers()
-    )
+    assert stored_bytes(model) == 4 * sum(p.numel() for p in model.parameters()) + sum(b.untyped_storage().nbytes() for b in model.buffers())

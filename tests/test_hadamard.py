@@ -14,13 +14,29 @@ from lowbit.hadamard import (
 )
 
 # hidden, MLP and head sizes of SmolLM2, LLaMA-2-7B, LLaMA-3-8B / Mistral-7B, Qwen2.5 0.5B-7B, Gemma 3 270M-4B
-MODEL_ORDERS = sorted({
-    576, 1536, 64,              # SmolLM2-135M
-    4096, 11008, 128,           # LLaMA-2-7B
-    14336,                      # LLaMA-3-8B, Mistral-7B
-    896, 4864, 1536, 8960, 2048, 3584, 18944,  # Qwen2.5 0.5B, 1.5B, 3B (11008), 7B
-    640, 1152, 6912, 2560, 10240, 256,          # Gemma 3 270M, 1B, 4B
-})
+MODEL_ORDERS = sorted(
+    {
+        576,
+        1536,
+        64,  # SmolLM2-135M
+        4096,
+        11008,
+        128,  # LLaMA-2-7B
+        14336,  # LLaMA-3-8B, Mistral-7B
+        896,
+        4864,
+        8960,
+        2048,
+        3584,
+        18944,  # Qwen2.5 0.5B, 1.5B, 3B (11008), 7B
+        640,
+        1152,
+        6912,
+        2560,
+        10240,
+        256,  # Gemma 3 270M, 1B, 4B
+    }
+)
 DENSE_LIMIT = 4096
 
 

@@ -47,7 +47,7 @@ def reference_scores(model, tokenizer, docs):
         scores = []
         for choice in doc["choices"]:
             full = tokenizer(context + " " + choice, add_special_tokens=False).input_ids
-            cont = full[len(ctx):]
+            cont = full[len(ctx) :]
             logits = model(torch.tensor([full])).logits[0].log_softmax(-1)
             ll = sum(logits[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
             scores.append((ll, ll / len((" " + choice).encode())))
@@ -121,8 +121,26 @@ def test_cli_evaluate_tasks_costs_and_int_kernels(tiny_model_dir, sample_text_fi
     tasks = write_task(tmp_path / "tasks")
     out = tmp_path / "run"
     code, stdout, _ = run_cli(
-        ["-q", "evaluate", str(tiny_model_dir), "--data", str(sample_text_file), "--seq-len", "32", "--windows", "2",
-         "--scheme", "W8A8", "--int-kernels", "--tasks", TASK, "--task-path", str(tasks), "--out", str(out)],
+        [
+            "-q",
+            "evaluate",
+            str(tiny_model_dir),
+            "--data",
+            str(sample_text_file),
+            "--seq-len",
+            "32",
+            "--windows",
+            "2",
+            "--scheme",
+            "W8A8",
+            "--int-kernels",
+            "--tasks",
+            TASK,
+            "--task-path",
+            str(tasks),
+            "--out",
+            str(out),
+        ],
         capsys,
     )
     assert code == 0

@@ -9,12 +9,9 @@ from conftest import FAMILIES, tiny_config, tiny_model, word_tokenizer
 
 import lowbit
 from lowbit import UserError
-from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize
-from lowbit.algorithms.rtn import rtn_weight
+from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.io import load_quantized, save_quantized
 from lowbit.io.native import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
-from lowbit.pipeline import PipelineConfig
-from lowbit.quant import packed_nbytes
 from lowbit.runtime import QuantLinear
 from lowbit.scheme import parse_scheme
 from lowbit.transforms.apply import TransformConfig
@@ -98,8 +95,12 @@ def test_round_trip_online_rotations(transform, tmp_path):
 )
 def test_round_trip_calibrated_algorithms(family, scheme, algorithm, transform, tmp_path):
     q = lowbit.quantize(
-        tiny_model(family), scheme, transform=transform, algorithm=GPTQConfig(act_order=True) if algorithm == "gptq" else algorithm,
-        calibration=calibration(), progress=False,
+        tiny_model(family),
+        scheme,
+        transform=transform,
+        algorithm=GPTQConfig(act_order=True) if algorithm == "gptq" else algorithm,
+        calibration=calibration(),
+        progress=False,
     )
     assert_round_trip(q, tmp_path / "m")
 

@@ -15,15 +15,29 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "lowbit"
 
 LAYERS = {
-    "scheme": 1, "quant": 1, "hadamard": 1, "errors": 1, "fields": 1, "files": 1, "memory": 1, "version": 1,
+    "scheme": 1,
+    "quant": 1,
+    "hadamard": 1,
+    "errors": 1,
+    "fields": 1,
+    "files": 1,
+    "memory": 1,
+    "version": 1,
     "arch": 2,
     "runtime": 3,
     "transforms": 4,
     "algorithms": 5,
     "pipeline": 6,
-    "api": 7, "recipes": 7,
-    "io": 8, "evaluation": 8, "analysis": 8, "qat": 8, "data": 8, "models": 8,
-    "jobs": 9, "report": 9,
+    "api": 7,
+    "recipes": 7,
+    "io": 8,
+    "evaluation": 8,
+    "analysis": 8,
+    "qat": 8,
+    "data": 8,
+    "models": 8,
+    "jobs": 9,
+    "report": 9,
     "cli": 10,
     "__init__": 11,
 }
@@ -91,7 +105,7 @@ def test_imports_go_down_the_layers(path):
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     """The rule holds for deferred imports too: the parser finds them wherever they are."""
     path = SRC / "runtime" / "linear.py"
-    assert ("lowbit.quant.qweight" in {t for _, t in imports_of(path)})
+    assert "lowbit.quant.qweight" in {t for _, t in imports_of(path)}
     fake = SRC / "runtime" / "_probe_for_test.py"
     try:
         fake.write_text("def f():\n    from ..pipeline import quantize_sequential\n    from .. import jobs\n")

@@ -6,10 +6,10 @@ from conftest import tiny_model, word_tokenizer
 
 import lowbit
 from lowbit import UserError
+from lowbit import pipeline as pipeline_module
 from lowbit.algorithms import awq as awq_module
 from lowbit.algorithms.gptq import GPTQ, GPTQConfig
 from lowbit.data import generate_samples
-from lowbit import pipeline as pipeline_module
 from lowbit.pipeline import PipelineConfig
 from lowbit.runtime import QuantLinear
 from lowbit.transforms.apply import TransformConfig
@@ -133,7 +133,11 @@ def test_pipeline_errors():
         lowbit.quantize(model, "W4A16", algorithm="gptq", calibration=[calib(1, 16)[0], calib(1, 32)[0]], progress=False)
     with pytest.raises(UserError, match="act-order with dynamic groups"):
         lowbit.quantize(
-            model, "W4g16A16", algorithm=GPTQConfig(act_order=True, static_groups=False), calibration=calib(), progress=False,
+            model,
+            "W4g16A16",
+            algorithm=GPTQConfig(act_order=True, static_groups=False),
+            calibration=calib(),
+            progress=False,
         )
     with pytest.raises(UserError, match="does not divide"):
         lowbit.quantize(model, "W4g48A16", algorithm="gptq", calibration=calib(), progress=False)
@@ -185,8 +189,12 @@ def test_recipe_yaml_with_gptq_and_awq_knobs(tmp_path):
     path.write_text("scheme: W4A16\nalgorithm: awq\ndamp: 0.1\n")  # a knob of another algorithm
     with pytest.raises(UserError, match="unknown keys damp for algorithm awq.*belong to gptq"):
         load_recipe(str(path))
-    for bad, needle in (("damp: abc", "damp must be a number"), ("act_order: 'false'", "act_order must be true/false"),
-                        ("block_size: 'x'", "block_size must be an integer"), ("fuse_r1: 'false'", "fuse_r1 must be true/false")):
+    for bad, needle in (
+        ("damp: abc", "damp must be a number"),
+        ("act_order: 'false'", "act_order must be true/false"),
+        ("block_size: 'x'", "block_size must be an integer"),
+        ("fuse_r1: 'false'", "fuse_r1 must be true/false"),
+    ):
         path.write_text(f"scheme: W4A16\nalgorithm: gptq\n{bad}\n")
         with pytest.raises(UserError, match=needle):
             load_recipe(str(path))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -240,8 +240,16 @@ def test_training_lowers_the_distillation_loss():
 @pytest.mark.parametrize("learn_scales", [False, True])
 def test_checkpoint_resume_is_exact(tmp_path, monkeypatch, learn_scales):
     teacher = tiny_model("llama")
-    config = TrainConfig(steps=4, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=1, checkpoint_every=2,
-                         learn_scales=learn_scales, scale_lr=1e-4 if learn_scales else None)
+    config = TrainConfig(
+        steps=4,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-3,
+        warmup_steps=1,
+        checkpoint_every=2,
+        learn_scales=learn_scales,
+        scale_lr=1e-4 if learn_scales else None,
+    )
     straight = _student(teacher, "W4A8KV4")
     train(straight, teacher, _data(), config, checkpoint_dir=tmp_path / "a", progress=False)
 
@@ -264,8 +272,9 @@ def test_checkpoint_resume_is_exact(tmp_path, monkeypatch, learn_scales):
     a, b = _weights(straight), _weights(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
     with pytest.raises(UserError, match="other training settings"):
-        train(_student(teacher, "W4A8KV4"), teacher, _data(), TrainConfig(steps=4, batch_size=4, lr=5e-3),
-              checkpoint_dir=tmp_path / "b", progress=False)
+        train(
+            _student(teacher, "W4A8KV4"), teacher, _data(), TrainConfig(steps=4, batch_size=4, lr=5e-3), checkpoint_dir=tmp_path / "b", progress=False
+        )
 
 
 @pytest.mark.parametrize("scheme", ["W4A16", "W4g16A16", "W3aA16"])
@@ -354,8 +363,7 @@ def _distributed_worker(rank: int, world: int, init: str, out: str) -> None:
     for mode in ("ddp", "fsdp", "fsdp-resumed", "fsdp-scales"):
         student = _student(teacher, "W4A8KV4")
         # constant lr: a run of 2 steps is then the first 2 steps of a run of 3
-        config = TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant", fsdp=mode != "ddp",
-                             learn_scales=mode == "fsdp-scales")
+        config = TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant", fsdp=mode != "ddp", learn_scales=mode == "fsdp-scales")
         if mode == "fsdp-resumed":  # stop after 2 steps (checkpoint), then a fresh student resumes to 3
             ckpt = os.path.join(out, "ckpt")
             train(student, teacher, _ddp_data(), replace(config, steps=2), checkpoint_dir=ckpt, progress=False)
@@ -377,8 +385,7 @@ def test_ddp_and_fsdp_two_processes_agree_with_each_other_and_one_process(tmp_pa
     train(single, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant"), progress=False)
     start = _weights(_student(teacher, "W4A8KV4"))
     with_scales = _student(teacher, "W4A8KV4")
-    train(with_scales, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant", learn_scales=True),
-          progress=False)
+    train(with_scales, teacher, _ddp_data(), TrainConfig(steps=3, batch_size=4, lr=1e-3, schedule="constant", learn_scales=True), progress=False)
     for mode in ("ddp", "fsdp", "fsdp-resumed", "fsdp-scales"):
         r0, r1 = torch.load(tmp_path / f"{mode}0.pt"), torch.load(tmp_path / f"{mode}1.pt")
         assert all(torch.equal(r0[n], r1[n]) for n in r0), mode
@@ -406,16 +413,70 @@ def test_cli_qat_under_torchrun_with_fsdp(tiny_model_dir, sample_text_file, tmp_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     lowbit_cli = [sys.executable, "-m", "lowbit.cli"]
     data = tmp_path / "gen"
-    gen = subprocess.run([*lowbit_cli, "-q", "generate-data", "--model", str(tiny_model_dir), "--out", str(data), "--samples", "8",
-                          "--max-length", "12", "--batch-size", "4"], capture_output=True, text=True, env=env)
+    gen = subprocess.run(
+        [
+            *lowbit_cli,
+            "-q",
+            "generate-data",
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(data),
+            "--samples",
+            "8",
+            "--max-length",
+            "12",
+            "--batch-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert gen.returncode == 0, gen.stderr
     out = tmp_path / "run"
     qat = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lowbit.cli", "-q", "qat",
-         "--model", str(tiny_model_dir), "--data", str(data), "--scheme", "W4A8KV4", "--steps", "2", "--batch-size", "4",
-         "--lr", "1e-3", "--fsdp", "--learn-scales", "--checkpoint-every", "1", "--eval-data", str(sample_text_file), "--windows", "2",
-         "--seq-len", "32", "--out", str(out), "--no-fp"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lowbit.cli",
+            "-q",
+            "qat",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--scheme",
+            "W4A8KV4",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--fsdp",
+            "--learn-scales",
+            "--checkpoint-every",
+            "1",
+            "--eval-data",
+            str(sample_text_file),
+            "--windows",
+            "2",
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+            "--no-fp",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert qat.returncode == 0, qat.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -434,14 +495,55 @@ def test_cli_generate_data_and_qat(tiny_model_dir, sample_text_file, tmp_path):
 
     runner = CliRunner()
     data = tmp_path / "gen"
-    result = runner.invoke(cli, ["-q", "generate-data", "--model", str(tiny_model_dir), "--out", str(data),
-                                 "--samples", "6", "--max-length", "12", "--shard-size", "4", "--batch-size", "3"])
+    result = runner.invoke(
+        cli,
+        [
+            "-q",
+            "generate-data",
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(data),
+            "--samples",
+            "6",
+            "--max-length",
+            "12",
+            "--shard-size",
+            "4",
+            "--batch-size",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["stats"]["sequences"] == 6
     out = tmp_path / "run"
-    result = runner.invoke(cli, ["-q", "qat", "--model", str(tiny_model_dir), "--data", str(data), "--scheme", "W4A8KV4",
-                                 "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--eval-data", str(sample_text_file),
-                                 "--windows", "2", "--seq-len", "32", "--out", str(out)])
+    result = runner.invoke(
+        cli,
+        [
+            "-q",
+            "qat",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--scheme",
+            "W4A8KV4",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--eval-data",
+            str(sample_text_file),
+            "--windows",
+            "2",
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert {"fp", "ptq", "quantized", "qat", "eval"} <= set(report) and report["qat"]["steps"] == 3
@@ -460,8 +562,9 @@ def test_cli_qat_bad_input_is_a_clear_error(tmp_path):
     import sys
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        return subprocess.run(
+            [sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        )
 
     missing = run("qat", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
     assert missing.returncode == 2 and "lowbit generate-data" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -19,8 +19,7 @@ from lowbit.quant.fake import as_rows, compute_qparams
 from lowbit.runtime import QuantLinear
 from lowbit.scheme import parse_scheme
 
-NAMES = ["W4", "W4f", "W8f", "W4a", "W4g16", "W4g16a", "W3g32a", "W8", "W8a", "W2", "W4c80", "W4ac80", "W4m", "W4am", "W8t",
-         "W4h", "W4g16ab", "W8bt"]
+NAMES = ["W4", "W4f", "W8f", "W4a", "W4g16", "W4g16a", "W3g32a", "W8", "W8a", "W2", "W4c80", "W4ac80", "W4m", "W4am", "W8t", "W4h", "W4g16ab", "W8bt"]
 
 
 def calib(n=4, length=32):

@@ -17,7 +17,6 @@ from lowbit.quant.fake import as_rows, minmax_qparams
 from lowbit.runtime import QuantLinear
 from lowbit.scheme import parse_scheme
 
-
 # ---- the outside algorithms: a clipped RTN (no calibration) and one that needs calibration
 
 
@@ -106,9 +105,34 @@ def test_outside_algorithm_through_the_cli(outside_algorithms, tiny_model_dir, s
     out = tmp_path / "run"
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text_file.read_text()[::-1])  # another text than the evaluation's
-    args = ["-q", "quantize", "--model", str(tiny_model_dir), "--data", str(sample_text_file), "--calib", str(calib),
-            "--seq-len", "32", "--windows", "2", "--calib-samples", "2", "--calib-seq-len", "16", "--scheme", "W4A16",
-            "--algorithm", "test-counting", "--set", "ratio=0.6", "--set", "min_rows=8", "--out", str(out)]
+    args = [
+        "-q",
+        "quantize",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(sample_text_file),
+        "--calib",
+        str(calib),
+        "--seq-len",
+        "32",
+        "--windows",
+        "2",
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "16",
+        "--scheme",
+        "W4A16",
+        "--algorithm",
+        "test-counting",
+        "--set",
+        "ratio=0.6",
+        "--set",
+        "min_rows=8",
+        "--out",
+        str(out),
+    ]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0, capsys.readouterr().err

@@ -6,11 +6,11 @@ from conftest import tiny_model
 
 import lowbit
 from lowbit import UserError
+from lowbit.arch import decoder_layers, get_arch, get_module
 from lowbit.quant import fake_quantize
 from lowbit.runtime import QuantLinear
 from lowbit.runtime.rotation import OnlineHadamard
 from lowbit.scheme import QuantArgs
-from lowbit.arch import decoder_layers, get_arch, get_module
 from lowbit.transforms.apply import TransformConfig, collect_input_stats
 from lowbit.transforms.smooth import ALPHA_GRID, quantized_output_error, search_alpha, smooth_scales
 
@@ -39,8 +39,10 @@ CALIB = [tokens(1, 32, seed=s) for s in range(4)]
         TransformConfig("rotate", fuse_r1=False, fold_norms=False),
         TransformConfig("smoothrot", fuse_r1=False, fold_norms=False, alpha=None),
     ],
-    ids=lambda c: f"{c.kind}-a{c.alpha}-all{int(c.smooth_all)}-seed{c.seed}-r{int(c.r1)}{int(c.r2)}{int(c.r3)}{int(c.r4)}"
-    f"-fuse{int(c.fuse_r1)}-fold{int(c.fold_norms)}",
+    ids=lambda c: (
+        f"{c.kind}-a{c.alpha}-all{int(c.smooth_all)}-seed{c.seed}-r{int(c.r1)}{int(c.r2)}{int(c.r3)}{int(c.r4)}"
+        f"-fuse{int(c.fuse_r1)}-fold{int(c.fold_norms)}"
+    ),
 )
 def test_transforms_preserve_the_function(family, config):
     model = tiny_model(family)
@@ -175,8 +177,7 @@ def test_input_stats_are_the_true_max_and_real_rows(keep_rows):
         seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
 
     layer = decoder_layers(model, spec)[1]
-    hooks = [get_module(layer, g.linears[0]).register_forward_pre_hook(lambda m, a, key=g.role: record(m, a, key))
-             for g in spec.input_groups]
+    hooks = [get_module(layer, g.linears[0]).register_forward_pre_hook(lambda m, a, key=g.role: record(m, a, key)) for g in spec.input_groups]
     stats = collect_input_stats(model, spec, CALIB, keep_rows, progress=False)
     for h in hooks:
         h.remove()
@@ -208,8 +209,9 @@ def test_unknown_transform_and_missing_calibration():
 def test_hidden_size_with_no_hadamard_matrix():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=64, hidden_size=344, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=344, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_dim=16
+    )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UserError, match="no Hadamard matrix of order 344"):
         lowbit.quantize(model, "W4A4", transform="rotate", progress=False)

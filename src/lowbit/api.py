@@ -57,8 +57,7 @@ def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
             continue
         if args.granularity is Granularity.TENSOR and args.dynamic:
             raise UserError(
-                f"dynamic per-tensor {what} quantization would depend on the whole context; "
-                "use per-token (KV4) or static per-tensor (KV8s)"
+                f"dynamic per-tensor {what} quantization would depend on the whole context; use per-token (KV4) or static per-tensor (KV8s)"
             )
         if args.granularity is Granularity.GROUP and dim % args.group_size:
             raise UserError(f"{what} group size {args.group_size} does not divide head_dim={dim}")
@@ -135,13 +134,16 @@ def quantize(
         set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, None, None, trainable))
     if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
         calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
-    set_quantization_state(model, QuantizationState(
-        scheme=scheme,
-        transform={**asdict(transform), **transform_info},
-        algorithm=algo.name,
-        algorithm_config=asdict(algo_config),
-        layer_errors=layer_errors,
-    ))
+    set_quantization_state(
+        model,
+        QuantizationState(
+            scheme=scheme,
+            transform={**asdict(transform), **transform_info},
+            algorithm=algo.name,
+            algorithm_config=asdict(algo_config),
+            layer_errors=layer_errors,
+        ),
+    )
     return model
 
 
@@ -162,9 +164,7 @@ def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, a
 
 
 @torch.no_grad()
-def calibrate_static(
-    model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True, only_uncalibrated: bool = False
-) -> None:
+def calibrate_static(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True, only_uncalibrated: bool = False) -> None:
     """Record the ranges of every static quantizer (or of those without a range yet) over `batches`."""
     static = [m for m in model.modules() if isinstance(m, TensorQuantizer) and not m.args.dynamic]
     if only_uncalibrated:

@@ -120,10 +120,7 @@ def arch_for_model_type(model_type: str) -> ArchSpec:
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
             return spec
-    raise UserError(
-        f"unsupported architecture {model_type!r}; lowbit supports model_type "
-        f"{', '.join(supported_model_types())}"
-    )
+    raise UserError(f"unsupported architecture {model_type!r}; lowbit supports model_type {', '.join(supported_model_types())}")
 
 
 def get_arch(model: nn.Module) -> ArchSpec:

@@ -73,9 +73,14 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--random-hadamard", is_flag=True, help="Rotate with random-sign Hadamard matrices (seeded by --seed).")
 @click.option("--online-r1", is_flag=True, help="Rotate the inputs of q/k/v and gate/up online instead of fusing R1.")
 @click.option("--no-fold-norms", is_flag=True, help="With --online-r1: keep norm gains in the norms (often better for RTN).")
-@click.option("--algorithm", default=None, help="Weight quantization: a registered algorithm, rtn (no data), gptq or awq (layer by layer, need --calib).")
 @click.option(
-    "--set", "settings", multiple=True, metavar="KEY=VALUE",
+    "--algorithm", default=None, help="Weight quantization: a registered algorithm, rtn (no data), gptq or awq (layer by layer, need --calib)."
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="An algorithm setting (a field of its config), repeatable: e.g. --set damp=0.05 --set act_order=false.",
 )
 @click.option("--recipe", default=None, help="A named recipe or a recipe .yaml (scheme, transform, algorithm).")
@@ -85,17 +90,16 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     help="Calibration text (same forms as --data; calibration half of enwiki-sample by default), or 'generated' "
     "for data-free calibration on text the model writes itself.",
 )
-@click.option(
-    "--calib-samples", type=int, default=None, help="Calibration sequences [default: 128 for gptq/awq, 32 otherwise]."
-)
+@click.option("--calib-samples", type=int, default=None, help="Calibration sequences [default: 128 for gptq/awq, 32 otherwise].")
 @click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
-@click.option(
-    "--act-order/--no-act-order", default=None, help="GPTQ: columns in order of decreasing Hessian diagonal [default: on]."
-)
+@click.option("--act-order/--no-act-order", default=None, help="GPTQ: columns in order of decreasing Hessian diagonal [default: on].")
 @click.option("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean Hessian diagonal [default: 0.01].")
 @click.option("--device", default=None, help="Run the layer-by-layer pipeline on this device (e.g. cuda); the model stays on CPU.")
 @click.option(
-    "--calib-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+    "--calib-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
     help="gptq/awq: precision of the layer-by-layer calibration forwards and stored layer inputs (bfloat16: "
     "faster on CPUs with bf16 units, half the activation memory); Hessians and weights stay fp32.",
 )
@@ -175,9 +179,7 @@ def _recipe_from_options(o: dict):
         found = get_algorithm(chosen.algorithm)
         unknown = sorted(set(knobs) - set(found.knobs()))
         if unknown:
-            raise UserError(
-                f"{', '.join(unknown)}: not a setting of algorithm {found.name!r} (its settings: {', '.join(found.knobs()) or 'none'})"
-            )
+            raise UserError(f"{', '.join(unknown)}: not a setting of algorithm {found.name!r} (its settings: {', '.join(found.knobs()) or 'none'})")
         current = {k: getattr(chosen.algorithm_config, k) for k in found.knobs()}
         chosen = chosen.replace(algorithm_config=found.config({**current, **knobs}, f"{found.name} settings"))
     return chosen
@@ -210,7 +212,26 @@ def _recipe_from_options(o: dict):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of lm-eval's few-shot sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
-def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, limit, task_path, batch_size, scheme, int_kernels, cost_schemes, no_ppl, out, overwrite, seed, as_json):
+def evaluate(
+    ctx,
+    model_or_run_dir,
+    data,
+    windows,
+    seq_len,
+    tasks,
+    num_fewshot,
+    limit,
+    task_path,
+    batch_size,
+    scheme,
+    int_kernels,
+    cost_schemes,
+    no_ppl,
+    out,
+    overwrite,
+    seed,
+    as_json,
+):
     """Perplexity, zero-/few-shot tasks, size, OPs and KV-cache memory of a model, or of a saved
     quantized model (a `lowbit quantize --out` folder or its model/ folder)."""
     from pathlib import Path
@@ -223,7 +244,10 @@ def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, 
 
     path = Path(model_or_run_dir)
     if path.is_dir() and (path / "report.json").is_file() and not (path / "config.json").is_file() and saved_model_dir(path) is None:
-        raise UserError(f"{path} is a lowbit run folder without a saved model (quantize with --out and without --no-save-model); evaluate a model name, folder or .gguf")
+        raise UserError(
+            f"{path} is a lowbit run folder without a saved model (quantize with --out and without --no-save-model); evaluate a model name, "
+            "folder or .gguf"
+        )
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}")
     for folder in task_path:
@@ -257,7 +281,9 @@ def evaluate(ctx, model_or_run_dir, data, windows, seq_len, tasks, num_fewshot, 
 
 @cli.command()
 @click.argument("run_or_model_dir")
-@click.option("--format", "fmt", default="compressed-tensors", show_default=True, help="Export format (compressed-tensors: what vLLM and transformers load).")
+@click.option(
+    "--format", "fmt", default="compressed-tensors", show_default=True, help="Export format (compressed-tensors: what vLLM and transformers load)."
+)
 @click.option("--out", required=True, help="Folder to write (refused if it exists).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def export(run_or_model_dir, fmt, out, overwrite):
@@ -290,7 +316,10 @@ def _sampling_options(f):
     f = click.option("--top-k", type=int, default=None, help="Sample only from the k most likely tokens.")(f)
     f = click.option("--temperature", type=float, default=1.0, show_default=True)(f)
     f = click.option(
-        "--strategy", type=click.Choice(["hybrid", "greedy", "sample"]), default="hybrid", show_default=True,
+        "--strategy",
+        type=click.Choice(["hybrid", "greedy", "sample"]),
+        default="hybrid",
+        show_default=True,
         help="hybrid: first 3-5 tokens greedy, then sampled (LLM-QAT); greedy: top-1 only; sample: sampled only.",
     )(f)
     return f
@@ -314,7 +343,11 @@ def generate_data(ctx, model, out, samples, max_length, shard_size, batch_size, 
     from .qat import DatagenConfig
 
     config = DatagenConfig(
-        samples=samples, max_length=max_length, shard_size=shard_size, batch_size=batch_size, seed=seed,
+        samples=samples,
+        max_length=max_length,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        seed=seed,
         sampling=Sampling(strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=not no_eos),
     )
     config.check()
@@ -339,8 +372,19 @@ def _loss_weights(text: str) -> dict[str, float]:
 @click.option("--data", "data_dir", required=True, help="A folder written by lowbit generate-data.")
 @click.option("--scheme", default="W4A8KV4", show_default=True, help="W-A-KV scheme of the student.")
 @click.option("--transform", default="none", show_default=True, help="Equivalent transformation fused before QAT: none, smooth, rotate, smoothrot.")
-@click.option("--algorithm", default="rtn", show_default=True, help="Starting point: a registered algorithm: rtn (latent weights = the full-precision, transformed weights, MinMax grid per step), or gptq / awq (latent weights = their quantized weights, trained on their fixed grid; calibrated on the generated data).")
-@click.option("--loss", default="logits", show_default=True, help="Distillation loss(es): logits, label, hidden, attention; combine as logits+hidden or logits=1,hidden=0.1.")
+@click.option(
+    "--algorithm",
+    default="rtn",
+    show_default=True,
+    help="Starting point: a registered algorithm: rtn (latent weights = the full-precision, transformed weights, MinMax grid per step), or gptq "
+    "/ awq (latent weights = their quantized weights, trained on their fixed grid; calibrated on the generated data).",
+)
+@click.option(
+    "--loss",
+    default="logits",
+    show_default=True,
+    help="Distillation loss(es): logits, label, hidden, attention; combine as logits+hidden or logits=1,hidden=0.1.",
+)
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per optimizer step (over all processes and accumulation).")
 @click.option("--grad-accum", type=int, default=1, show_default=True)
@@ -348,11 +392,21 @@ def _loss_weights(text: str) -> dict[str, float]:
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--max-seq-len", type=int, default=256, show_default=True, help="Training sequences are cut to this many tokens.")
-@click.option("--teacher-topk", type=int, default=None, help="Cache the teacher's top-k probabilities per sequence instead of recomputing full logits.")
+@click.option(
+    "--teacher-topk", type=int, default=None, help="Cache the teacher's top-k probabilities per sequence instead of recomputing full logits."
+)
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward passes.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--fsdp", is_flag=True, help="Under torchrun: shard the student with FSDP instead of replicating it with DDP (for models that do not fit on one device).")
-@click.option("--learn-scales", is_flag=True, help="Train the per-row weight scales too (LSQ), not only the latent weights: lets a GPTQ/AWQ start move off its fixed grid.")
+@click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Under torchrun: shard the student with FSDP instead of replicating it with DDP (for models that do not fit on one device).",
+)
+@click.option(
+    "--learn-scales",
+    is_flag=True,
+    help="Train the per-row weight scales too (LSQ), not only the latent weights: lets a GPTQ/AWQ start move off its fixed grid.",
+)
 @click.option("--scale-lr", type=float, default=None, help="Learning rate of the weight scales (default: --lr).")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Write a checkpoint every N steps (0: only at the end).")
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="Generated sequences used as calibration where the recipe needs it.")
@@ -388,9 +442,16 @@ def qat(ctx, **o):
     checkpoints = Path(str(out).rstrip("/") + ".checkpoints")
     with RunOutput(out, o["overwrite"], save_model=not o["no_save_model"]) as run:
         report = qat_job(
-            o["model"], recipe, o["data_dir"], config, checkpoint_dir=str(checkpoints),
-            evaluation=EvalSettings(o["eval_data"], _windows(o["windows"]), o["seq_len"]), calib_samples=o["calib_samples"],
-            evaluate_fp=not o["no_fp"], progress=ctx.obj["progress"], save_to=run.model_dir,
+            o["model"],
+            recipe,
+            o["data_dir"],
+            config,
+            checkpoint_dir=str(checkpoints),
+            evaluation=EvalSettings(o["eval_data"], _windows(o["windows"]), o["seq_len"]),
+            calib_samples=o["calib_samples"],
+            evaluate_fp=not o["no_fp"],
+            progress=ctx.obj["progress"],
+            save_to=run.model_dir,
         )
         if report:  # rank 0
             run.finish(report)
@@ -411,7 +472,13 @@ def qat(ctx, **o):
     "(text the model writes itself).",
 )
 @click.option("--tokens", type=int, default=512, show_default=True, help="Tokens analysed (a multiple of --seq-len).")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence (one sample of 128, as in 'Turning LLM Activations Quantization-Friendly').")
+@click.option(
+    "--seq-len",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Tokens per sequence (one sample of 128, as in 'Turning LLM Activations Quantization-Friendly').",
+)
 @click.option("--scheme", default="W4A4", show_default=True, help="W and A quantization (RTN), e.g. W4A4, W8A8, W4g64A8; KV is ignored.")
 @click.option("--transforms", default="none,smooth,rotate,smoothrot", show_default=True, help="Comma-separated transforms to compare.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Smoothing migration strength.")
@@ -422,8 +489,26 @@ def qat(ctx, **o):
 @click.option("--no-plots", is_flag=True, help="Write analysis.json and report.md only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_context
-def analyze(ctx, model, out, overwrite, data, tokens, seq_len, scheme, transforms, alpha, keep_raw, massive_ratio, systematic_ratio, systematic_fraction, no_plots, seed):
-    """Outliers, layer-wise error and quantization difficulty per transform ("Turning LLM Activations Quantization-Friendly"), with plots and a report."""
+def analyze(
+    ctx,
+    model,
+    out,
+    overwrite,
+    data,
+    tokens,
+    seq_len,
+    scheme,
+    transforms,
+    alpha,
+    keep_raw,
+    massive_ratio,
+    systematic_ratio,
+    systematic_fraction,
+    no_plots,
+    seed,
+):
+    """Outliers, layer-wise error and quantization difficulty per transform, with plots and a report
+    (the study of "Turning LLM Activations Quantization-Friendly")."""
     from .analysis.job import AnalysisConfig, analyze_job
     from .analysis.outliers import OutlierConfig
     from .analysis.report import analysis_markdown

@@ -15,7 +15,7 @@ every order of the models we target; an order none of them reaches fails with th
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -80,7 +80,7 @@ def _is_power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-@lru_cache(maxsize=None)
+@cache
 def factor_order(n: int) -> tuple[int, int]:
     """(base, power of two) with n = base * 2^k and base = 1 or a Paley order; the smallest base."""
     if not isinstance(n, int) or n < 1:

@@ -88,7 +88,7 @@ def quantize_job(
     *,
     evaluation: EvalSettings = EvalSettings(),
     calibration: CalibrationSettings = CalibrationSettings(),
-    pipeline: PipelineConfig = PipelineConfig(),
+    pipeline: PipelineConfig | None = None,
     seed: int = 0,
     evaluate_fp: bool = True,
     progress: bool = True,
@@ -100,6 +100,7 @@ def quantize_job(
     The model is quantized in place after the FP evaluation, so only one copy is ever in memory,
     and its quantized weights are held as codes and scales."""
     start = time.time()
+    pipeline = pipeline or PipelineConfig()
     torch.manual_seed(seed)
     log.info("loading %s", model_name)
     model, tokenizer = load_model(model_name)
@@ -265,7 +266,6 @@ def info_job(model_name: str, scheme: Scheme | None = None) -> dict:
     return info
 
 
-
 def generate_data_job(model_name: str, out: str, config, *, progress: bool = True) -> dict:
     """`lowbit generate-data`: sharded, resumable data-free generation (LLM-QAT)."""
     from .qat import generate_dataset
@@ -277,8 +277,14 @@ def generate_data_job(model_name: str, out: str, config, *, progress: bool = Tru
     get_arch(model)
     log.info("generating %d sequences of up to %d tokens (%s) into %s", config.samples, config.max_length, config.sampling.strategy, out)
     stats = generate_dataset(model, tokenizer, out, config, progress=progress)
-    return {"lowbit_version": __version__, "model": model_name, "data": str(out), "generation": config.to_dict(),
-            "stats": stats, "seconds": time.time() - start}
+    return {
+        "lowbit_version": __version__,
+        "model": model_name,
+        "data": str(out),
+        "generation": config.to_dict(),
+        "stats": stats,
+        "seconds": time.time() - start,
+    }
 
 
 def qat_job(
@@ -317,8 +323,12 @@ def qat_job(
     config.check(_world())
     eval_ids = tokenize(tokenizer, load_text(data, split="eval")) if main else None
     report: dict = {
-        "lowbit_version": __version__, "model": model_name, "scheme": recipe.scheme.name,
-        "scheme_args": recipe.scheme.to_dict(), "transform": recipe.transform.kind, "algorithm": recipe.algorithm,
+        "lowbit_version": __version__,
+        "model": model_name,
+        "scheme": recipe.scheme.name,
+        "scheme_args": recipe.scheme.to_dict(),
+        "transform": recipe.transform.kind,
+        "algorithm": recipe.algorithm,
     }
     if evaluate_fp and main:
         log.info("evaluating full precision")
@@ -359,9 +369,15 @@ def qat_job(
     report["transform_args"] = quantization_state(student).transform
     history = summary["history"]
     report["qat"] = {
-        "config": asdict(config), "processes": _world(), "data": str(data_dir), "data_stats": dataset_stats(dataset),
-        "seconds": summary["seconds"], "steps": summary["steps"], "tokens_this_run": summary["tokens_this_run"],
-        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "config": asdict(config),
+        "processes": _world(),
+        "data": str(data_dir),
+        "data_stats": dataset_stats(dataset),
+        "seconds": summary["seconds"],
+        "steps": summary["steps"],
+        "tokens_this_run": summary["tokens_this_run"],
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
         "loss_history": [round(h["loss"], 5) for h in history],
     }
     if save_to is not None:

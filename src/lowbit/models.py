@@ -76,9 +76,7 @@ def resolve_model(name: str) -> str:
         raise UserError(f"{path} is neither a model folder nor a .gguf file")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         short = ", ".join(SHORT_NAMES)
-        raise UserError(
-            f"unknown model {name!r}: not a short name ({short}), an existing folder, a .gguf file or a hub id (org/name)"
-        )
+        raise UserError(f"unknown model {name!r}: not a short name ({short}), an existing folder, a .gguf file or a hub id (org/name)")
     return name  # a hub id
 
 
@@ -110,10 +108,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
 def _hub_error(name: str, exc: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
     why = "the hub cannot be reached (offline?)" if offline else f"it could not be loaded ({str(exc).splitlines()[0]})"
-    return UserError(
-        f"cannot load model {name!r}: {why}. Use a local model folder, a .gguf file, or a short name "
-        f"({', '.join(SHORT_NAMES)})"
-    )
+    return UserError(f"cannot load model {name!r}: {why}. Use a local model folder, a .gguf file, or a short name ({', '.join(SHORT_NAMES)})")
 
 
 def convert_gguf(gguf: Path, cache_name: str | None = None) -> Path:

@@ -204,8 +204,13 @@ class _LayerRunner:
     they are stored in (so an fp32 model keeps an fp32 residual stream under bf16 autocast)."""
 
     def __init__(
-        self, layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device,
-        feed_dtype: torch.dtype = torch.float32, bf16: bool = False,
+        self,
+        layer: nn.Module,
+        hidden: list[torch.Tensor],
+        kwargs: list[dict],
+        device: torch.device,
+        feed_dtype: torch.dtype = torch.float32,
+        bf16: bool = False,
     ) -> None:
         self.layer, self.hidden, self.kwargs, self.device = layer, hidden, kwargs, device
         self.feed_dtype, self.bf16 = feed_dtype, bf16
@@ -300,7 +305,11 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
 def _observe_static_kv(attention: nn.Module, o_proj: nn.Module, runner: _LayerRunner) -> None:
     """Static (per-tensor) KV quantizers of this layer observe their range, in a pass that stops
     before o_proj, so the groups after it see a calibrated, quantizing KV cache."""
-    static = [q for q in (getattr(attention, KEY_QUANT, None), getattr(attention, VALUE_QUANT, None)) if isinstance(q, TensorQuantizer) and not q.args.dynamic]
+    static = [
+        q
+        for q in (getattr(attention, KEY_QUANT, None), getattr(attention, VALUE_QUANT, None))
+        if isinstance(q, TensorQuantizer) and not q.args.dynamic
+    ]
     if not static:
         return
     for q in static:

@@ -95,9 +95,7 @@ def report_markdown(report: dict) -> str:
     for label, part in (("full precision", fp), ("quantized, before QAT", ptq), ("quantized" + (", after QAT" if ptq else ""), q)):
         if part:
             ppl = part.get("ppl")
-            lines.append(
-                f"| {label} | {'-' if ppl is None else f'{ppl:.3f}'} | {_gb(part.get('size_bytes'))} | {_gops(part.get('ops'))} |"
-            )
+            lines.append(f"| {label} | {'-' if ppl is None else f'{ppl:.3f}'} | {_gb(part.get('size_bytes'))} | {_gops(part.get('ops'))} |")
     kv = q.get("kv_cache_bytes") or fp.get("kv_cache_bytes")
     if kv:
         lines += ["", "KV cache per sequence: " + ", ".join(f"{ctx} tokens: {n / 1e6:.1f} MB" for ctx, n in kv.items())]
@@ -111,9 +109,12 @@ def report_markdown(report: dict) -> str:
     qat = report.get("qat")
     if qat:
         c = qat["config"]
-        lines += ["", f"QAT: {qat['steps']} steps x {c['batch_size']} sequences (<= {c['max_seq_len']} tokens) of {qat['data']}, "
-                  f"losses {c['losses']}, lr {c['lr']} ({c['schedule']}), {qat['processes']} process(es), {qat['seconds']:.1f} s; "
-                  f"loss {qat['first_loss']:.4f} -> {qat['last_loss']:.4f}."]
+        lines += [
+            "",
+            f"QAT: {qat['steps']} steps x {c['batch_size']} sequences (<= {c['max_seq_len']} tokens) of {qat['data']}, "
+            f"losses {c['losses']}, lr {c['lr']} ({c['schedule']}), {qat['processes']} process(es), {qat['seconds']:.1f} s; "
+            f"loss {qat['first_loss']:.4f} -> {qat['last_loss']:.4f}.",
+        ]
     if "quantize_seconds" in q:
         lines += ["", f"Quantization took {q['quantize_seconds']:.1f} s."]
     errors = report.get("layer_errors")

@@ -276,9 +276,7 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
             raise UserError(f"scheme {text!r}: {kind}16 means unquantized and takes no suffix {suffix!r}")
         return None
     if not MIN_BITS <= bits <= MAX_BITS:
-        raise UserError(
-            f"scheme {text!r}: {field_name} bits must be {MIN_BITS}-{MAX_BITS} or 16 (unquantized); got {bits}"
-        )
+        raise UserError(f"scheme {text!r}: {field_name} bits must be {MIN_BITS}-{MAX_BITS} or 16 (unquantized); got {bits}")
     group, clip, scale_format = None, 1.0, "float32"
     symmetric, per_tensor, static, mse, full = True, False, False, False, False
     pos = 0
@@ -326,8 +324,15 @@ def _parse_part(text: str, kind: str, bits: int, suffix: str) -> QuantArgs | Non
         raise UserError(f"scheme {text!r}: 'm' (MSE clip search per row) needs the tensor itself; static ranges use c<percent>")
     observer = Observer.MSE if mse else Observer.MINMAX
     return QuantArgs(
-        bits=bits, symmetric=symmetric, granularity=granularity, group_size=group, dynamic=not static,
-        clip_ratio=clip, observer=observer, full_range=full, scale_format=scale_format,
+        bits=bits,
+        symmetric=symmetric,
+        granularity=granularity,
+        group_size=group,
+        dynamic=not static,
+        clip_ratio=clip,
+        observer=observer,
+        full_range=full,
+        scale_format=scale_format,
     )
 
 

@@ -169,7 +169,9 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
                 if attempt:
                     log.warning(
                         "GPTQ: the Hessian was not positive definite with damping %.3g; succeeded with damping %.3g "
-                        "(use more calibration samples, or set damp higher)", damp, d,
+                        "(use more calibration samples, or set damp higher)",
+                        damp,
+                        d,
                     )
                 return U
     raise UserError(

@@ -40,7 +40,9 @@ from .theory import theory_check
 
 log = logging.getLogger("lowbit")
 
-DEFAULT_SCHEME = "W4A4"  # as in "Turning LLM Activations Quantization-Friendly": symmetric INT4 RTN, per-channel weights, per-token activations, no clipping
+DEFAULT_SCHEME = (
+    "W4A4"  # as in "Turning LLM Activations Quantization-Friendly": symmetric INT4 RTN, per-channel weights, per-token activations, no clipping
+)
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,7 @@ class SiteMeasure:
 
 
 @torch.no_grad()
-def analyze_model(
-    model: nn.Module, tokenizer, batches: list[torch.Tensor], config: AnalysisConfig, *, progress: bool = True
-) -> tuple[dict, dict]:
+def analyze_model(model: nn.Module, tokenizer, batches: list[torch.Tensor], config: AnalysisConfig, *, progress: bool = True) -> tuple[dict, dict]:
     """Run the study on `batches`; returns (analysis dict as in analysis.json, tensors for the plots).
 
     The model is only read (hooks are removed afterwards, no weight changes)."""
@@ -132,7 +132,13 @@ def analyze_model(
     groups = [torch.cat(batches[i : i + config.batch_size]) for i in range(0, len(batches), config.batch_size)]
     seq_len = batches[0].shape[-1]
 
-    log.info("pass 1/2: scanning %d inputs (%d layers x %d) over %d tokens", len(sites), len(sites) // len(spec.input_groups), len(spec.input_groups), ids.numel())
+    log.info(
+        "pass 1/2: scanning %d inputs (%d layers x %d) over %d tokens",
+        len(sites),
+        len(sites) // len(spec.input_groups),
+        len(spec.input_groups),
+        ids.numel(),
+    )
     scans = {site: InputScan(config.outliers) for site in sites}
     stream_inputs(model, spec, groups, lambda site, x, _: scans[site].update(x), progress=progress, desc="pass 1/2 scan")
 
@@ -196,7 +202,9 @@ def analyze_model(
                 }
             )
 
-    log.info("pass 2/2: error, difficulty and outliers under %s at %s", ", ".join(config.transforms), parse_scheme(config.scheme).name.replace("KV16", ""))
+    log.info(
+        "pass 2/2: error, difficulty and outliers under %s at %s", ", ".join(config.transforms), parse_scheme(config.scheme).name.replace("KV16", "")
+    )
     stream_inputs(model, spec, groups, measure, progress=progress, desc="pass 2/2 measure")
 
     layers = []
@@ -235,8 +243,7 @@ def analyze_model(
         "transforms": list(config.transforms),
         "alpha": config.alpha,
         "hadamard": "deterministic (no random signs), order = input width",
-        "smoothing_scales": "s_j = max|X_j|^alpha / max|W_j|^(1-alpha), max|X_j| over the whole sample, "
-        "max|W_j| over all linears reading the input",
+        "smoothing_scales": "s_j = max|X_j|^alpha / max|W_j|^(1-alpha), max|X_j| over the whole sample, max|W_j| over all linears reading the input",
         "sample": {"sequences": len(batches), "seq_len": seq_len, "tokens": int(ids.numel())},
         "thresholds": asdict(config.outliers),
         "plot_sites": sorted(s.name for s in surface_sites),
@@ -252,8 +259,14 @@ def analyze_model(
 def _args_dict(args: QuantArgs | None) -> dict | None:
     if args is None:
         return None
-    return {"bits": args.bits, "symmetric": args.symmetric, "granularity": args.granularity.value, "group_size": args.group_size,
-            "clip_ratio": args.clip_ratio, "observer": args.observer.value}
+    return {
+        "bits": args.bits,
+        "symmetric": args.symmetric,
+        "granularity": args.granularity.value,
+        "group_size": args.group_size,
+        "clip_ratio": args.clip_ratio,
+        "observer": args.observer.value,
+    }
 
 
 def analyze_job(

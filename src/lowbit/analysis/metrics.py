@@ -62,9 +62,7 @@ def quantized_error(reference: torch.Tensor, qx: torch.Tensor, weight: torch.Ten
         return float((diff * diff).sum())  # torch's cascade sum keeps fp32 accurate, 25x faster than float64
 
 
-def transform_pair(
-    kind: str, x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor | None
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def transform_pair(kind: str, x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(X A, [W A^-T ...]) in nn.Linear layout for one transform: smooth X / s, W * s (s per input
     channel); rotate X R, W R with the deterministic Hadamard R (no random signs, as "Turning LLM Activations Quantization-Friendly");
     smoothrot both, smoothing first. X W^T is unchanged by each."""
@@ -153,6 +151,7 @@ def pearson(a: list[float], b: list[float]) -> float:
 
 def spearman(a: list[float], b: list[float]) -> float:
     """Rank correlation: Pearson of the ranks (no ties expected among measured errors)."""
+
     def ranks(v: list[float]) -> list[float]:
         order = sorted(range(len(v)), key=v.__getitem__)
         r = [0.0] * len(v)

@@ -109,8 +109,14 @@ def error_scatter(layers: list[dict], aside: set[str], kind: str, path: Path) ->
         rows = [e for e in layers if e["role"] == role and e["site"] not in aside]
         ax.scatter([e["activation"][kind]["difficulty"] ** 2 for e in rows], [e["error"][kind] for e in rows], s=12, label=role)
     out = [e for e in layers if e["site"] in aside]
-    ax.scatter([e["activation"][kind]["difficulty"] ** 2 for e in out], [e["error"][kind] for e in out], s=40, marker="x",
-               color="black", label="set aside (massive)")
+    ax.scatter(
+        [e["activation"][kind]["difficulty"] ** 2 for e in out],
+        [e["error"][kind] for e in out],
+        s=40,
+        marker="x",
+        color="black",
+        label="set aside (massive)",
+    )
     for e in out:
         ax.annotate(e["site"], (e["activation"][kind]["difficulty"] ** 2, e["error"][kind]), fontsize=6)
     ax.set_xscale("log")

@@ -58,14 +58,27 @@ def analysis_markdown(result: dict, plots: list[str] = ()) -> str:
         lines.append(f"| {role} | " + " | ".join(cells) + " | " + ", ".join(f"{k} {r['wins'][k]}" for k in t) + " |")
     lines += _massive_table(result)
     lines += _systematic_table(result)
-    lines += ["", "## Per input", "", "| input | " + " | ".join(f"error {k}" for k in t)
-              + " | act. difficulty " + " / ".join(t) + " | weight difficulty " + " / ".join(t) + " | max abs | kurtosis |",
-              "|---|" + "---|" * (len(t) + 4)]
+    lines += [
+        "",
+        "## Per input",
+        "",
+        "| input | "
+        + " | ".join(f"error {k}" for k in t)
+        + " | act. difficulty "
+        + " / ".join(t)
+        + " | weight difficulty "
+        + " / ".join(t)
+        + " | max abs | kurtosis |",
+        "|---|" + "---|" * (len(t) + 4),
+    ]
     for e in result["layers"]:
         lines.append(
-            f"| {e['site']} | " + " | ".join(_e(e["error"][k]) for k in t)
-            + " | " + " / ".join(_e(e["activation"][k]["difficulty"]) for k in t)
-            + " | " + " / ".join(_e(e["weight"][k]["difficulty"]) for k in t)
+            f"| {e['site']} | "
+            + " | ".join(_e(e["error"][k]) for k in t)
+            + " | "
+            + " / ".join(_e(e["activation"][k]["difficulty"]) for k in t)
+            + " | "
+            + " / ".join(_e(e["weight"][k]["difficulty"]) for k in t)
             + f" | {_e(e['max_abs'])} | {_e(e['activation'][t[0]]['kurtosis'])} |"
         )
     if plots:
@@ -89,11 +102,13 @@ def _massive_table(result: dict) -> list[str]:
     if not rows:
         return lines + ["None at the chosen threshold."]
     lines += [
-        "Each row is one token; predicted maxima from eq. 8 of 'Turning LLM Activations Quantization-Friendly' (rotation; |eps| = std of the token's other entries) "
+        "Each row is one token; predicted maxima from eq. 8 of 'Turning LLM Activations Quantization-Friendly' (rotation; |eps| = std of "
+        "the token's other entries) "
         "and eq. 9 (smoothing with alpha 0.5, then rotation; as written, and + the std of the smoothed token's other entries)"
         + ("." if result["alpha"] == 0.5 else f"; eq. 9 assumes alpha 0.5, this run smoothed with alpha {result['alpha']}."),
         "",
-        "| input | sequence:position | token | channels | values | max \\|x\\| | rotate eq. 8 | rotate measured | smoothrot eq. 9 | eq. 9 + eps | smoothrot measured |",
+        "| input | sequence:position | token | channels | values | max \\|x\\| | rotate eq. 8 | rotate measured | smoothrot eq. 9 | eq. 9 "
+        "+ eps | smoothrot measured |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -1,9 +1,9 @@
 """Text sources for evaluation and calibration: a file, the offline default corpus, or a hub dataset.
 
-    enwiki-sample     the Wikipedia sample in the gensim wheel (offline; held-out half for eval)
-    wikitext2         WikiText-2 raw from the datasets hub (test split for eval, train for calibration)
-    org/name[:config] any hub dataset with a 'text' column
-    PATH              a UTF-8 text file
+enwiki-sample     the Wikipedia sample in the gensim wheel (offline; held-out half for eval)
+wikitext2         WikiText-2 raw from the datasets hub (test split for eval, train for calibration)
+org/name[:config] any hub dataset with a 'text' column
+PATH              a UTF-8 text file
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ def load_text(source: str | None = None, split: str = "eval") -> str:
         return _hub_text(source, split)
     if path.suffix or os.sep in source:
         raise UserError(f"text file not found: {path}")
-    raise UserError(
-        f"unknown data {source!r}: give a text file, {enwiki.NAME!r} (offline default), 'wikitext2' or a hub dataset id"
-    )
+    raise UserError(f"unknown data {source!r}: give a text file, {enwiki.NAME!r} (offline default), 'wikitext2' or a hub dataset id")
 
 
 def _hub_text(source: str, split: str) -> str:

@@ -120,8 +120,8 @@ def scheme_cost(model: nn.Module, scheme: Scheme | str | None, seq_len: int, con
             quantized[id(head)] = (head, scheme.weights, scheme.inputs)
     size = macs = ops = 0
     weights = {id(m.weight): w for m, w, _ in quantized.values() if w is not None}
-    tied_head = scheme is not None and scheme.quantize_lm_head and id(get_module(model, spec.lm_head).weight) == id(
-        get_module(model, spec.embed).weight
+    tied_head = (
+        scheme is not None and scheme.quantize_lm_head and id(get_module(model, spec.lm_head).weight) == id(get_module(model, spec.embed).weight)
     )
     seen = set()
     for param in model.parameters():
@@ -155,7 +155,7 @@ def kv_cache_bytes(config, scheme: Scheme | None, context: int, batch: int = 1) 
     dim = head_dim(config)
     vectors = config.num_hidden_layers * kv_heads * context * batch  # per K and per V
     total = 0
-    for args in ((scheme.keys, scheme.values) if scheme else (None, None)):
+    for args in (scheme.keys, scheme.values) if scheme else (None, None):
         if args is None:
             total += vectors * dim * 2
         else:

@@ -71,9 +71,7 @@ def _lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError(
-            f"zero-shot tasks need lm-evaluation-harness: pip install 'lowbit[eval]' (lm-eval=={LM_EVAL_VERSION})"
-        ) from None
+        raise UserError(f"zero-shot tasks need lm-evaluation-harness: pip install 'lowbit[eval]' (lm-eval=={LM_EVAL_VERSION})") from None
     version = getattr(lm_eval, "__version__", "unknown")
     if version != LM_EVAL_VERSION:
         log.warning("lm-eval %s is installed; lowbit is tested with %s", version, LM_EVAL_VERSION)

@@ -40,8 +40,7 @@ def eval_windows(token_ids: torch.Tensor, seq_len: int, windows: int | None = No
     available = token_ids.numel() // seq_len
     if available == 0:
         raise UserError(
-            f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}; "
-            "use a longer text or a smaller --seq-len"
+            f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}; use a longer text or a smaller --seq-len"
         )
     if windows is not None and windows < 1:
         raise UserError(f"windows must be at least 1; got {windows}")

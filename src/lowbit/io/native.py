@@ -345,13 +345,16 @@ def load_quantized(path: str | Path, *, device: str | None = None):
         raise UserError(f"{found / WEIGHTS_FILE} does not match its config ({' '.join(first[:2])[:300]}); save the model again") from None
     if device:
         model.to(device)
-    set_quantization_state(model, QuantizationState(
-        scheme=Scheme.from_dict(config["scheme"]),
-        transform=config.get("transform") or {"kind": "none"},
-        algorithm=config.get("algorithm", "unknown"),  # format version 1 did not record it
-        algorithm_config=config.get("algorithm_config", {}),
-        source=str(found),
-    ))
+    set_quantization_state(
+        model,
+        QuantizationState(
+            scheme=Scheme.from_dict(config["scheme"]),
+            transform=config.get("transform") or {"kind": "none"},
+            algorithm=config.get("algorithm", "unknown"),  # format version 1 did not record it
+            algorithm_config=config.get("algorithm_config", {}),
+            source=str(found),
+        ),
+    )
     tokenizer = None
     if (found / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

@@ -68,8 +68,7 @@ def _check_meta(out: Path, meta: dict) -> None:
         if old != meta:
             changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             raise UserError(
-                f"{out} holds data generated with other settings ({', '.join(changed)} differ); "
-                "use a new --out folder or the same settings to resume"
+                f"{out} holds data generated with other settings ({', '.join(changed)} differ); use a new --out folder or the same settings to resume"
             )
     elif any(out.glob("shard-*.pt")):
         raise UserError(f"{out} has shards but no {META}; use an empty --out folder")
@@ -77,9 +76,7 @@ def _check_meta(out: Path, meta: dict) -> None:
         write_file_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
-def generate_dataset(
-    model: nn.Module, tokenizer, out: str | Path, config: DatagenConfig | None = None, progress: bool = True
-) -> dict:
+def generate_dataset(model: nn.Module, tokenizer, out: str | Path, config: DatagenConfig | None = None, progress: bool = True) -> dict:
     """Generate (or finish generating) the shards in `out`; returns the summary statistics."""
     config = config or DatagenConfig()
     config.check()
@@ -90,8 +87,9 @@ def generate_dataset(
     todo = [i for i in range(config.shards) if not shard_path(out, i).is_file()]
     if len(todo) < config.shards:
         log.info("resuming: %d of %d shards already in %s", config.shards - len(todo), config.shards, out)
-    bar = tqdm(total=sum(_shard_count(config, i) for i in todo) * config.max_length, desc="generating",
-               unit="tok", unit_scale=True, disable=not progress)
+    bar = tqdm(
+        total=sum(_shard_count(config, i) for i in todo) * config.max_length, desc="generating", unit="tok", unit_scale=True, disable=not progress
+    )
     start, tokens = time.time(), 0
     for index in todo:
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
@@ -153,8 +151,11 @@ def dataset_stats(seqs: list[torch.Tensor]) -> dict:
         "sequences": len(seqs),
         "tokens": int(lengths.sum()),
         "length": {
-            "min": int(lengths.min()), "mean": float(lengths.mean()), "median": float(lengths.median()),
-            "max": int(lengths.max()), "quartiles": [float(q) for q in torch.quantile(lengths, torch.tensor([0.25, 0.5, 0.75]))],
+            "min": int(lengths.min()),
+            "mean": float(lengths.mean()),
+            "median": float(lengths.median()),
+            "max": int(lengths.max()),
+            "quartiles": [float(q) for q in torch.quantile(lengths, torch.tensor([0.25, 0.5, 0.75]))],
         },
         "distinct_ngram_ratio": {str(n): distinct_ngram_ratio(seqs, n) for n in (1, 2, 3, 4)},
     }

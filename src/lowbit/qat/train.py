@@ -66,9 +66,7 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.max_seq_len < 2:
             raise UserError("steps, batch size and gradient accumulation must be at least 1, max_seq_len at least 2")
         if self.batch_size % (self.grad_accum * world):
-            raise UserError(
-                f"batch size {self.batch_size} must be a multiple of grad_accum x processes = {self.grad_accum} x {world}"
-            )
+            raise UserError(f"batch size {self.batch_size} must be a multiple of grad_accum x processes = {self.grad_accum} x {world}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose {' or '.join(SCHEDULES)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
@@ -206,7 +204,12 @@ def _state_dict_options():
 
 
 def save_checkpoint(
-    path: Path, step: int, params: dict[str, nn.Parameter], optimizer, history: list[dict], config: TrainConfig,
+    path: Path,
+    step: int,
+    params: dict[str, nn.Parameter],
+    optimizer,
+    history: list[dict],
+    config: TrainConfig,
     sharded_model: nn.Module | None = None,
 ) -> None:
     """Rank 0 writes to a temporary file and renames it: a crash leaves the previous checkpoint
@@ -308,13 +311,13 @@ def train(
             ids, mask = ids.to(device), mask.to(device)
             tokens += int(mask.sum())
             with autocast:
-                out = model(input_ids=ids, attention_mask=mask, use_cache=False,
-                            output_hidden_states=want_hidden, output_attentions=want_attn)
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn)
                 teacher_out = None
                 if config.teacher_topk is None or want_hidden or want_attn or "logits" not in config.losses:
                     with torch.no_grad():
-                        teacher_out = teacher(input_ids=ids, attention_mask=mask, use_cache=False,
-                                              output_hidden_states=want_hidden, output_attentions=want_attn)
+                        teacher_out = teacher(
+                            input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn
+                        )
             loss = torch.zeros((), device=device)
             for name, weight in config.losses.items():
                 if name == "logits" and config.teacher_topk is not None:

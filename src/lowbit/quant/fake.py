@@ -38,10 +38,7 @@ def as_rows(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
         return x.reshape(1, -1)
     if args.granularity is Granularity.GROUP:
         if x.shape[-1] % args.group_size:
-            raise UserError(
-                f"group size {args.group_size} does not divide the last dimension {x.shape[-1]}; "
-                f"choose a divisor of {x.shape[-1]}"
-            )
+            raise UserError(f"group size {args.group_size} does not divide the last dimension {x.shape[-1]}; choose a divisor of {x.shape[-1]}")
         return x.reshape(-1, args.group_size)
     return x.reshape(-1, x.shape[-1])
 

@@ -61,13 +61,19 @@ class QuantizedWeight:
 
     @classmethod
     def from_packed(
-        cls, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, shape, args: QuantArgs,
+        cls,
+        packed: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        shape,
+        args: QuantArgs,
         global_scale: torch.Tensor | None = None,
     ) -> QuantizedWeight:
         count = int(torch.Size(shape).numel())
         codes = signed_codes(unpack(packed, args.bits, count), args.bits, args.symmetric)
-        return cls(codes.reshape(scale.numel(), -1), scale.reshape(-1, 1), None if zero is None else zero.reshape(-1, 1),
-                   tuple(shape), args, global_scale)
+        return cls(
+            codes.reshape(scale.numel(), -1), scale.reshape(-1, 1), None if zero is None else zero.reshape(-1, 1), tuple(shape), args, global_scale
+        )
 
     def nbytes(self) -> int:
         """Bytes at rest: packed codes plus scales (and offsets) in their format."""

@@ -33,6 +33,8 @@ log = logging.getLogger("lowbit")
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what torch's CPU int4 kernel accepts
 INT4_OUT_MULTIPLE = 16  # its packing needs out_features % 16 == 0
 INT4_TILES = 1  # innerKTiles of the CPU packing (the CPU kernel ignores the tiling)
+
+
 class Int8Linear(nn.Module):
     """y = (codes_x @ codes_w^T) x scale_x x scale_w + bias, with int32 accumulation."""
 
@@ -162,9 +164,7 @@ def int_kernel_for(linear: QuantLinear) -> str:
     return "int4"
 
 
-def convert_to_int_kernels(
-    model: nn.Module, *, inplace: bool = False, int4_compute_dtype: torch.dtype = torch.bfloat16
-) -> nn.Module:
+def convert_to_int_kernels(model: nn.Module, *, inplace: bool = False, int4_compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Swap every `QuantLinear` for an `Int8Linear` (W<=8 A<=8) or `Int4Linear` (W<=4 A16).
 
     All layers are checked before any is converted; a layer no kernel can run raises UserError.
@@ -191,8 +191,11 @@ def convert_to_int_kernels(
         linear = modules[name]
         new = Int8Linear(linear) if kind == "int8" else Int4Linear(linear, int4_compute_dtype)
         setattr(modules[parent] if parent else model, child, new)
-    log.info("integer kernels: %d int8 x int8 and %d packed int4 layers", sum(k == "int8" for k in kinds.values()),
-             sum(k == "int4" for k in kinds.values()))
+    log.info(
+        "integer kernels: %d int8 x int8 and %d packed int4 layers",
+        sum(k == "int8" for k in kinds.values()),
+        sum(k == "int4" for k in kinds.values()),
+    )
     return model
 
 

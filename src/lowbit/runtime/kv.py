@@ -14,7 +14,7 @@ forward pass and in incremental decoding alike.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -28,10 +28,10 @@ KEY_QUANT, VALUE_QUANT = "lowbit_key_quant", "lowbit_value_quant"
 QK_ROTATION = "lowbit_qk_rotation"  # R3: an OnlineHadamard over head_dim for queries and keys
 
 
-@lru_cache(maxsize=None)
+@cache
 def _eager_attention(module_class: type):
     # Each modeling file has its own eager function (softcapping, sinks, ...): use that one.
-    return getattr(inspect.getmodule(module_class), "eager_attention_forward")
+    return inspect.getmodule(module_class).eager_attention_forward
 
 
 def _base_attention(module: nn.Module, base: str):
@@ -74,9 +74,7 @@ def set_attention_implementation(model: nn.Module, name: str) -> None:
         config._attn_implementation = name
 
 
-def install_kv_quantizers(
-    model: nn.Module, attentions: list[nn.Module], keys: QuantArgs | None, values: QuantArgs | None
-) -> None:
+def install_kv_quantizers(model: nn.Module, attentions: list[nn.Module], keys: QuantArgs | None, values: QuantArgs | None) -> None:
     """Attach key/value quantizers to each attention module and switch the model to the wrapper
     (also needed, with no quantizers, when a transform rotated queries and keys)."""
     rotated = any(getattr(a, QK_ROTATION, None) is not None for a in attentions)

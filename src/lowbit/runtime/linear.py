@@ -78,8 +78,12 @@ class QuantLinear(nn.Module):
         if not self.is_quantized:
             raise ValueError("this linear holds no quantized weight (a float or a trainable latent weight)")
         return QuantizedWeight.from_packed(
-            getattr(self, CODES), getattr(self, SCALE), getattr(self, ZERO), (self.out_features, self.in_features),
-            self.weight_args, getattr(self, GLOBAL_SCALE),
+            getattr(self, CODES),
+            getattr(self, SCALE),
+            getattr(self, ZERO),
+            (self.out_features, self.in_features),
+            self.weight_args,
+            getattr(self, GLOBAL_SCALE),
         )
 
     @torch.no_grad()

@@ -137,7 +137,7 @@ def collect_input_stats(
                 if keep_rows:
                     pick = torch.randperm(x.shape[0], generator=gen)[:share]
                     start = entry["filled"]
-                    entry["rows"][start:start + len(pick)] = x[pick]
+                    entry["rows"][start : start + len(pick)] = x[pick]
                     entry["filled"] = start + len(pick)
 
             hooks.append(get_module(layer, group.linears[0]).register_forward_pre_hook(hook))
@@ -149,7 +149,7 @@ def collect_input_stats(
         for h in hooks:
             h.remove()
     for entry in stats.values():
-        rows = entry["rows"][:entry.pop("filled")] if keep_rows else None
+        rows = entry["rows"][: entry.pop("filled")] if keep_rows else None
         if rows is not None and rows.shape[0] > keep_rows:
             rows = rows[torch.randperm(rows.shape[0], generator=gen)[:keep_rows]]
         entry["rows"] = rows
@@ -185,7 +185,11 @@ def apply_transform(
     alphas: dict[str, float] = {}
     offset = spec.norm_weight_offset
     fused_r1 = (
-        config.rotates and config.r1 and config.fuse_r1 and not spec.post_norms and spec.rms_norm
+        config.rotates
+        and config.r1
+        and config.fuse_r1
+        and not spec.post_norms
+        and spec.rms_norm
         and not (config.kind == "smoothrot" and config.smooth_all)
     )
     if fused_r1:

@@ -30,9 +30,7 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
     return s.clamp(min=EPS)
 
 
-def quantized_output_error(
-    x: torch.Tensor, weight: torch.Tensor, w_args: QuantArgs | None, a_args: QuantArgs | None
-) -> float:
+def quantized_output_error(x: torch.Tensor, weight: torch.Tensor, w_args: QuantArgs | None, a_args: QuantArgs | None) -> float:
     """||X W^T - Q(X) Q(W)^T||_F^2 (the layer-wise error of "Turning LLM Activations Quantization-Friendly", nn.Linear layout)."""
     ref = x @ weight.T
     qx = fake_quantize(x, a_args) if a_args is not None else x
