@@ -57,9 +57,10 @@ def reference_scores(model, tokenizer, docs):
 
 
 def test_presets_and_names():
-    assert parse_tasks("seed001")[:2] == ["boolq", "piqa"] and len(parse_tasks("seed001")) == 8
+    assert parse_tasks("llm-qat")[:2] == ["boolq", "piqa"] and len(parse_tasks("llm-qat")) == 8
+    assert parse_tasks("seed001") == parse_tasks("llm-qat")  # the first name still works
     assert parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
-    assert preset_fewshot("seed001-fewshot") == 5 and preset_fewshot("piqa") is None
+    assert preset_fewshot("llm-qat-fewshot") == preset_fewshot("seed001-fewshot") == 5 and preset_fewshot("piqa") is None
     with pytest.raises(UserError, match="no task names"):
         parse_tasks(" , ")
 

@@ -58,6 +58,18 @@ def cost_summary(model: nn.Module, scheme: Scheme | None, seq_len: int) -> dict:
     }
 
 
+def recipe_report(model_name: str, recipe: Recipe) -> dict:
+    """The first fields of a quantize or qat report: what was quantized, and how."""
+    return {
+        "lowbit_version": __version__,
+        "model": model_name,
+        "scheme": recipe.scheme.name,
+        "scheme_args": recipe.scheme.to_dict(),
+        "transform": recipe.transform.kind,
+        "algorithm": recipe.algorithm,
+    }
+
+
 def save_model(model: nn.Module, save_to: str | Path, tokenizer) -> dict:
     """Save a quantized model (lowbit's native format) for a run folder; its report entry."""
     saved = save_quantized(model, save_to, tokenizer)
@@ -112,14 +124,7 @@ def quantize_job(
     log.info("tokenizing evaluation text %s", data_name)
     eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
     release_freed_memory()  # the tokenizer's temporaries for a whole text are large
-    report: dict = {
-        "lowbit_version": __version__,
-        "model": model_name,
-        "scheme": recipe.scheme.name,
-        "scheme_args": recipe.scheme.to_dict(),
-        "transform": recipe.transform.kind,
-        "algorithm": recipe.algorithm,
-    }
+    report = recipe_report(model_name, recipe)
     if evaluate_fp:
         log.info("evaluating full precision")
         fp = perplexity(model, eval_ids, seq_len, windows, progress=progress, desc="perplexity FP")
@@ -322,14 +327,7 @@ def qat_job(
     check_transform(teacher, spec, recipe.transform)
     config.check(_world())
     eval_ids = tokenize(tokenizer, load_text(data, split="eval")) if main else None
-    report: dict = {
-        "lowbit_version": __version__,
-        "model": model_name,
-        "scheme": recipe.scheme.name,
-        "scheme_args": recipe.scheme.to_dict(),
-        "transform": recipe.transform.kind,
-        "algorithm": recipe.algorithm,
-    }
+    report = recipe_report(model_name, recipe)
     if evaluate_fp and main:
         log.info("evaluating full precision")
         fp = perplexity(teacher, eval_ids, seq_len, windows, progress=progress, desc="perplexity FP")
