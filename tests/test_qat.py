@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_model, word_tokenizer
+from safetensors.torch import load_file
 from torch import nn
 
 import lowbit
@@ -105,7 +106,7 @@ def test_resumed_generation_writes_the_same_shards(tmp_path, monkeypatch):
     model, tok = tiny_model("llama"), word_tokenizer()
     full = tmp_path / "full"
     stats = generate_dataset(model, tok, full, _config(), progress=False)
-    assert stats["sequences"] == 7 and len(list(full.glob("shard-*.pt"))) == 3
+    assert stats["sequences"] == 7 and len(list(full.glob("shard-*.safetensors"))) == 3
 
     calls = {"n": 0}
     real = datagen_module.generate_batch
@@ -120,14 +121,14 @@ def test_resumed_generation_writes_the_same_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(datagen_module, "generate_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(model, tok, part, _config(), progress=False)
-    assert sorted(p.name for p in part.iterdir()) == ["meta.json", "shard-00000.pt"]  # no half-written shard
+    assert sorted(p.name for p in part.iterdir()) == ["meta.json", "shard-00000.safetensors"]  # no half-written shard
     with pytest.raises(UserError, match="incomplete"):
         load_dataset(part)
     monkeypatch.setattr(datagen_module, "generate_batch", real)
     generate_dataset(model, tok, part, _config(), progress=False)
     for i in range(3):
-        a = torch.load(full / f"shard-{i:05d}.pt", weights_only=True)
-        b = torch.load(part / f"shard-{i:05d}.pt", weights_only=True)
+        a = load_file(full / f"shard-{i:05d}.safetensors")
+        b = load_file(part / f"shard-{i:05d}.safetensors")
         assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["lengths"], b["lengths"])
     assert [s.tolist() for s in load_dataset(full)] == [s.tolist() for s in load_dataset(part)]
     with pytest.raises(UserError, match="other settings"):

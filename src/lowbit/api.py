@@ -14,7 +14,6 @@ from dataclasses import asdict
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .algorithms import rtn_weight
 from .algorithms.registry import resolve_algorithm
@@ -31,6 +30,7 @@ from .arch import (
 from .errors import UserError
 from .memory import release_mapped_pages
 from .pipeline import PipelineConfig, quantize_sequential
+from .progress import progress_bar
 from .runtime.kv import install_kv_quantizers
 from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
@@ -123,7 +123,7 @@ def quantize(
                 for linear in layer_linears(layer, spec).values():
                     linear.train_on_fixed_grid()
     elif scheme.weights is not None or scheme.inputs is not None:
-        for layer in tqdm(decoder_layers(model, spec), desc=f"quantizing ({algo.name})", unit="layer", disable=not progress, leave=False):
+        for layer in progress_bar(decoder_layers(model, spec), desc=f"quantizing ({algo.name})", unit="layer", disable=not progress, leave=False):
             for name, linear in layer_linears(layer, spec).items():
                 set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, algo, algo_config, trainable))
     if scheme.quantize_lm_head:  # RTN: the head's input is the last layer's output, no pipeline step
@@ -175,7 +175,7 @@ def calibrate_static(model: nn.Module, batches: Iterable[torch.Tensor], progress
     for q in static:
         q.observing = True
     try:
-        for batch in tqdm(list(batches), desc="calibrating", unit="sample", disable=not progress, leave=False):
+        for batch in progress_bar(list(batches), desc="calibrating", unit="sample", disable=not progress, leave=False):
             model(input_ids=batch.to(device), use_cache=False)
     finally:
         for q in static:

@@ -22,19 +22,35 @@ DEFAULT_WINDOWS = 8
 
 
 def _windows(value: str) -> int | None:
-    if str(value).lower() in ("all", "0"):
+    """--windows: a positive number, or 'all' (None)."""
+    if str(value).lower() == "all":
         return None
     try:
-        return int(value)
+        windows = int(value)
     except ValueError:
-        raise UserError(f"--windows must be a positive number or 'all'; got {value!r}") from None
+        windows = 0
+    if windows < 1:
+        raise UserError(f"--windows must be a positive number or 'all'; got {value!r}")
+    return windows
+
+
+def _at_least(minimum: int):
+    """A click callback: the option's value (when given) must be at least `minimum`, else one error line."""
+
+    def check(ctx, param, value):
+        if value is not None and value < minimum:
+            raise UserError(f"{param.opts[0]} must be at least {minimum}; got {value}")
+        return value
+
+    return check
 
 
 def _eval_options(f):
-    f = click.option("--seq-len", type=int, default=2048, show_default=True, help="Evaluation window length in tokens.")(f)
+    f = click.option("--seq-len", type=int, callback=_at_least(2), default=2048, show_default=True, help="Evaluation window length in tokens.")(f)
     f = click.option(
         "--windows",
         default=str(DEFAULT_WINDOWS),
+        callback=lambda ctx, param, value: _windows(value),
         show_default=True,
         help="Number of non-overlapping windows to evaluate ('all' for the whole text).",
     )(f)
@@ -58,7 +74,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     logging.basicConfig(format="lowbit: %(message)s", stream=sys.stderr)
     log.setLevel(level)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    if quiet:
+    if quiet or not sys.stderr.isatty():  # transformers' bars redraw with carriage returns: not in logs
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -90,8 +106,10 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     help="Calibration text (same forms as --data; calibration half of enwiki-sample by default), or 'generated' "
     "for data-free calibration on text the model writes itself.",
 )
-@click.option("--calib-samples", type=int, default=None, help="Calibration sequences [default: 128 for gptq/awq, 32 otherwise].")
-@click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option(
+    "--calib-samples", type=int, callback=_at_least(1), default=None, help="Calibration sequences [default: 128 for gptq/awq, 32 otherwise]."
+)
+@click.option("--calib-seq-len", type=int, callback=_at_least(2), default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ: columns in order of decreasing Hessian diagonal [default: on].")
 @click.option("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean Hessian diagonal [default: 0.01].")
 @click.option("--device", default=None, help="Run the layer-by-layer pipeline on this device (e.g. cuda); the model stays on CPU.")
@@ -132,7 +150,7 @@ def quantize(ctx, **o):
         report = quantize_job(
             o["model"],
             chosen,
-            evaluation=EvalSettings(o["data"], _windows(o["windows"]), o["seq_len"]),
+            evaluation=EvalSettings(o["data"], o["windows"], o["seq_len"]),
             calibration=CalibrationSettings(o["calib"], calib_samples, o["calib_seq_len"]),
             pipeline=PipelineConfig(device=o["device"], dtype=o["calib_dtype"]),
             seed=o["seed"],
@@ -197,7 +215,7 @@ def _recipe_from_options(o: dict):
 @click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per task [default: the preset's, else the task's].")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N examples of each task.")
 @click.option("--task-path", multiple=True, help="Folder of lm-eval task YAMLs (local datasets); repeatable.")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="lm-eval batch size.")
+@click.option("--batch-size", type=int, callback=_at_least(1), default=1, show_default=True, help="lm-eval batch size.")
 @click.option("--scheme", default=None, help="Quantize in memory first (RTN), e.g. W8A8 or W4A16.")
 @click.option("--int-kernels", is_flag=True, help="Run the quantized linears on integer kernels (int8 x int8, packed int4).")
 @click.option(
@@ -267,7 +285,7 @@ def evaluate(
     with RunOutput(out, overwrite, save_model=False) as run:
         report = evaluate_job(
             model_or_run_dir,
-            evaluation=EvalSettings(data, _windows(windows), seq_len),
+            evaluation=EvalSettings(data, windows, seq_len),
             scheme=parse_scheme(scheme) if scheme else None,
             int_kernels=int_kernels,
             harness=harness,
@@ -328,10 +346,17 @@ def _sampling_options(f):
 @cli.command("generate-data")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
 @click.option("--out", required=True, help="Folder for the shards; rerunning the same command resumes an interrupted run.")
-@click.option("--samples", type=int, default=256, show_default=True, help="Sequences to generate.")
-@click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per sequence at most (end of sequence stops earlier).")
-@click.option("--shard-size", type=int, default=64, show_default=True, help="Sequences per shard file.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences generated together.")
+@click.option("--samples", type=int, callback=_at_least(1), default=256, show_default=True, help="Sequences to generate.")
+@click.option(
+    "--max-length",
+    type=int,
+    callback=_at_least(2),
+    default=256,
+    show_default=True,
+    help="Tokens per sequence at most (end of sequence stops earlier).",
+)
+@click.option("--shard-size", type=int, callback=_at_least(1), default=64, show_default=True, help="Sequences per shard file.")
+@click.option("--batch-size", type=int, callback=_at_least(1), default=32, show_default=True, help="Sequences generated together.")
 @_sampling_options
 @click.option("--no-eos", is_flag=True, help="Never stop at end of sequence: every sequence gets --max-length tokens.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -385,8 +410,15 @@ def _loss_weights(text: str) -> dict[str, float]:
     show_default=True,
     help="Distillation loss(es): logits, label, hidden, attention; combine as logits+hidden or logits=1,hidden=0.1.",
 )
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per optimizer step (over all processes and accumulation).")
+@click.option("--steps", type=int, callback=_at_least(1), default=100, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    callback=_at_least(1),
+    default=8,
+    show_default=True,
+    help="Sequences per optimizer step (over all processes and accumulation).",
+)
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=2e-5, show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
@@ -409,10 +441,23 @@ def _loss_weights(text: str) -> dict[str, float]:
 )
 @click.option("--scale-lr", type=float, default=None, help="Learning rate of the weight scales (default: --lr).")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Write a checkpoint every N steps (0: only at the end).")
-@click.option("--calib-samples", type=int, default=128, show_default=True, help="Generated sequences used as calibration where the recipe needs it.")
+@click.option(
+    "--calib-samples",
+    type=int,
+    callback=_at_least(1),
+    default=128,
+    show_default=True,
+    help="Generated sequences used as calibration where the recipe needs it.",
+)
 @click.option("--eval-data", default=None, help="Evaluation text (same forms as lowbit quantize --data; --data here is the training data).")
-@click.option("--windows", default=str(DEFAULT_WINDOWS), show_default=True, help="Evaluation windows ('all' for the whole text).")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Evaluation window length in tokens.")
+@click.option(
+    "--windows",
+    default=str(DEFAULT_WINDOWS),
+    callback=lambda ctx, param, value: _windows(value),
+    show_default=True,
+    help="Evaluation windows ('all' for the whole text).",
+)
+@click.option("--seq-len", type=int, callback=_at_least(2), default=2048, show_default=True, help="Evaluation window length in tokens.")
 @click.option("--out", required=True, help="Folder for report.json and report.md; checkpoints go to OUT.checkpoints and a rerun resumes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -447,7 +492,7 @@ def qat(ctx, **o):
             o["data_dir"],
             config,
             checkpoint_dir=str(checkpoints),
-            evaluation=EvalSettings(o["eval_data"], _windows(o["windows"]), o["seq_len"]),
+            evaluation=EvalSettings(o["eval_data"], o["windows"], o["seq_len"]),
             calib_samples=o["calib_samples"],
             evaluate_fp=not o["no_fp"],
             progress=ctx.obj["progress"],
@@ -471,10 +516,11 @@ def qat(ctx, **o):
     help="Text to analyse: a file, 'enwiki-sample' (its calibration half; the default), a hub dataset id, or 'generated' "
     "(text the model writes itself).",
 )
-@click.option("--tokens", type=int, default=512, show_default=True, help="Tokens analysed (a multiple of --seq-len).")
+@click.option("--tokens", type=int, callback=_at_least(2), default=512, show_default=True, help="Tokens analysed (a multiple of --seq-len).")
 @click.option(
     "--seq-len",
     type=int,
+    callback=_at_least(2),
     default=128,
     show_default=True,
     help="Tokens per sequence (one sample of 128, as in 'Turning LLM Activations Quantization-Friendly').",

@@ -33,7 +33,7 @@ from .evaluation import (
 from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
 from .memory import peak_rss_bytes, release_freed_memory
-from .models import load_model
+from .models import check_window, load_config, load_model
 from .pipeline import PipelineConfig
 from .recipes import Recipe
 from .runtime.int_linear import convert_to_int_kernels
@@ -114,6 +114,7 @@ def quantize_job(
     start = time.time()
     pipeline = pipeline or PipelineConfig()
     torch.manual_seed(seed)
+    check_window(load_config(model_name), evaluation.seq_len)  # before the weights load
     log.info("loading %s", model_name)
     model, tokenizer = load_model(model_name)
     spec = get_arch(model)
@@ -198,7 +199,9 @@ def evaluate_job(
         if tokenizer is None:
             raise UserError(f"{saved} was saved without a tokenizer; save it again with one to evaluate it")
     else:
+        check_window(load_config(model_name), seq_len)  # before the weights load
         model, tokenizer = load_model(model_name)
+    check_window(model.config, seq_len)
     spec = get_arch(model)
     if scheme is not None:
         check_scheme(model, spec, scheme)
@@ -320,6 +323,7 @@ def qat_job(
     main = rank() == 0
     torch.manual_seed(config.seed)
     dataset = load_dataset(data_dir)  # fails early on a missing or incomplete folder
+    check_window(load_config(model_name), seq_len)
     log.info("loading %s", model_name)
     teacher, tokenizer = load_model(model_name, device=str(device))
     spec = get_arch(teacher)

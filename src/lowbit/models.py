@@ -21,7 +21,7 @@ import torch
 
 from .arch import arch_for_model_type
 from .errors import UserError
-from .files import OutputExistsError, write_dir_atomically
+from .files import OutputExistsError, ensure_writable_dir, write_dir_atomically
 
 log = logging.getLogger("lowbit")
 
@@ -84,18 +84,42 @@ def _check_supported(config) -> None:
     arch_for_model_type(getattr(config, "model_type", None) or "unknown")
 
 
+def load_config(name: str = DEFAULT_MODEL):
+    """The transformers config of a model, without its weights (the architecture checked)."""
+    from transformers import AutoConfig
+
+    source = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+    _check_supported(config)
+    return config
+
+
+def check_window(config, seq_len: int) -> None:
+    """An evaluation window the model can read: at most its context length."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and seq_len > context:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens); use at most {context}")
+
+
 def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | None = None):
     """Load (model, tokenizer) in eval mode; the architecture is checked before weights load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    load_config(name)
     source = resolve_model(name)
+    folder = Path(source)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        raise UserError(
+            f"{folder} has no .safetensors weights; lowbit never loads pickled weights (pytorch_model.bin), which can run code: "
+            "convert them to safetensors first"
+        )
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(source)
-        _check_supported(config)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        # safetensors only: a pickled checkpoint could run code as it loads
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except OSError as exc:
         raise _hub_error(name, exc) from None
     model.eval()
@@ -121,13 +145,20 @@ def convert_gguf(gguf: Path, cache_name: str | None = None) -> Path:
     target = cache_dir() / "models" / cache_name
     if (target / "lowbit-source.json").is_file():
         return target
+    ensure_writable_dir(target.parent)  # LOWBIT_CACHE: before the conversion, not after it
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to an fp32 folder in %s (once)", gguf.name, target)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # the gguf reader raises anything from struct errors to ValueError on a bad file
+        raise UserError(f"{gguf} is not a readable GGUF file (truncated or corrupted? {type(exc).__name__}: {str(exc)[:160]})") from None
     _check_supported(config)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise UserError(f"{gguf} cannot be converted (truncated or corrupted? {type(exc).__name__}: {str(exc)[:160]})") from None
     # The weights are dequantized to fp32 now; drop the GGUF marker so the folder saves and loads
     # as an ordinary model.
     if hasattr(model.config, "quantization_config"):

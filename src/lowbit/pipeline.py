@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .algorithms.registry import Algorithm, GroupContext
 from .arch import (
@@ -44,6 +43,7 @@ from .arch import (
 )
 from .errors import UserError
 from .memory import release_freed_memory, release_mapped_pages
+from .progress import progress_bar
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
 from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
@@ -108,7 +108,7 @@ def quantize_sequential(
     log.debug("captured layer-0 inputs for %d samples in %.1f s", ids.shape[0], time.time() - t0)
     dim, n_rep = head_dim(model.config), kv_groups(model.config)
     report = []
-    bar = tqdm(layers, desc=f"{algorithm.name} layer by layer", unit="layer", disable=not progress, leave=False)
+    bar = progress_bar(layers, desc=f"{algorithm.name} layer by layer", unit="layer", disable=not progress, leave=False)
     for i, layer in enumerate(bar):
         layer.to(device)
         kwargs = [_to(k, device) for k in kwargs_by_layer[i]]

@@ -245,7 +245,10 @@ def parse_scheme(name: str) -> Scheme:
         raise UserError("empty scheme name; expected something like W4A8KV4")
     parts: dict[str, QuantArgs | None] = {}
     pos = 0
-    compact = text.replace("-", "").replace("_", "")
+    # '-' or '_' may separate the parts (W4-A8-KV4), nothing else: W4g-64 is a typo, not W4g64
+    compact = re.sub(r"[-_](?=(?:W|A|KV|K|V)\d)", "", text)
+    if "-" in compact or "_" in compact:
+        raise UserError(f"scheme {text!r}: '-' or '_' may only separate the parts (W4-A8-KV4), not stand inside one")
     for m in _PART.finditer(compact):
         if m.start() != pos:
             break

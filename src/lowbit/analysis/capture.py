@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, InputGroup, decoder_layers, get_module
+from ..progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def stream_inputs(
     sites = input_sites(model, spec)
     offset = [0]
     handles = []
-    bar = tqdm(total=len(sites) * len(batches), desc=desc, unit="input", disable=not progress, leave=False)
+    bar = progress_bar(total=len(sites) * len(batches), desc=desc, unit="input", disable=not progress, leave=False)
     for site in sites:
         first = next(iter(site.linears(model, spec).values()))
 

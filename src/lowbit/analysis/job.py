@@ -308,8 +308,8 @@ def _write_outputs(folder, result: dict, plot_data: dict, config: AnalysisConfig
     import json
 
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
+    from ..progress import progress_bar
     from .report import analysis_markdown
 
     names: list[str] = []
@@ -328,7 +328,7 @@ def _write_outputs(folder, result: dict, plot_data: dict, config: AnalysisConfig
                 a_args = config.quant_args()[1] or QuantArgs(bits=4, granularity="token")
                 where = f"sequence {worst['sequence']}, position {worst['position']}, token {worst['token']!r}"
                 jobs.append(("worst_token.png", lambda p: P.worst_token(worst["site"], where, plot_data["worst_token"], a_args, p)))
-        for name, draw in tqdm(jobs, desc="plots", unit="plot", leave=False):
+        for name, draw in progress_bar(jobs, desc="plots", unit="plot", leave=False):
             draw(folder / name)
             names.append(name)
     if plot_data["raw"]:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..progress import progress_bar
 
 STRATEGIES = ("hybrid", "greedy", "sample")
 
@@ -68,7 +68,7 @@ def generate_batch(
     length: int,
     gen: torch.Generator,
     sampling: Sampling = Sampling(),
-    bar: tqdm | None = None,
+    bar=None,  # a progress bar to advance (tqdm interface)
 ) -> list[torch.Tensor]:
     """`n` sequences generated together with the KV cache: [1, <= length] token ids each (exactly
     `length` unless `sampling.stop_at_eos`; a stopped sequence ends with its end-of-sequence token)."""
@@ -131,7 +131,7 @@ def generate_samples(
     sampling.check()
     gen = torch.Generator().manual_seed(seed)
     out: list[torch.Tensor] = []
-    bar = tqdm(total=samples * length, desc="generating calibration text", unit="tok", disable=not progress, leave=False)
+    bar = progress_bar(total=samples * length, desc="generating calibration text", unit="tok", disable=not progress, leave=False)
     for start in range(0, samples, batch_size):
         out += generate_batch(model, tokenizer, min(batch_size, samples - start), length, gen, sampling, bar)
     bar.close()

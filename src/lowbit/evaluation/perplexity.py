@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import get_arch, get_module
 from ..errors import UserError
+from ..progress import progress_bar
 
 HEAD_CHUNK = 64  # tokens per lm_head slice (64 x 49152 fp32 logits = 12.6 MB)
 
@@ -63,7 +63,7 @@ def perplexity(
     backbone, lm_head = get_module(model, spec.layers.rsplit(".", 1)[0]), get_module(model, spec.lm_head)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     total_nll, total_tokens = 0.0, 0
-    for window in tqdm(batches, desc=desc, unit="window", disable=not progress, leave=False):
+    for window in progress_bar(batches, desc=desc, unit="window", disable=not progress, leave=False):
         window = window.to(device).unsqueeze(0)
         hidden = backbone(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
         targets = window[0, 1:]

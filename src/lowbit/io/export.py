@@ -160,5 +160,5 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    write_dir_atomically(out, fill)
+    write_dir_atomically(out, fill, overwrite=overwrite)
     return out

@@ -51,6 +51,7 @@ from ..runtime.rotation import OnlineHadamard
 from ..runtime.state import QuantizationState, require_state, set_quantization_state
 from ..scheme import Scheme, args_from_dict, args_to_dict
 from ..version import __version__
+from .description import CHECKSUM_KEY, check_description, description_checksum
 from .tensorfile import write_safetensors
 
 log = logging.getLogger("lowbit")
@@ -194,6 +195,7 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
             "aliases": aliases,
             "files": files,
         }
+        config[CHECKSUM_KEY] = description_checksum(config)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     write_dir_atomically(out, fill, overwrite=overwrite)
@@ -217,7 +219,7 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{config_file} is not a lowbit saved-model config (format is not {FORMAT!r})")
     version = config.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise UserError(f"{config_file} has no valid format_version; the file is corrupted, save the model again")
     if version > FORMAT_VERSION:
         raise UserError(
@@ -228,6 +230,7 @@ def read_config(path: str | Path) -> dict:
     missing_keys = [k for k in required if k not in config]
     if missing_keys:
         raise UserError(f"{config_file} is incomplete (no {', '.join(missing_keys)}); save the model again")
+    check_description(config, str(config_file))  # every field, names confined to the folder, the checksum
     if WEIGHTS_FILE not in config["files"]:
         raise UserError(f"{config_file} lists no {WEIGHTS_FILE}; save the model again")
     for name, meta in config["files"].items():
@@ -272,7 +275,7 @@ def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tenso
     """Swap the saved lowbit modules in; quantized linears take their codes and scales from `stored`."""
     rotations: dict[str, OnlineHadamard] = {}
     for path, entry in modules["linears"].items():
-        old = get_module(model, path)
+        old = _module_at(model, path)
         shape = (entry["out_features"], entry["in_features"])
         if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != shape:
             raise UserError(f"saved model does not match its config: {path} is not a {shape[0]}x{shape[1]} linear")
@@ -291,13 +294,20 @@ def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tenso
         set_module(model, path, new)
     if modules["attention"]:
         for path, entry in modules["attention"].items():
-            attention = get_module(model, path)
+            attention = _module_at(model, path)
             for attr, key in ((KEY_QUANT, "key"), (VALUE_QUANT, "value")):
                 if entry[key] is not None:
                     setattr(attention, attr, TensorQuantizer(args_from_dict(entry[key])))
             if entry["qk_rotation"] is not None:
                 setattr(attention, QK_ROTATION, _rotation(entry["qk_rotation"], rotations, path))
         set_attention_implementation(model, register_attention(model.config._attn_implementation or "eager"))
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return get_module(model, path)
+    except AttributeError:
+        raise UserError(f"saved model does not match its config: {type(model).__name__} has no module {path}; save the model again") from None
 
 
 def _read_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:

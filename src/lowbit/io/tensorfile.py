@@ -63,3 +63,55 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         for done in pending:
             done.result()
     return digest.hexdigest(), len(prefix) + offset
+
+
+TREE_KEY = "lowbit_tree"  # metadata entry holding the JSON skeleton of a saved tree
+
+
+def save_tree(path: str | Path, tree) -> None:
+    """Save nested dicts / lists of tensors, numbers, strings, booleans and None (a training
+    checkpoint: weights, optimizer state, history, settings) as one safetensors file: every tensor
+    a tensor entry, the structure JSON in the metadata. Nothing is pickled, so loading runs no code."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(node):
+        if isinstance(node, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = node.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(node, dict):
+            return {"__items__": [[encode(k), encode(v)] for k, v in node.items()]}  # keys of any JSON type
+        if isinstance(node, (list, tuple)):
+            return [encode(v) for v in node]
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"cannot store a {type(node).__name__} in a checkpoint")
+
+    skeleton = json.dumps(encode(tree))
+    write_safetensors(path, tensors, {TREE_KEY: skeleton})
+
+
+def load_tree(path: str | Path):
+    """Inverse of `save_tree`; a file that is not one raises ValueError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a safetensors file ({exc})") from None
+    if TREE_KEY not in metadata:
+        raise ValueError(f"{path} holds no {TREE_KEY} metadata")
+    skeleton = json.loads(metadata[TREE_KEY])
+
+    def decode(node):
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                return tensors[node["__tensor__"]]
+            return {decode(k): decode(v) for k, v in node["__items__"]}
+        if isinstance(node, list):
+            return [decode(v) for v in node]
+        return node
+
+    return decode(skeleton)

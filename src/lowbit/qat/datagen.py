@@ -17,18 +17,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.generate import Sampling, generate_batch
 from ..errors import UserError
 from ..files import write_file_atomically
+from ..io.tensorfile import write_safetensors
+from ..progress import progress_bar
 
 log = logging.getLogger("lowbit")
 
 META = "meta.json"
 STATS = "stats.json"
-SHARD = "shard-{:05d}.pt"
+SHARD = "shard-{:05d}.safetensors"
+OLD_SHARDS = "shard-*.pt"  # written by lowbit before shards were safetensors (pickles: never read)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def _check_meta(out: Path, meta: dict) -> None:
             raise UserError(
                 f"{out} holds data generated with other settings ({', '.join(changed)} differ); use a new --out folder or the same settings to resume"
             )
-    elif any(out.glob("shard-*.pt")):
+    elif any(out.glob("shard-*")):
         raise UserError(f"{out} has shards but no {META}; use an empty --out folder")
     else:
         write_file_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
@@ -83,11 +87,13 @@ def generate_dataset(model: nn.Module, tokenizer, out: str | Path, config: Datag
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": getattr(model, "lowbit_source", None) or model.config.name_or_path, **config.to_dict()}
+    if any(out.glob(OLD_SHARDS)):
+        raise UserError(f"{out} holds shards in an old format (.pt pickles, which lowbit never loads); use a new --out folder")
     _check_meta(out, meta)
     todo = [i for i in range(config.shards) if not shard_path(out, i).is_file()]
     if len(todo) < config.shards:
         log.info("resuming: %d of %d shards already in %s", config.shards - len(todo), config.shards, out)
-    bar = tqdm(
+    bar = progress_bar(
         total=sum(_shard_count(config, i) for i in todo) * config.max_length, desc="generating", unit="tok", unit_scale=True, disable=not progress
     )
     start, tokens = time.time(), 0
@@ -103,7 +109,7 @@ def generate_dataset(model: nn.Module, tokenizer, out: str | Path, config: Datag
         ids = torch.cat([s.view(-1) for s in seqs]).to(torch.int32)
         lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.int32)
         shard = {"ids": ids, "lengths": lengths}
-        write_file_atomically(shard_path(out, index), lambda tmp, shard=shard: torch.save(shard, tmp))
+        write_file_atomically(shard_path(out, index), lambda tmp, shard=shard: write_safetensors(tmp, shard))
     bar.close()
     seconds = time.time() - start
     stats = dataset_stats(load_dataset(out))
@@ -123,15 +129,23 @@ def load_dataset(path: str | Path) -> list[torch.Tensor]:
     path = Path(path)
     if not (path / META).is_file():
         raise UserError(f"{path} is not a generated dataset (no {META}); create one with lowbit generate-data --out {path}")
-    meta = json.loads((path / META).read_text())
-    shards = -(-meta["samples"] // meta["shard_size"])
+    if any(path.glob(OLD_SHARDS)):
+        raise UserError(f"{path} holds shards in an old format (.pt pickles, which lowbit never loads); generate the data again")
+    try:
+        meta = json.loads((path / META).read_text())
+        shards = -(-int(meta["samples"]) // int(meta["shard_size"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path / META} is damaged ({exc}); generate the data again") from None
     missing = [i for i in range(shards) if not shard_path(path, i).is_file()]
     if missing:
         raise UserError(f"{path} is incomplete ({len(missing)} of {shards} shards missing); rerun lowbit generate-data to finish it")
     seqs: list[torch.Tensor] = []
     for i in range(shards):
-        shard = torch.load(shard_path(path, i), weights_only=True)
-        seqs += [s.long() for s in torch.split(shard["ids"], shard["lengths"].tolist())]
+        try:
+            shard = load_file(str(shard_path(path, i)))
+            seqs += [s.long() for s in torch.split(shard["ids"], shard["lengths"].tolist())]
+        except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
+            raise UserError(f"{shard_path(path, i)} is damaged ({exc}); delete it and rerun lowbit generate-data to redo it") from None
     return seqs
 
 

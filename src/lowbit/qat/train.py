@@ -16,6 +16,7 @@ the rank that evaluates and saves the student.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,17 +28,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..files import write_file_atomically
+from ..io.tensorfile import load_tree, save_tree
+from ..progress import progress_bar
 from ..runtime.kv import register_attention, set_attention_implementation
 from ..runtime.linear import QuantLinear
 from . import distill
 
 log = logging.getLogger("lowbit")
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"  # tensors and a JSON skeleton: loading one runs no code
 SCHEDULES = ("cosine", "constant")
 
 
@@ -225,14 +227,17 @@ def save_checkpoint(
     if rank() != 0:
         return
     state = {"step": step, "params": weights, "optimizer": optimizer_state, "history": history, "config": asdict(config)}
-    write_file_atomically(path, lambda tmp: torch.save(state, tmp))
+    write_file_atomically(path, lambda tmp: save_tree(tmp, state))
 
 
 def load_checkpoint(
     path: Path, params: dict[str, nn.Parameter], optimizer, config: TrainConfig, sharded_model: nn.Module | None = None
 ) -> tuple[int, list[dict]]:
     """Restore weights, optimizer and schedule; with `sharded_model` (FSDP) each rank takes its shards."""
-    state = torch.load(path, weights_only=False, map_location="cpu")
+    try:
+        state = load_tree(path)
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({str(exc).splitlines()[0][:200]}); delete it to start over") from None
     saved = {k: v for k, v in state["config"].items() if k not in ("steps", "checkpoint_every")}
     now = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every")}
     if saved != now:
@@ -299,7 +304,7 @@ def train(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     topk_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     start, tokens = time.time(), 0
-    bar = tqdm(total=config.steps, initial=step, desc="QAT", unit="step", disable=not progress or rank() != 0)
+    bar = progress_bar(total=config.steps, initial=step, desc="QAT", unit="step", disable=not progress or rank() != 0)
     while step < config.steps:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, config)

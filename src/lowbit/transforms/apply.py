@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import (
     ArchSpec,
@@ -43,6 +42,7 @@ from ..arch import (
 )
 from ..errors import UserError
 from ..hadamard import factor_order, hadamard_transform, random_signs
+from ..progress import progress_bar
 from ..runtime.linear import QuantLinear
 from ..runtime.rotation import OnlineHadamard
 from ..scheme import Scheme
@@ -143,7 +143,7 @@ def collect_input_stats(
             hooks.append(get_module(layer, group.linears[0]).register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(batches, desc="calibration statistics", unit="sample", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="calibration statistics", unit="sample", disable=not progress, leave=False):
             model(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in hooks:
@@ -194,7 +194,8 @@ def apply_transform(
     )
     if fused_r1:
         _rotate_residual_stream(model, spec, signs(model.config.hidden_size))
-    for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)):
+    layers = progress_bar(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)
+    for i, layer in enumerate(layers):
         for group in spec.input_groups:
             linears = [get_module(layer, n) for n in group.linears]
             online_r1 = config.r1 and not fused_r1
