@@ -351,3 +351,36 @@ def test_kill_9_anywhere_leaves_no_partial_output_and_the_rerun_is_exact(tiny_mo
         read_config(out / "model")  # every checksum holds
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
+
+
+@pytest.mark.slow
+def test_kill_9_during_generation_and_qat_checkpointing_resumes_exactly(tiny_model_dir, sample_text_file, tmp_path):
+    """`generate-data` and `qat --checkpoint-every 1` killed at several points: the reruns finish
+    with the same shards and the same trained model (losses and perplexity) as uninterrupted runs."""
+    gen = ["-q", "generate-data", "--model", str(tiny_model_dir), "--samples", "12", "--max-length", "16", "--shard-size", "3",
+           "--batch-size", "3"]  # fmt: skip
+    qat = ["-q", "qat", "--model", str(tiny_model_dir), "--scheme", "W4A8KV4", "--steps", "6", "--batch-size", "2", "--lr", "1e-3",
+           "--checkpoint-every", "1", "--eval-data", str(sample_text_file), "--windows", "2", "--seq-len", "32"]  # fmt: skip
+    ref_data, ref_run = tmp_path / "ref-data", tmp_path / "ref-run"
+    start = time.time()
+    assert subprocess.run([*LOWBIT, *gen, "--out", str(ref_data)], capture_output=True, timeout=600).returncode == 0
+    gen_seconds = time.time() - start
+    start = time.time()
+    assert subprocess.run([*LOWBIT, *qat, "--data", str(ref_data), "--out", str(ref_run)], capture_output=True, timeout=600).returncode == 0
+    qat_seconds = time.time() - start
+    expected = json.loads((ref_run / "report.json").read_text())
+    for i, fraction in enumerate((0.5, 0.75, 0.9)):
+        data, out = tmp_path / f"data{i}", tmp_path / f"run{i}"
+        _killed_at([*LOWBIT, *gen, "--out", str(data)], gen_seconds * fraction)
+        rerun = subprocess.run([*LOWBIT, *gen, "--out", str(data)], capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        for shard in sorted(ref_data.glob("shard-*")):
+            assert (data / shard.name).read_bytes() == shard.read_bytes()
+        _killed_at([*LOWBIT, *qat, "--data", str(data), "--out", str(out)], qat_seconds * fraction)
+        if not out.exists():
+            rerun = subprocess.run([*LOWBIT, *qat, "--data", str(data), "--out", str(out)], capture_output=True, text=True, timeout=600)
+            assert rerun.returncode == 0, rerun.stderr
+        got = json.loads((out / "report.json").read_text())
+        assert got["qat"]["loss_history"] == expected["qat"]["loss_history"]
+        assert got["quantized"]["ppl"] == expected["quantized"]["ppl"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
