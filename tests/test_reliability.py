@@ -384,3 +384,14 @@ def test_kill_9_during_generation_and_qat_checkpointing_resumes_exactly(tiny_mod
         assert got["qat"]["loss_history"] == expected["qat"]["loss_history"]
         assert got["quantized"]["ppl"] == expected["quantized"]["ppl"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_output_that_would_replace_an_input_is_refused(tiny_model_dir, sample_text_file, tmp_path, capsys, monkeypatch):
+    before = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()}
+    for out in (tiny_model_dir, tiny_model_dir.parent):  # the model folder itself, or a folder holding it
+        code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, "--out", str(out), "--overwrite"), capsys)
+        assert code == 2 and "would replace the input" in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()} == before
+    monkeypatch.chdir(sample_text_file.parent)  # the evaluation text spelled another way as calibration
+    code, _, err = run(quantize_args(tiny_model_dir, sample_text_file, "--calib", f"./{sample_text_file.name}"), capsys)
+    assert code == 2 and "never calibrate on the evaluation text" in err, err

@@ -144,9 +144,10 @@ def quantize(ctx, **o):
         raise UserError(f"--calib-samples must be at least 1; got {calib_samples}")
     if o["calib_seq_len"] < 2:
         raise UserError(f"--calib-seq-len must be at least 2; got {o['calib_seq_len']}")
-    if o["calib"] and o["data"] and o["calib"] == o["data"]:
+    if o["calib"] and o["data"] and _same_text(o["calib"], o["data"]):
         raise UserError("--calib and --data name the same text; never calibrate on the evaluation text")
-    with RunOutput(o["out"], o["overwrite"], save_model=not o["no_save_model"]) as run:
+    inputs = (o["model"], o["data"], o["calib"])
+    with RunOutput(o["out"], o["overwrite"], save_model=not o["no_save_model"], inputs=inputs) as run:
         report = quantize_job(
             o["model"],
             chosen,
@@ -282,7 +283,7 @@ def evaluate(
     if no_ppl and not tasks:
         raise UserError("--no-ppl leaves nothing to evaluate; add --tasks")
     costs = None if cost_schemes.strip().lower() == "none" else tuple(parse_scheme(s).name for s in cost_schemes.split(",") if s.strip())
-    with RunOutput(out, overwrite, save_model=False) as run:
+    with RunOutput(out, overwrite, save_model=False, inputs=(model_or_run_dir, data)) as run:
         report = evaluate_job(
             model_or_run_dir,
             evaluation=EvalSettings(data, windows, seq_len),
@@ -312,7 +313,7 @@ def export(run_or_model_dir, fmt, out, overwrite):
 
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, (run_or_model_dir,))
     model, tokenizer = load_quantized(run_or_model_dir)
     export_compressed_tensors(model, out, tokenizer, overwrite=overwrite)
     log.info("exported %s to %s (%s)", quantization_state(model).scheme.name, out, fmt)
@@ -485,7 +486,8 @@ def qat(ctx, **o):
     config.check(1)
     out = o["out"]
     checkpoints = Path(str(out).rstrip("/") + ".checkpoints")
-    with RunOutput(out, o["overwrite"], save_model=not o["no_save_model"]) as run:
+    inputs = (o["model"], o["data_dir"], o["eval_data"])
+    with RunOutput(out, o["overwrite"], save_model=not o["no_save_model"], inputs=inputs) as run:
         report = qat_job(
             o["model"],
             recipe,
@@ -571,9 +573,16 @@ def analyze(
         seed=seed,
     )
     if out:
-        check_out_dir(out, overwrite)
+        check_out_dir(out, overwrite, (model, data))
     result = analyze_job(model, config, data=data, out=out, overwrite=overwrite, plots=not no_plots, progress=ctx.obj["progress"])
     click.echo(analysis_markdown(result, result.get("plots", [])) if not out else "\n".join(result["recommendation"]))
+
+
+def _same_text(a: str, b: str) -> bool:
+    """The same name, or two spellings of one file."""
+    from pathlib import Path
+
+    return a == b or (Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve())
 
 
 def _settings(pairs: tuple[str, ...]) -> dict:

@@ -67,10 +67,18 @@ def sweep_stale(path: str | Path) -> list[Path]:
     return removed
 
 
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output folder unless `overwrite`, and a place lowbit cannot write to;
-    called before any work starts. Removes what dead runs left beside it."""
+def check_out_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Refuse an existing output folder unless `overwrite`, one that is or holds an input (writing
+    it would replace what the run reads), and a place lowbit cannot write to; called before any
+    work starts. Removes what dead runs left beside it."""
     out = Path(out)
+    resolved = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue  # a short name or a hub id: nothing on disk to protect
+        source = Path(given).resolve()
+        if source == resolved or resolved in source.parents:
+            raise UserError(f"--out {out} would replace the input {given}; choose another --out")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it or choose another --out")
     if out.exists() and not out.is_dir():

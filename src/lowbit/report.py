@@ -34,14 +34,14 @@ class RunOutput:
     first written to a staging folder beside it. Use as a context manager; without `out` nothing
     is written. The staging folder is removed however the run ends."""
 
-    def __init__(self, out: str | Path | None, overwrite: bool = False, save_model: bool = True) -> None:
-        self.out, self.overwrite = (Path(out) if out else None), overwrite
+    def __init__(self, out: str | Path | None, overwrite: bool = False, save_model: bool = True, inputs: tuple = ()) -> None:
+        self.out, self.overwrite, self.inputs = (Path(out) if out else None), overwrite, inputs
         self._stage = staging_dir(self.out) if self.out is not None and save_model else None
         self.staging: Path | None = None
 
     def __enter__(self) -> RunOutput:
         if self.out is not None:
-            check_out_dir(self.out, self.overwrite)
+            check_out_dir(self.out, self.overwrite, self.inputs)
         if self._stage is not None:
             self.staging = self._stage.__enter__()
         return self
