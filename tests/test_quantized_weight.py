@@ -174,3 +174,19 @@ def test_release_mapped_pages_gives_back_a_private_file_mapping(tmp_path):
     assert np.array_equal(np.fromfile(path, dtype=np.float32)[:1000], values[:1000])  # the file never changed
     heap = torch.ones(2**20)
     assert release_mapped_pages(heap) == 0 and bool((heap == 1).all())  # anonymous memory is left alone
+
+
+@torch.no_grad()
+def test_dense_weight_cache_gives_the_same_outputs_and_is_dropped():
+    from lowbit.runtime.linear import dense_weights_cached
+
+    model = tiny_model("llama")
+    q = lowbit.quantize(model, "W4g16A8KV4", progress=False)
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = q(x).logits
+    linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    with dense_weights_cached(q):
+        assert torch.equal(q(x).logits, ref)
+        assert all(m._dense_cache is not None for m in linears)  # dequantized once, reused
+        assert torch.equal(q(x).logits, ref)
+    assert all(m._dense_cache is None and not m.cache_dense for m in linears)  # codes only again

@@ -45,7 +45,7 @@ from .errors import UserError
 from .memory import release_freed_memory, release_mapped_pages
 from .progress import progress_bar
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
-from .runtime.linear import QuantLinear
+from .runtime.linear import QuantLinear, drop_dense_caches
 from .runtime.quantizer import TensorQuantizer
 from .scheme import Granularity, Scheme
 from .transforms.rotate import scale_norm_output, scale_output_rows
@@ -117,6 +117,7 @@ def quantize_sequential(
         for group in spec.input_groups:
             entry[group.role] = _quantize_group(layer, spec, group, scheme, algorithm, algorithm_config, runner, n_rep, dim)
         runner.run_all()
+        drop_dense_caches(layer)
         layer.to(home)
         release_freed_memory()  # this layer's temporaries, before the next layer's peak
         report.append(entry)
@@ -288,6 +289,7 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
             _fold_input_scales(layer, spec, group, scales, n_rep, dim)
     for name, lin, part in zip(group.linears, linears, parts):
         new = QuantLinear(part, lin.bias, None, scheme.inputs, rotation).to(runner.device)
+        new.cache_dense = True  # the layer runs again for every later group: dequantize once (dropped with the layer)
         if static_inputs:
             lo, hi = channel_range["lo"], channel_range["hi"]
             if scales is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import UserError
+from ..runtime.linear import dense_weights_cached
 
 log = logging.getLogger("lowbit")
 
@@ -129,7 +130,13 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress:
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
     log.info("lm-eval %s: %s", getattr(lm_eval, "__version__", "?"), ", ".join(config.tasks))
-    out = lm_eval.simple_evaluate(
+    with dense_weights_cached(model):  # thousands of short requests: dequantize each weight once
+        out = _simple_evaluate(lm_eval, lm, tasks, manager, config)
+    return _summary(out, config, getattr(lm_eval, "__version__", "unknown"))
+
+
+def _simple_evaluate(lm_eval, lm, tasks, manager, config: HarnessConfig) -> dict:
+    return lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
         num_fewshot=config.num_fewshot,
@@ -142,6 +149,9 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress:
         fewshot_random_seed=config.seed,
         verbosity=None,
     )
+
+
+def _summary(out: dict, config: HarnessConfig, version: str) -> dict:
     results = {}
     for name, metrics in out["results"].items():
         entry = {}
@@ -157,7 +167,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress:
         entry["samples"] = samples.get("effective") if isinstance(samples, dict) else None
         results[name] = {k: v for k, v in entry.items() if v is not None}
     summary = {
-        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        "lm_eval_version": version,
         "tasks": list(config.tasks),
         "num_fewshot": config.num_fewshot,
         "limit": config.limit,

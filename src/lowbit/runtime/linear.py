@@ -15,9 +15,17 @@ It takes one of three forms:
 
 Each form may also rotate its input online (an equivalent transformation whose inverse is
 already in the weight) and quantize its input activations.
+
+Dequantizing in every forward keeps memory at the codes' size but costs a pass over the weight
+per call, which dominates short inputs (token-by-token decoding, many small task requests). Inside
+`dense_weights_cached(model)` each quantized linear keeps the weight it dequantized (the same
+values, recomputed from the codes) until the block ends.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +59,8 @@ class QuantLinear(nn.Module):
         self.input_rotation = input_rotation
         self.input_quant = TensorQuantizer(input_args) if input_args is not None else None
         self.trainable = False
+        self.cache_dense = False  # keep the dequantized weight between forwards (dense_weights_cached)
+        self._dense_cache: torch.Tensor | None = None
         for name in QUANTIZED_BUFFERS:
             self.register_buffer(name, None)
         self.weight_args: QuantArgs | None = None
@@ -92,6 +102,7 @@ class QuantLinear(nn.Module):
         if tuple(qweight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight of shape {qweight.shape} for a {self.out_features}x{self.in_features} linear")
         device = self.bias.device if self.bias is not None else qweight.scale.device
+        self._dense_cache = None
         self.weight = None
         self.weight_args = qweight.args
         self.trainable = False
@@ -110,7 +121,13 @@ class QuantLinear(nn.Module):
         """The weight as the forward uses it: dequantized codes, the (fake-quantized) latent weight
         while training, or the float weight. Quantized forms come out in `dtype` (float32 default)."""
         if self.is_quantized:
-            return self.quantized_weight.dequantize(dtype or torch.float32)
+            dtype = dtype or torch.float32
+            if not self.cache_dense:
+                return self.quantized_weight.dequantize(dtype)
+            cached = self._dense_cache
+            if cached is None or cached.dtype != dtype or cached.device != self.weight_codes.device:
+                cached = self._dense_cache = self.quantized_weight.dequantize(dtype)
+            return cached
         if self.trainable and self.weight_args is not None:
             weight = fake_quantize(self.weight, self.weight_args, self._weight_grid())
         else:
@@ -129,6 +146,7 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # A dtype change (model.to(torch.bfloat16)) must not round the stored scales: they keep their
         # own number format and only follow the module's device.
+        self._dense_cache = None
         kept = {name: self._buffers[name] for name in (SCALE, ZERO, GLOBAL_SCALE) if self.is_quantized and self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, tensor in kept.items():
@@ -201,3 +219,23 @@ class QuantLinear(nn.Module):
         a = self.input_quant.args.name() if self.input_quant else "16"
         state = ", trainable" if self.trainable else ", codes" if self.is_quantized else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, W{w}A{a}{state}"
+
+
+def drop_dense_caches(module: nn.Module) -> None:
+    """Stop caching dequantized weights in every `QuantLinear` of `module` and free the caches."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_dense, m._dense_cache = False, None
+
+
+@contextlib.contextmanager
+def dense_weights_cached(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, quantized linears dequantize their codes once and reuse the result (the
+    memory of a float copy, for the speed of short inputs); outside it they hold codes only."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_dense = True
+    try:
+        yield module
+    finally:
+        drop_dense_caches(module)
