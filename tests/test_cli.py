@@ -56,7 +56,7 @@ def test_existing_out_is_refused_unless_overwrite(tiny_model_dir, sample_text_fi
         (["--scheme", "W0A16"], "weight bits must be 2-8"),
         (["--scheme", "W1A16"], "weight bits must be 2-8"),
         (["--scheme", "W4g48A16"], "group size 48 does not divide"),
-        (["--seq-len", "100000"], "fewer than one window"),
+        (["--seq-len", "100000"], "longer than the model's context (256 tokens)"),
         (["--windows", "x"], "--windows must be"),
         (["--recipe", "nope"], "unknown recipe"),
         (["--transform", "twist"], "unknown transform"),
@@ -74,11 +74,11 @@ def test_bad_input_exits_2_with_one_line(tiny_model_dir, sample_text_file, tmp_p
 def test_bad_model_and_data(tiny_model_dir, tmp_path, capsys):
     code, _, err = run(["-q", "quantize", "--model", "no-such-model"], capsys)
     assert code == 2 and "unknown model" in err
-    code, _, err = run(["-q", "quantize", "--model", str(tiny_model_dir), "--data", str(tmp_path / "none.txt")], capsys)
+    code, _, err = run(["-q", "quantize", "--model", str(tiny_model_dir), "--data", str(tmp_path / "none.txt"), "--seq-len", "32"], capsys)
     assert code == 2 and "text file not found" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    code, _, err = run(["-q", "quantize", "--model", str(tiny_model_dir), "--data", str(empty)], capsys)
+    code, _, err = run(["-q", "quantize", "--model", str(tiny_model_dir), "--data", str(empty), "--seq-len", "32"], capsys)
     assert code == 2 and "empty" in err
 
 

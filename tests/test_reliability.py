@@ -340,8 +340,8 @@ def test_kill_9_anywhere_leaves_no_partial_output_and_the_rerun_is_exact(tiny_mo
     for i, fraction in enumerate((0.3, 0.6, 0.8, 0.9, 0.97)):
         out = tmp_path / f"run{i}"
         code = _killed_at([*base, "--out", str(out)], duration * fraction)
-        if out.exists():  # finished before the kill: then it is whole
-            assert code == 0 and (out / "report.json").is_file() and (out / "model" / CONFIG_FILE).is_file()
+        if out.exists():  # renamed into place before the kill (the process may still have died after): whole
+            assert code in (0, -signal.SIGKILL) and (out / "report.json").is_file() and (out / "model" / CONFIG_FILE).is_file()
             read_config(out / "model")
             continue
         rerun = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True, timeout=600)
