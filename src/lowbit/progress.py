@@ -19,7 +19,7 @@ class _Lines:
     """A file for tqdm that turns redraws into whole lines, one per interval at most."""
 
     def __init__(self, stream) -> None:
-        self.stream, self.last, self.pending = stream, 0.0, ""
+        self.stream, self.last, self.pending, self.written = stream, 0.0, "", ""
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "").strip()
@@ -31,10 +31,11 @@ class _Lines:
             self.flush_line(now)
 
     def flush_line(self, now: float | None = None) -> None:
-        if self.pending:
+        if self.pending and self.pending != self.written:  # the final state is not repeated by close()
             self.stream.write(self.pending + "\n")
             self.stream.flush()
-            self.pending = ""
+            self.written = self.pending
+        self.pending = ""
         self.last = time.monotonic() if now is None else now
 
     def flush(self) -> None:
