@@ -129,3 +129,18 @@ def sample_text_file(tmp_path):
     path = tmp_path / "sample.txt"
     path.write_text(SAMPLE_TEXT)
     return path
+
+
+def run_cli(args, capsys):
+    """`lowbit ARGS` in this process: (exit status, stdout, stderr)."""
+    from lowbit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def quantize_args(model_dir, text, *extra):
+    """`lowbit quantize` on a local model with short windows (the tiny models' context is 256)."""
+    return ["-q", "quantize", "--model", str(model_dir), "--data", str(text), "--seq-len", "32", "--windows", "3", *extra]

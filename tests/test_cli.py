@@ -6,19 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
-from lowbit.cli import main
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-def quantize_args(model_dir, text, *extra):
-    return ["-q", "quantize", "--model", str(model_dir), "--data", str(text), "--seq-len", "32", "--windows", "3", *extra]
+from conftest import quantize_args
+from conftest import run_cli as run
 
 
 def test_quantize_writes_the_report(tiny_model_dir, sample_text_file, tmp_path, capsys):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, word_tokenizer
+from conftest import quantize_args, tiny_model, word_tokenizer
+from conftest import run_cli as run
 
 import lowbit
 from lowbit import UserError
-from lowbit.cli import main
 from lowbit.files import OutputExistsError, sweep_stale, write_dir_atomically
 from lowbit.io.description import CHECKSUM_KEY, description_checksum
 from lowbit.io.native import CONFIG_FILE, read_config
@@ -27,17 +27,6 @@ from lowbit.report import RunOutput
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lowbit"
 LOWBIT = [sys.executable, "-m", "lowbit.cli"]
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-def quantize_args(model_dir, text, *extra):
-    return ["-q", "quantize", "--model", str(model_dir), "--data", str(text), "--seq-len", "32", "--windows", "3", *extra]
 
 
 class Payload:
