@@ -138,11 +138,6 @@ class QuantLinear(nn.Module):
         scale = getattr(self, SCALE)
         return None if scale is None else QParams(scale, getattr(self, ZERO))
 
-    @property
-    def weight_scale_grid(self) -> torch.Tensor | None:
-        """QAT's fixed (or learned) per-row weight scale [rows, 1], None on a MinMax grid."""
-        return getattr(self, SCALE) if self.trainable else None
-
     def _apply(self, fn, recurse=True):
         # A dtype change (model.to(torch.bfloat16)) must not round the stored scales: they keep their
         # own number format and only follow the module's device.
