@@ -15,8 +15,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from .algorithms import rtn_weight
-from .algorithms.registry import resolve_algorithm
+from .algorithms.registry import GroupContext, resolve_algorithm
 from .arch import (
     ArchSpec,
     attention_modules,
@@ -131,7 +130,8 @@ def quantize(
         if head.weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr():
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # tied: keep the embeddings exact
             model.config.tie_word_embeddings = False
-        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, None, None, trainable))
+        rtn, rtn_config = resolve_algorithm("rtn")
+        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, rtn, rtn_config, trainable))
     if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
         calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
     set_quantization_state(
@@ -149,7 +149,7 @@ def quantize(
 
 def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, algo, config, trainable: bool) -> QuantLinear:
     """Quantize a linear (an nn.Linear, or a QuantLinear a transform made, keeping its rotation)
-    with an algorithm that needs no calibration (`algo` None: RTN). A memory-mapped checkpoint's
+    with an algorithm that needs no calibration. A memory-mapped checkpoint's
     pages of the float weight are given back once the codes replace it."""
     weight = linear.weight.detach()
     rotation = getattr(linear, "input_rotation", None)
@@ -158,7 +158,7 @@ def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, a
     if trainable:  # the latent weight stays full precision; forward fake-quantizes it
         return QuantLinear(weight, linear.bias, w, a, rotation, trainable=True)
     with torch.no_grad():
-        qweight = rtn_weight(weight.float(), w) if algo is None else algo.quantize(weight.float(), None, w, config, None).qweight
+        qweight = algo.quantize(weight.float(), None, w, config, GroupContext(input_args=a)).qweight
     release_mapped_pages(weight)
     return QuantLinear(qweight, linear.bias, None, a, rotation)
 

@@ -49,7 +49,10 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         qp = self.qparams
-        return (self.codes.float() * qp.scale + qp.zero).reshape(self.shape).to(dtype)
+        values = self.codes.float() * qp.scale
+        if self.zero is not None:  # symmetric: adding the zero offset would be a pass over the weight for nothing
+            values = values + qp.zero
+        return values.reshape(self.shape).to(dtype)
 
     @property
     def out_features(self) -> int:
