@@ -113,7 +113,7 @@ def test_quantize_dequantize_matches_fake_quantize():
     for args in (QuantArgs(bits=4), QuantArgs(bits=3, symmetric=False, granularity="group", group_size=8)):
         codes, qp = quantize(w, args)
         assert codes.min() >= args.qmin and codes.max() <= args.qmax
-        assert torch.allclose(dequantize(codes, qp, w.shape), fake_quantize(w, args))
+        assert torch.allclose(dequantize(codes, qp, w.shape, args), fake_quantize(w, args))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -145,4 +145,4 @@ def test_signed_codes_pack_round_trip(bits):
     packed = pack(unsigned_codes(codes, bits, True), bits)
     back = signed_codes(unpack(packed, bits, codes.numel()), bits, True).reshape(codes.shape)
     assert torch.equal(back, codes)
-    assert torch.allclose(dequantize(back, qp, w.shape), fake_quantize(w, args))
+    assert torch.allclose(dequantize(back, qp, w.shape, args), fake_quantize(w, args))

@@ -90,6 +90,13 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--online-r1", is_flag=True, help="Rotate the inputs of q/k/v and gate/up online instead of fusing R1.")
 @click.option("--no-fold-norms", is_flag=True, help="With --online-r1: keep norm gains in the norms (often better for RTN).")
 @click.option(
+    "--rotation-block",
+    type=int,
+    default=None,
+    callback=_at_least(2),
+    help="Block-diagonal Hadamard rotations of this size (16 for NVFP4, 32 for MX: the format's block), instead of full ones.",
+)
+@click.option(
     "--algorithm", default=None, help="Weight quantization: a registered algorithm, rtn (no data), gptq or awq (layer by layer, need --calib)."
 )
 @click.option(
@@ -185,6 +192,8 @@ def _recipe_from_options(o: dict):
         changes["fuse_r1"] = False
     if o["no_fold_norms"]:
         changes["fold_norms"] = False
+    if o["rotation_block"] is not None:
+        changes["rotation_block"] = o["rotation_block"]
     knobs = _settings(o["settings"])
     for name in ("act_order", "damp"):  # the GPTQ options that predate --set
         if o[name] is not None:

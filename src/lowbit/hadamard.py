@@ -136,15 +136,29 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=g).to(torch.float32) * 2 - 1
 
 
-def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+def check_block(n: int, block: int | None) -> None:
+    """A block-diagonal rotation of size `block` must tile `n` and have a Hadamard matrix."""
+    if block is None:
+        return
+    if block < 1 or n % block:
+        raise UserError(f"a block Hadamard of size {block} does not divide dimension {n}; choose a divisor of {n} (16 or 32 for NVFP4 / MX)")
+    factor_order(block)
+
+
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
     """x @ diag(signs) @ H_n / sqrt(n) along the last dimension, in O(n log n) on the power-of-two part.
+    With `block`, H is block-diagonal: H_block on each run of `block` consecutive channels (the
+    blocks of a microscaling format, so each block's outliers spread over that block only).
 
     With H_n = H_{2^k} (x) H_b, x viewed as [..., 2^k, b] is multiplied by H_b on the last axis
     and transformed with the butterfly on the 2^k axis."""
     n = x.shape[-1]
-    b, p = factor_order(n)
     if signs is not None:
         x = x * signs.to(device=x.device, dtype=x.dtype)
+    if block is not None and block != n:
+        check_block(n, block)
+        return hadamard_transform(x.reshape(*x.shape[:-1], n // block, block)).reshape(x.shape)
+    b, p = factor_order(n)
     shape = x.shape
     y = x.reshape(-1, p, b)
     if b > 1:

@@ -29,6 +29,7 @@ from .evaluation import (
     model_size_bytes,
     perplexity,
     scheme_cost,
+    weight_bits,
 )
 from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
@@ -36,7 +37,7 @@ from .memory import peak_rss_bytes, release_freed_memory
 from .models import check_window, load_config, load_model
 from .pipeline import PipelineConfig
 from .recipes import Recipe
-from .runtime.int_linear import convert_to_int_kernels
+from .runtime.int_linear import check_integer_formats, convert_to_int_kernels
 from .runtime.state import quantization_state
 from .scheme import Scheme
 from .transforms.apply import check_transform
@@ -51,6 +52,7 @@ def cost_summary(model: nn.Module, scheme: Scheme | None, seq_len: int) -> dict:
     ops = model_ops(model, scheme, seq_len)
     return {
         "size_bytes": model_size_bytes(model),
+        "bits_per_weight": weight_bits(model),
         "ops": ops.ops,
         "macs": ops.macs,
         "ops_seq_len": seq_len,
@@ -65,6 +67,7 @@ def recipe_report(model_name: str, recipe: Recipe) -> dict:
         "model": model_name,
         "scheme": recipe.scheme.name,
         "scheme_args": recipe.scheme.to_dict(),
+        "formats": recipe.scheme.formats(),
         "transform": recipe.transform.kind,
         "algorithm": recipe.algorithm,
     }
@@ -192,6 +195,8 @@ def evaluate_job(
     saved = saved_model_dir(model_name)  # a `lowbit quantize --out` folder, or its model/ folder
     if int_kernels and scheme is None and saved is None:
         raise UserError("--int-kernels runs quantized layers on integer kernels; give a --scheme (e.g. W8A8 or W4A16)")
+    if int_kernels and scheme is not None:
+        check_integer_formats(scheme)
     if saved is not None:
         if scheme is not None:
             raise UserError(f"{model_name} holds a saved quantized model already; drop --scheme")
@@ -216,12 +221,12 @@ def evaluate_job(
     if saved is not None:
         state = quantization_state(model)
         scheme = state.scheme
-        report.update(scheme=scheme.name, scheme_args=scheme.to_dict(), transform=state.transform.get("kind", "none"))
+        report.update(scheme=scheme.name, scheme_args=scheme.to_dict(), formats=scheme.formats(), transform=state.transform.get("kind", "none"))
         part = "quantized"
     elif scheme is not None:
         log.info("quantizing to %s (RTN, in memory)", scheme.name)
         model = quantize(model, scheme, inplace=True, progress=progress)
-        report.update(scheme=scheme.name, scheme_args=scheme.to_dict(), transform="none", algorithm="rtn")
+        report.update(scheme=scheme.name, scheme_args=scheme.to_dict(), formats=scheme.formats(), transform="none", algorithm="rtn")
         part = "quantized"
     if int_kernels:
         model = convert_to_int_kernels(model, inplace=True)
@@ -267,6 +272,7 @@ def info_job(model_name: str, scheme: Scheme | None = None) -> dict:
         if scheme.quantize_lm_head:
             touched.append(spec.lm_head)
         info["scheme"] = scheme.name
+        info["formats"] = scheme.formats()
         info["quantized_linears"] = touched
         info["quantized_linear_count"] = len(layers) * len(linears) if touched else 0
         info["kv_quantized"] = bool(scheme.keys or scheme.values)

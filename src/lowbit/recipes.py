@@ -64,7 +64,7 @@ NAMED: dict[str, dict] = {
     "w4a4kv4-rotate-online-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
     "w4a4kv4-smoothrot-gptq": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
 }
-TRANSFORM_KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms")
+TRANSFORM_KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms", "rotation_block")
 
 
 def load_recipe(name_or_file: str) -> Recipe:

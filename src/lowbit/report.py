@@ -83,6 +83,13 @@ def report_markdown(report: dict) -> str:
         "",
         f"- transform: {report.get('transform', 'none')}, algorithm: {report.get('algorithm', '-')}",
     ]
+    formats = report.get("formats")
+    if formats:
+        described = ", ".join(f"{kind} {f['format']} ({f['bits_per_value']:g} bits/value)" for kind, f in formats.items())
+        lines.append(f"- formats: {described}")
+    bits = q.get("bits_per_weight")
+    if bits is not None:
+        lines.append(f"- quantized linears take {bits:.3f} bits per weight at rest (codes and scales)")
     if report.get("kernels") == "int":
         lines.append("- linears run on integer kernels (int8 x int8 with int32 accumulation, or packed int4)")
     if ev:

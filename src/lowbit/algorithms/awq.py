@@ -160,7 +160,7 @@ def clipped_quantize(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, con
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best = QParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero, best.zero))
+            best = QParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero, best.zero), best.global_scale)
     return quantize_weight(weight, args, best)
 
 

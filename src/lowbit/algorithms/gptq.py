@@ -102,19 +102,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     W[:, dead] = 0
 
     group = args.group_size if args.granularity is Granularity.GROUP else None
+    # Scales before any update: always for per-channel / per-tensor, with act-order (static groups),
+    # and for floating-point formats, whose block scales MR-GPTQ ("Bridging the Gap Between Promise
+    # and Performance for Microscaling FP4 Quantization") fixes before the column updates.
+    upfront = compute_qparams(as_rows(W, args), args) if group is None or config.act_order or args.is_float else None
     if group is None:
-        kept = compute_qparams(as_rows(W, args), args)  # per-channel (or per-tensor) scales up front
+        kept = upfront
         fixed = kept
         if args.granularity is Granularity.TENSOR:
             fixed = QParams(kept.scale.expand(rows, 1), kept.zero.expand(rows, 1))
         groups = None
-    else:
-        # one (scale, zero) per row and group, filled as each group is reached (or all up front)
+    elif upfront is not None:
+        groups = QParams(upfront.scale.reshape(rows, -1), upfront.zero.reshape(rows, -1), upfront.global_scale)
+    else:  # one (scale, zero) per row and group, filled as each group is reached
         groups = QParams(torch.ones(rows, cols // group), torch.zeros(rows, cols // group))
-        if config.act_order:  # static groups: scales from the weights before any update
-            for j, g in enumerate(range(0, cols, group)):
-                qp = compute_qparams(W[:, g : g + group], args)
-                groups.scale[:, j : j + 1], groups.zero[:, j : j + 1] = qp.scale, qp.zero
 
     perm = None
     if config.act_order:
@@ -133,13 +134,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
             col = i1 + i
             if group is not None:
                 j = (int(perm[col]) if perm is not None else col) // group
-                if perm is None and col % group == 0:  # scales of a new group, from the already-updated weights
+                if upfront is None and col % group == 0:  # scales of a new group, from the already-updated weights
                     columns = W1[:, i : i + group]
                     if columns.shape[1] < group:  # the group runs past this block (block not a multiple of group)
                         columns = torch.cat([columns, W[:, i2 : i2 + group - columns.shape[1]]], dim=1)
                     found = compute_qparams(columns, args)
                     groups.scale[:, j : j + 1], groups.zero[:, j : j + 1] = found.scale, found.zero
-                qp = QParams(groups.scale[:, j : j + 1], groups.zero[:, j : j + 1])
+                qp = QParams(groups.scale[:, j : j + 1], groups.zero[:, j : j + 1], groups.global_scale)
             w = W1[:, i : i + 1]
             c = quantize_rows(w, qp, args)
             codes[:, col : col + 1] = c
@@ -150,7 +151,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     if groups is not None:
-        kept = QParams(groups.scale.reshape(-1, 1), groups.zero.reshape(-1, 1))
+        kept = QParams(groups.scale.reshape(-1, 1), groups.zero.reshape(-1, 1), groups.global_scale)
     return QuantizedWeight.from_qparams(as_rows(codes, args), kept, weight.shape, args)
 
 

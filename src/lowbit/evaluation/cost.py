@@ -2,10 +2,13 @@
 
 Conventions (stated in every report):
 - size: quantized weights packed at their bit width, plus one scale per row or group (and one
-  offset for asymmetric) in the scheme's scale format (float32 unless it says h or b); every other
-  parameter (embeddings, norms, unquantized linears) at 16 bits; tied tensors counted once.
+  offset for asymmetric) in the scheme's scale format (float32 unless it says h or b; E8M0 or
+  E4M3 for the MX and NVFP4 blocks, plus NVFP4's float32 tensor scale); every other parameter
+  (embeddings, norms, unquantized linears) at 16 bits; tied tensors counted once.
 - OPs (LLM-QAT): MACs x W_bits x A_bits for every linear layer including lm_head, plus the two
   attention matmuls (Q K^T and P V, causal) at 16 x KV bits, for one sequence of `seq_len` tokens.
+  The bits of a per-group or block format include its share of the scales (`bits_per_value`:
+  NVFP4 4.5, MXFP4 4.25, MXFP8 8.25, INT4 in groups of 128 with float32 scales 4.25).
 - KV cache: keys and values of every layer at their bit width plus one scale per token and head
   (and offset if asymmetric) in the scale format, for a full (not sliding-window) cache.
 
@@ -28,7 +31,21 @@ from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
 
 
 def quantized_weight_bytes(rows: int, cols: int, args: QuantArgs) -> int:
-    return quantized_nbytes(rows * cols, scale_count(rows, cols, args), args)
+    return quantized_nbytes(rows * cols, scale_count(rows, cols, args), args, 1 if args.global_scale else 0)
+
+
+def _bits(args: QuantArgs | None) -> float:
+    return 16 if args is None else args.bits_per_value
+
+
+def weight_bits(model: nn.Module) -> float | None:
+    """Bits per weight of the quantized linears at rest (codes, scales, global scales), None if none."""
+    count = total = 0
+    for module in model.modules():
+        if isinstance(module, INT_LINEARS) or (isinstance(module, QuantLinear) and module.weight_args is not None):
+            count += module.out_features * module.in_features
+            total += quantized_weight_bytes(module.out_features, module.in_features, module.weight_args)
+    return 8 * total / count if count else None
 
 
 def model_size_bytes(model: nn.Module) -> int:
@@ -59,14 +76,14 @@ def stored_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _linear_bits(module: nn.Module) -> tuple[int, int] | None:
+def _linear_bits(module: nn.Module) -> tuple[float, float] | None:
     """(W_bits, A_bits) of a linear layer in any of its forms, None for anything else."""
     if isinstance(module, QuantLinear):
-        return (module.weight_args.bits if module.weight_args else 16, module.input_quant.args.bits if module.input_quant else 16)
+        return _bits(module.weight_args), _bits(module.input_quant.args if module.input_quant else None)
     if isinstance(module, Int8Linear):
-        return module.weight_args.bits, module.input_args.bits
+        return _bits(module.weight_args), _bits(module.input_args)
     if isinstance(module, INT_LINEARS):
-        return module.weight_args.bits, 16
+        return _bits(module.weight_args), 16
     if isinstance(module, nn.Linear):
         return 16, 16
     return None
@@ -92,14 +109,14 @@ def model_ops(model: nn.Module, scheme: Scheme | None, seq_len: int) -> OpsCount
         macs += n
         ops += n * bits[0] * bits[1]
     attn_macs, attn_ops = _attention_ops(model.config, scheme, seq_len)
-    return OpsCount(macs=macs + attn_macs, ops=ops + attn_ops, seq_len=seq_len)
+    return OpsCount(macs=macs + attn_macs, ops=round(ops + attn_ops), seq_len=seq_len)
 
 
 def _attention_ops(config, scheme: Scheme | None, seq_len: int) -> tuple[int, int]:
     """MACs and OPs of Q K^T and P V (causal) over all layers, queries at 16 bits."""
     per_matmul = config.num_hidden_layers * config.num_attention_heads * head_dim(config) * seq_len * (seq_len + 1) // 2
-    k_bits = scheme.k_bits if scheme else 16
-    v_bits = scheme.v_bits if scheme else 16
+    k_bits = _bits(scheme.keys if scheme else None)
+    v_bits = _bits(scheme.values if scheme else None)
     return 2 * per_matmul, per_matmul * 16 * k_bits + per_matmul * 16 * v_bits
 
 
@@ -138,12 +155,12 @@ def scheme_cost(model: nn.Module, scheme: Scheme | str | None, seq_len: int, con
         _, w, a = quantized.get(id(module), (module, None, None))
         n = module.in_features * module.out_features * seq_len
         macs += n
-        ops += n * (w.bits if w else 16) * (a.bits if a else 16)
+        ops += n * _bits(w) * _bits(a)
     attn_macs, attn_ops = _attention_ops(model.config, scheme, seq_len)
     return {
         "scheme": scheme.name if scheme else "FP16",
         "size_bytes": size,
-        "ops": ops + attn_ops,
+        "ops": round(ops + attn_ops),
         "macs": macs + attn_macs,
         "ops_seq_len": seq_len,
         "kv_cache_bytes": {str(c): kv_cache_bytes(model.config, scheme, c) for c in contexts},
@@ -160,5 +177,6 @@ def kv_cache_bytes(config, scheme: Scheme | None, context: int, batch: int = 1) 
             total += vectors * dim * 2
         else:
             scales = 1 if args.granularity is Granularity.TENSOR else vectors * scale_count(1, dim, args)
-            total += quantized_nbytes(vectors * dim, scales, args)
+            global_scales = {"token": vectors, "tensor": 1}.get(args.global_scale, 0)
+            total += quantized_nbytes(vectors * dim, scales, args, global_scales)
     return total

@@ -148,7 +148,9 @@ def _check_rotation(entry, path: str, seen: set[str], bad) -> None:
         if not isinstance(entry["same_as"], str) or entry["same_as"] not in seen:
             raise bad(f"{path} shares the rotation of unknown {entry['same_as']!r}")
         return
-    if set(entry) != {"size", "random_signs"} or not isinstance(entry["random_signs"], bool):
+    if set(entry) - {"block"} != {"size", "random_signs"} or not isinstance(entry["random_signs"], bool):
         raise bad(f"the rotation of {path}")
-    if not isinstance(entry["size"], int) or isinstance(entry["size"], bool) or entry["size"] < 1:
-        raise bad(f"the rotation size of {path}")
+    for key in ("size", "block"):
+        value = entry.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad(f"the rotation {key} of {path}")

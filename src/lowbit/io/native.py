@@ -88,7 +88,10 @@ def _rotation_entry(rotation: nn.Module | None, owners: dict[int, str], path: st
     if id(rotation) in owners:
         return {"same_as": owners[id(rotation)]}
     owners[id(rotation)] = path
-    return {"size": rotation.size, "random_signs": rotation.signs is not None}
+    entry = {"size": rotation.size, "random_signs": rotation.signs is not None}
+    if rotation.block is not None:
+        entry["block"] = rotation.block
+    return entry
 
 
 def _check_savable(model: nn.Module) -> None:
@@ -250,7 +253,7 @@ def _rotation(entry: dict | None, built: dict[str, OnlineHadamard], path: str) -
             raise UserError(f"saved model config is damaged: {path} shares the rotation of unknown {entry['same_as']}")
         return built[entry["same_as"]]
     signs = torch.ones(entry["size"]) if entry["random_signs"] else None  # loaded from the file
-    built[path] = OnlineHadamard(entry["size"], signs)
+    built[path] = OnlineHadamard(entry["size"], signs, entry.get("block"))
     return built[path]
 
 

@@ -134,6 +134,17 @@ def _per_output(scale: torch.Tensor, out_features: int) -> torch.Tensor:
     return scale.reshape(-1).expand(out_features) if scale.numel() == 1 else scale.reshape(out_features)
 
 
+def check_integer_formats(scheme) -> None:
+    """The integer kernels run integer codes only: a floating-point format (FP8, MXFP, NVFP4) is
+    refused, before any model loads, with what to do instead."""
+    for part, args in (("weights", scheme.weights), ("activations", scheme.inputs)):
+        if args is not None and args.is_float:
+            raise UserError(
+                f"{scheme.name}: the CPU integer kernels run integer formats only, and the {part} are {args.format_name}; "
+                "drop --int-kernels (lowbit evaluates the format exactly in emulation) or use an integer scheme such as W8A8 or W4A16"
+            )
+
+
 def int_kernel_for(linear: QuantLinear) -> str:
     """'int8' or 'int4' for a QuantLinear an integer kernel can run; UserError saying why not otherwise."""
     w = linear.weight_args
@@ -141,6 +152,8 @@ def int_kernel_for(linear: QuantLinear) -> str:
     name = f"W{w.name() if w else '16'}A{a.name() if a else '16'}"
     if w is None:
         raise UserError(f"{name}: unquantized weights have no integer kernel; quantize weights too (e.g. W8A8)")
+    if w.is_float or (a is not None and a.is_float):
+        raise UserError(f"{name}: the CPU integer kernels run integer formats only; drop --int-kernels for FP8, MXFP and NVFP4")
     if getattr(linear, "trainable", False):  # its weight is the latent full-precision one
         raise UserError(f"{name}: a QAT student still holds latent weights; call lowbit.qat.freeze_student(model) first")
     if a is not None:

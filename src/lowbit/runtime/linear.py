@@ -136,7 +136,7 @@ class QuantLinear(nn.Module):
 
     def _weight_grid(self) -> QParams | None:
         scale = getattr(self, SCALE)
-        return None if scale is None else QParams(scale, getattr(self, ZERO))
+        return None if scale is None else QParams(scale, getattr(self, ZERO), getattr(self, GLOBAL_SCALE))
 
     def _apply(self, fn, recurse=True):
         # A dtype change (model.to(torch.bfloat16)) must not round the stored scales: they keep their
@@ -159,6 +159,7 @@ class QuantLinear(nn.Module):
         self.set_latent_weight(qweight.dequantize(), qweight.args)
         self._set_buffer(SCALE, qp.scale.to(self.weight.device))
         self._set_buffer(ZERO, qp.zero.to(self.weight.device))
+        self._set_buffer(GLOBAL_SCALE, None if qp.global_scale is None else qp.global_scale.to(self.weight.device))
 
     @torch.no_grad()
     def set_latent_weight(self, weight: torch.Tensor, args: QuantArgs) -> None:
@@ -181,6 +182,7 @@ class QuantLinear(nn.Module):
         if scale is None:
             qp = compute_qparams(as_rows(self.weight.detach().float(), self.weight_args), self.weight_args)
             self._set_buffer(ZERO, qp.zero.to(self.weight.device))
+            self._set_buffer(GLOBAL_SCALE, None if qp.global_scale is None else qp.global_scale.to(self.weight.device))
             scale = qp.scale
         self._buffers.pop(SCALE, None)
         self.weight_scale = nn.Parameter(scale.detach().clone().to(self.weight.device))
@@ -196,7 +198,8 @@ class QuantLinear(nn.Module):
             return
         grid = self._weight_grid()
         if grid is not None:  # a learned scale is stored in the scale format like any other
-            grid = in_scale_format(grid.scale.detach().float(), grid.zero.float(), self.weight_args)
+            stored = in_scale_format(grid.scale.detach().float(), grid.zero.float(), self.weight_args)
+            grid = QParams(stored.scale, stored.zero, grid.global_scale)
         self.set_quantized_weight(quantize_weight(self.weight.detach().float(), self.weight_args, grid))
 
     # ------------------------------------------------------------------ forward

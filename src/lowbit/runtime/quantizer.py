@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..quant import fake_quantize, range_qparams
+from ..quant.fake import range_global_scale
 from ..scheme import QuantArgs
 
 
@@ -36,6 +37,8 @@ class TensorQuantizer(nn.Module):
             return x
         if not self.calibrated:
             raise RuntimeError("static quantizer used before calibration; run lowbit.calibrate_static first")
+        if self.args.global_scale is not None:  # static NVFP4: a calibrated global scale, block scales from x
+            return fake_quantize(x, self.args, global_scale=range_global_scale(self.observed_min, self.observed_max, self.args))
         return fake_quantize(x, self.args, range_qparams(self.observed_min, self.observed_max, self.args))
 
     def extra_repr(self) -> str:

@@ -41,7 +41,7 @@ from ..arch import (
     tie_kv_heads,
 )
 from ..errors import UserError
-from ..hadamard import factor_order, hadamard_transform, random_signs
+from ..hadamard import check_block, factor_order, hadamard_transform, random_signs
 from ..progress import progress_bar
 from ..runtime.linear import QuantLinear
 from ..runtime.rotation import OnlineHadamard
@@ -79,11 +79,20 @@ class TransformConfig:
     fuse_r1: bool = True  # rotate the residual stream (False: rotate the readers' inputs online)
     fold_norms: bool = True  # with online R1: fold norm gains into the readers first (as QuaRot)
     seed: int | None = None  # random-sign Hadamard if set
+    # Block-diagonal Hadamard rotations of this size (the block of the format: 16 for NVFP4, 32 for
+    # MX), as MR-GPTQ and BRQ use them: outliers spread within each scale block only, and every
+    # rotation stays cheap online. None: full rotations.
+    rotation_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TRANSFORMS:
             raise UserError(f"unknown transform {self.kind!r}; available: {', '.join(TRANSFORMS)}")
         check_alpha(self.alpha)
+        if self.rotation_block is not None:
+            if isinstance(self.rotation_block, bool) or not isinstance(self.rotation_block, int) or self.rotation_block < 2:
+                raise UserError(f"rotation_block must be an integer of at least 2 (16 or 32 for NVFP4 / MX); got {self.rotation_block!r}")
+            if not self.rotates:
+                raise UserError(f"rotation_block sizes the Hadamard rotations: it needs transform 'rotate' or 'smoothrot', not {self.kind!r}")
 
     @property
     def rotates(self) -> bool:
@@ -107,7 +116,10 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
         layer = decoder_layers(model, spec)[0]
         sizes = {get_module(layer, g.linears[0]).in_features for g in spec.input_groups} | {head_dim(model.config)}
         for n in sorted(sizes):
-            factor_order(n)  # raises a UserError that says why
+            if config.rotation_block is None:
+                factor_order(n)  # raises a UserError that says why
+            else:
+                check_block(n, config.rotation_block)
 
 
 @torch.no_grad()
@@ -192,8 +204,9 @@ def apply_transform(
         and spec.rms_norm
         and not (config.kind == "smoothrot" and config.smooth_all)
     )
+    block = config.rotation_block
     if fused_r1:
-        _rotate_residual_stream(model, spec, signs(model.config.hidden_size))
+        _rotate_residual_stream(model, spec, signs(model.config.hidden_size), block)
     layers = progress_bar(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)
     for i, layer in enumerate(layers):
         for group in spec.input_groups:
@@ -215,7 +228,7 @@ def apply_transform(
                     act_absmax = (act_absmax + shift) / gain.abs().clamp(min=1e-12)
                     rows = (rows - (bias if bias is not None else 0.0)) / gain if rows is not None else None
             if smooth:
-                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate)
+                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate and block is None)
                 alphas[f"{i}.{group.role}"] = alpha
                 if source_is_norm:
                     scale_norm_output(get_module(layer, group.source), 1 / s, offset)
@@ -227,20 +240,20 @@ def apply_transform(
             if not rotate:
                 continue
             if group.rotation == "r2":
-                rotate_head_outputs(get_module(layer, group.source), dim)  # R2 on v_proj
+                rotate_head_outputs(get_module(layer, group.source), dim, block)  # R2 on v_proj
                 for lin in linears:
-                    rotate_head_inputs(lin, dim)
+                    rotate_head_inputs(lin, dim, block)
             n = linears[0].in_features
             for name, lin in zip(group.linears, linears):
-                rotate_input_columns(lin, signs(n))
-                set_module(layer, name, QuantLinear(lin.weight.detach(), lin.bias, None, None, OnlineHadamard(n, signs(n))))
+                rotate_input_columns(lin, signs(n), block)
+                set_module(layer, name, QuantLinear(lin.weight.detach(), lin.bias, None, None, OnlineHadamard(n, signs(n), block)))
     if config.rotates and config.r3:
         for attention in attention_modules(model, spec):
-            attention.lowbit_qk_rotation = OnlineHadamard(dim, signs(dim))
+            attention.lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
     return {"alphas": alphas} if alphas else {}
 
 
-def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tensor | None) -> None:
+def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tensor | None, block: int | None) -> None:
     """Fused R1: fold norm gains into their readers, then rotate everything that reads or writes
     the residual stream, so that h R flows between layers at no run-time cost."""
     offset = spec.norm_weight_offset
@@ -258,10 +271,10 @@ def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tenso
     for norm, linears in readers:
         fold_norm_into_readers(norm, linears, offset)
         for lin in linears:
-            rotate_input_columns(lin, signs)
+            rotate_input_columns(lin, signs, block)
     for lin in writers:
-        rotate_output_rows(lin, signs)
-    rotate_embedding(embed, signs)
+        rotate_output_rows(lin, signs, block)
+    rotate_embedding(embed, signs, block)
 
 
 def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate):

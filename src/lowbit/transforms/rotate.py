@@ -43,42 +43,45 @@ def _edit_rows(weight: torch.Tensor, edit) -> None:
         _write(block, edit(block.double()))
 
 
-def _rotate_rows(weight: torch.Tensor, signs: torch.Tensor | None) -> None:
+def _rotate_rows(weight: torch.Tensor, signs: torch.Tensor | None, block: int | None) -> None:
     """Each row w <- w R."""
-    _edit_rows(weight, lambda block: hadamard_transform(block, signs))
+    _edit_rows(weight, lambda rows: hadamard_transform(rows, signs, block))
 
 
-def rotate_input_columns(linear: nn.Linear, signs: torch.Tensor | None) -> None:
-    """W <- W R with R = diag(signs) H / sqrt(n): the linear now expects its input times R."""
-    _rotate_rows(linear.weight, signs)
+# R = diag(signs) H / sqrt(n) below, H block-diagonal with blocks of `block` channels if set.
 
 
-def rotate_output_rows(linear: nn.Module, signs: torch.Tensor | None) -> None:
-    """W <- R^T W, b <- b R: the linear's output becomes y R (R = diag(signs) H / sqrt(n))."""
-    _write(linear.weight, hadamard_transform(linear.weight.double().T, signs).T)
+def rotate_input_columns(linear: nn.Linear, signs: torch.Tensor | None, block: int | None = None) -> None:
+    """W <- W R: the linear now expects its input times R."""
+    _rotate_rows(linear.weight, signs, block)
+
+
+def rotate_output_rows(linear: nn.Module, signs: torch.Tensor | None, block: int | None = None) -> None:
+    """W <- R^T W, b <- b R: the linear's output becomes y R."""
+    _write(linear.weight, hadamard_transform(linear.weight.double().T, signs, block).T)
     if linear.bias is not None:
-        _write(linear.bias, hadamard_transform(linear.bias.double(), signs))
+        _write(linear.bias, hadamard_transform(linear.bias.double(), signs, block))
 
 
-def rotate_embedding(embedding: nn.Embedding, signs: torch.Tensor | None) -> None:
+def rotate_embedding(embedding: nn.Embedding, signs: torch.Tensor | None, block: int | None = None) -> None:
     """Each embedding vector e <- e R."""
-    _rotate_rows(embedding.weight, signs)
+    _rotate_rows(embedding.weight, signs, block)
 
 
-def rotate_head_outputs(linear: nn.Linear, head_dim: int) -> None:
-    """Per output head h: W_h <- R^T W_h, b_h <- b_h R (R = H / sqrt(head_dim)): outputs become y_h R."""
+def rotate_head_outputs(linear: nn.Linear, head_dim: int, block: int | None = None) -> None:
+    """Per output head h: W_h <- R^T W_h, b_h <- b_h R (R of order head_dim): outputs become y_h R."""
     out_features, in_features = linear.weight.shape
     w = linear.weight.double().view(out_features // head_dim, head_dim, in_features).transpose(1, 2)
-    _write(linear.weight, hadamard_transform(w).transpose(1, 2).reshape(out_features, in_features))
+    _write(linear.weight, hadamard_transform(w, block=block).transpose(1, 2).reshape(out_features, in_features))
     if linear.bias is not None:
-        _write(linear.bias, hadamard_transform(linear.bias.double().view(-1, head_dim)).reshape(-1))
+        _write(linear.bias, hadamard_transform(linear.bias.double().view(-1, head_dim), block=block).reshape(-1))
 
 
-def rotate_head_inputs(linear: nn.Linear, head_dim: int) -> None:
+def rotate_head_inputs(linear: nn.Linear, head_dim: int, block: int | None = None) -> None:
     """W <- W blockdiag(R, ..., R): the linear now expects each input head rotated by R."""
     out_features, in_features = linear.weight.shape
     w = linear.weight.double().view(out_features, in_features // head_dim, head_dim)
-    _write(linear.weight, hadamard_transform(w).reshape(out_features, in_features))
+    _write(linear.weight, hadamard_transform(w, block=block).reshape(out_features, in_features))
 
 
 def norm_gain(norm: nn.Module, offset: float) -> torch.Tensor:
