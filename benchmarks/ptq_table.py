@@ -68,6 +68,9 @@ def transform_variants():
         "rotate-online": TransformConfig("rotate", fuse_r1=False, fold_norms=False),
         "smoothrot": TransformConfig("smoothrot"),  # smoothing at down_proj only ("Turning LLM Activations Quantization-Friendly")
         "smoothrot-all-search": TransformConfig("smoothrot", smooth_all=True, alpha=None),
+        # block-diagonal Hadamard of a format's block size, at every linear's input (MR-GPTQ, BRQ)
+        "bh16": TransformConfig("rotate", fuse_r1=False, fold_norms=False, rotation_block=16),
+        "bh32": TransformConfig("rotate", fuse_r1=False, fold_norms=False, rotation_block=32),
     }
 
 
@@ -140,6 +143,7 @@ def run_row(row: str, args) -> dict:
         eval_seconds=time.time() - t0,
         peak_rss_gb=rss_gb(),
         size_bytes=lowbit.evaluation.model_size_bytes(model),
+        bits_per_weight=lowbit.evaluation.weight_bits(model),
         # > 2 means other work shared the 2 cores during the row: its times are then inflated
         load_avg_5min=os.getloadavg()[1],
     )

@@ -38,10 +38,13 @@ CALIB = [tokens(1, 32, seed=s) for s in range(4)]
         TransformConfig("rotate", r2=False, r4=False),
         TransformConfig("rotate", fuse_r1=False, fold_norms=False),
         TransformConfig("smoothrot", fuse_r1=False, fold_norms=False, alpha=None),
+        TransformConfig("rotate", rotation_block=16),
+        TransformConfig("rotate", rotation_block=8, seed=3, fuse_r1=False, fold_norms=False),
+        TransformConfig("smoothrot", rotation_block=8, alpha=None, smooth_all=True),
     ],
     ids=lambda c: (
         f"{c.kind}-a{c.alpha}-all{int(c.smooth_all)}-seed{c.seed}-r{int(c.r1)}{int(c.r2)}{int(c.r3)}{int(c.r4)}"
-        f"-fuse{int(c.fuse_r1)}-fold{int(c.fold_norms)}"
+        f"-fuse{int(c.fuse_r1)}-fold{int(c.fold_norms)}-block{c.rotation_block}"
     ),
 )
 def test_transforms_preserve_the_function(family, config):
