@@ -45,6 +45,11 @@ def test_existing_out_is_refused_unless_overwrite(tiny_model_dir, sample_text_fi
         (["--scheme", "W0A16"], "weight bits must be 2-8"),
         (["--scheme", "W1A16"], "weight bits must be 2-8"),
         (["--scheme", "W4g48A16"], "group size 48 does not divide"),
+        (["--scheme", "Wmxfp4g32A16"], "takes no group size (g<N>): the format fixes its block size"),
+        (["--scheme", "Wfp4A16"], "cannot parse scheme"),
+        (["--scheme", "W16A16KVmxfp4"], "32-value blocks of mxfp4 does not divide head_dim=16"),
+        (["--scheme", "Wnvfp4A16", "--transform", "rotate", "--rotation-block", "48"], "block Hadamard of size 48 does not divide"),
+        (["--rotation-block", "1"], "--rotation-block must be at least 2"),
         (["--seq-len", "100000"], "longer than the model's context (256 tokens)"),
         (["--windows", "x"], "--windows must be"),
         (["--recipe", "nope"], "unknown recipe"),
@@ -101,6 +106,19 @@ def test_evaluate_and_info(tiny_model_dir, sample_text_file, capsys):
     assert code == 0 and info["family"] == "llama" and info["hidden_size"] == 64
     assert info["quantized_linear_count"] == 14 and info["kv_quantized"]
     assert "mlp.down_proj" in info["linears_per_layer"]
+
+
+def test_formats_in_info_and_reports(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    code, out, _ = run(["-q", "info", "--model", str(tiny_model_dir), "--scheme", "Wnvfp4Afp8KV8"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["formats"]["weights"] == {"format": "nvfp4", "bits_per_value": 4.5}
+    assert info["formats"]["activations"]["format"] == "fp8" and info["formats"]["keys"]["format"] == "int8"
+    # 4 bits, an E4M3 scale per 16 values, one float32 scale per linear (64x64 and 64x128 / 128x64 here)
+    assert 4.5 < info["bits_per_weight"] < 4.51
+    code, _, err = run(["-q", "evaluate", str(tiny_model_dir), "--scheme", "Wmxfp4A16", "--int-kernels", "--seq-len", "32"], capsys)
+    assert code == 2 and "integer formats only" in err and err.count("\n") == 1
+    code, stdout, _ = run(quantize_args(tiny_model_dir, sample_text_file, "--scheme", "Wmxfp4A16", "--out", str(tmp_path / "r")), capsys)
+    assert code == 0 and "weights mxfp4 (4.25 bits/value)" in stdout and "4.250 bits per weight" in stdout
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path):

@@ -41,16 +41,39 @@ from .transforms.apply import TransformConfig, apply_transform, check_transform
 def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
     """Fail before touching anything if the scheme cannot apply to this model."""
     layer = decoder_layers(model, spec)[0]
-    for name, linear in layer_linears(layer, spec).items():
+    inputs = {name: linear.in_features for name, linear in layer_linears(layer, spec).items()}
+    _check_dims(inputs, head_dim(model.config), scheme)
+
+
+def check_scheme_for_config(config, scheme: Scheme) -> None:
+    """`check_scheme` from a model's config alone, before its weights load: the inputs of the
+    attention and MLP linears and the head dimension."""
+    dim = head_dim(config)
+    inputs = {"hidden states (q/k/v, gate/up)": config.hidden_size, "attention output (o_proj)": config.num_attention_heads * dim}
+    if getattr(config, "intermediate_size", None):
+        inputs["MLP activations (down_proj)"] = config.intermediate_size
+    _check_dims(inputs, dim, scheme)
+
+
+def _block_name(args) -> str:
+    """How an error names the group: 'group size 64', or 'the 16-value blocks of nvfp4'."""
+    if args.scale_format in ("e8m0", "float8_e4m3"):
+        return f"the {args.group_size}-value blocks of {args.format_name}"
+    return f"group size {args.group_size}"
+
+
+def _check_dims(inputs: dict[str, int], dim: int, scheme: Scheme) -> None:
+    for name, in_features in inputs.items():
         for what, args in (("weight", scheme.weights), ("activation", scheme.inputs)):
-            if args is not None and args.granularity is Granularity.GROUP and linear.in_features % args.group_size:
-                divisors = [str(g) for g in (32, 64, 128, 192, 256) if linear.in_features % g == 0]
-                hint = " or ".join(divisors) if divisors else "per-channel"
-                raise UserError(
-                    f"{what} group size {args.group_size} does not divide in_features={linear.in_features} of {name}; "
-                    f"use a group size that divides every layer's input (e.g. {hint})"
-                )
-    dim = head_dim(model.config)
+            if args is not None and args.granularity is Granularity.GROUP and in_features % args.group_size:
+                if args.scale_format in ("e8m0", "float8_e4m3"):
+                    hint = "fp8 or an integer format (a group size that divides it)"
+                    if args.group_size == 32 and in_features % 16 == 0:
+                        hint = "nvfp4 (blocks of 16), " + hint
+                else:
+                    divisors = [str(g) for g in (32, 64, 128, 192, 256) if in_features % g == 0]
+                    hint = "a group size that divides every layer's input, e.g. " + (" or ".join(divisors) if divisors else "per-channel")
+                raise UserError(f"{what} quantization with {_block_name(args)} does not divide in_features={in_features} of {name}; use {hint}")
     for what, args in (("key", scheme.keys), ("value", scheme.values)):
         if args is None:
             continue
@@ -59,7 +82,7 @@ def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
                 f"dynamic per-tensor {what} quantization would depend on the whole context; use per-token (KV4) or static per-tensor (KV8s)"
             )
         if args.granularity is Granularity.GROUP and dim % args.group_size:
-            raise UserError(f"{what} group size {args.group_size} does not divide head_dim={dim}")
+            raise UserError(f"{what} quantization with {_block_name(args)} does not divide head_dim={dim}; use a per-token KV format (KV8, KVfp8)")
 
 
 def quantize(

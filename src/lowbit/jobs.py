@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .algorithms.registry import get_algorithm
-from .api import check_scheme, quantize
+from .api import check_scheme, check_scheme_for_config, quantize
 from .arch import decoder_layers, get_arch, head_dim, layer_linears
 from .data import (
     DEFAULT_DATA,
@@ -117,7 +117,9 @@ def quantize_job(
     start = time.time()
     pipeline = pipeline or PipelineConfig()
     torch.manual_seed(seed)
-    check_window(load_config(model_name), evaluation.seq_len)  # before the weights load
+    config = load_config(model_name)  # before the weights load: the window, the scheme's groups and blocks
+    check_window(config, evaluation.seq_len)
+    check_scheme_for_config(config, recipe.scheme)
     log.info("loading %s", model_name)
     model, tokenizer = load_model(model_name)
     spec = get_arch(model)
@@ -204,7 +206,10 @@ def evaluate_job(
         if tokenizer is None:
             raise UserError(f"{saved} was saved without a tokenizer; save it again with one to evaluate it")
     else:
-        check_window(load_config(model_name), seq_len)  # before the weights load
+        config = load_config(model_name)  # before the weights load
+        check_window(config, seq_len)
+        if scheme is not None:
+            check_scheme_for_config(config, scheme)
         model, tokenizer = load_model(model_name)
     check_window(model.config, seq_len)
     spec = get_arch(model)

@@ -45,7 +45,7 @@ from ..runtime.kv import (
     register_attention,
     set_attention_implementation,
 )
-from ..runtime.linear import CODES, SCALE, ZERO, QuantLinear
+from ..runtime.linear import CODES, GLOBAL_SCALE, SCALE, ZERO, QuantLinear
 from ..runtime.quantizer import TensorQuantizer
 from ..runtime.rotation import OnlineHadamard
 from ..runtime.state import QuantizationState, require_state, set_quantization_state
@@ -289,7 +289,12 @@ def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tenso
         else:
             try:
                 weight = QuantizedWeight.from_packed(
-                    stored[f"{path}.{CODES}"], stored[f"{path}.{SCALE}"], stored.get(f"{path}.{ZERO}"), shape, w_args
+                    stored[f"{path}.{CODES}"],
+                    stored[f"{path}.{SCALE}"],
+                    stored.get(f"{path}.{ZERO}"),
+                    shape,
+                    w_args,
+                    stored.get(f"{path}.{GLOBAL_SCALE}"),
                 )
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise UserError(f"quantized weight {path} is damaged ({exc}); save the model again") from None
