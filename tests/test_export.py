@@ -80,6 +80,8 @@ def test_export_packs_4_bit_weights(tmp_path):
         ("W4A16", "rotate", "rotate their input online"),
         ("W16A8f", "none", "needs quantized weights"),
         ("W8g32A8f", "none", "per-channel weights"),
+        ("Wnvfp4A16", "none", "integer formats so far"),
+        ("W8fAfp8", "none", "integer formats so far"),
     ],
 )
 def test_recipes_the_format_cannot_express_are_refused(scheme, transform, message, tmp_path):

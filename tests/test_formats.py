@@ -304,6 +304,42 @@ def test_block_hadamard_with_gptq_on_nvfp4():
     assert blocks and all(m.block == 16 for m in blocks)
 
 
+CALIB = [torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheme", ["Wfp8Afp8KVfp8", "Wnvfp4Anvfp4KVnvfp4", "Wmxfp4Amxfp4KVfp8", "Wnvfp4A16"])
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lowbit.TransformConfig("smooth", alpha=None),
+        lowbit.TransformConfig("rotate"),
+        lowbit.TransformConfig("smoothrot", smooth_all=True, alpha=None, rotation_block=16),
+    ],
+    ids=lambda c: f"{c.kind}-block{c.rotation_block}",
+)
+def test_transforms_compose_with_every_format(scheme, transform):
+    model = tiny_model("qwen2")
+    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    ref = model(x).logits
+    q = lowbit.quantize(model, scheme, transform=transform, calibration=CALIB, progress=False)
+    # the same transform without quantization is the same function: the difference is the format's
+    plain = lowbit.quantize(model, "W16A16KV16", transform=transform, calibration=CALIB, progress=False)
+    assert (plain(x).logits - ref).abs().max() < 1e-3
+    assert 0 < (q(x).logits - ref).norm() / ref.norm() < (0.35 if "fp4" not in scheme else 0.9)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheme", ["Wnvfp4A16", "Wmxfp4A16", "Wfp8A16"])
+def test_awq_on_formats_lowers_the_output_error(scheme):
+    q = lowbit.quantize(tiny_model("llama"), scheme, algorithm="awq", calibration=CALIB, progress=False)
+    errors = lowbit.quantization_state(q).layer_errors
+    for layer in errors:
+        for group in layer.values():
+            assert group["awq"] <= group["rtn"] * (1 + 1e-6)
+    assert sum(g["awq"] for layer in errors for g in layer.values()) < sum(g["rtn"] for layer in errors for g in layer.values())
+
+
 # ---------------------------------------------------------------- bad input
 
 

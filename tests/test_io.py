@@ -246,6 +246,22 @@ def test_fast_packing_has_the_bit_stream_layout(bits, count):
     assert torch.equal(unpack(packed, bits, count), codes.to(torch.uint8))
 
 
+@torch.no_grad()
+def test_format_version_2_folders_still_load_with_the_same_logits():
+    """A folder saved before the floating-point formats (format 2) loads unchanged."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "data" / "format_v2"
+    name = "w4g16h_a8kv4b_rotate_gptq"
+    expected = load_file(str(folder / f"{name}.expected.safetensors"))
+    assert json.loads((folder / name / CONFIG_FILE).read_text())["format_version"] == 2
+    model, _ = load_quantized(folder / name)
+    assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+    assert lowbit.quantization_state(model).scheme.name == "W4g16hA8KV4b"
+
+
 @pytest.mark.parametrize("name", ["w4g16a_a8kv4", "w3_a16_rotate"])
 @torch.no_grad()
 def test_format_version_1_folders_still_load_with_the_same_logits(name):

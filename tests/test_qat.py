@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 from types import SimpleNamespace
@@ -325,6 +326,30 @@ def test_learned_scales_start_unchanged_train_and_freeze_onto_a_grid(algorithm):
     assert all(torch.equal(m.weight_scale, m.weight_scale.float()) for m in linears)  # the learned scales, stored
     with torch.no_grad():
         assert torch.allclose(student(x).logits, trained, atol=1e-5)  # freezing keeps the trained function
+
+
+@pytest.mark.parametrize("scheme", ["Wnvfp4Afp8KV8", "Wmxfp4A16", "Wfp8g16hA16"])
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_qat_on_floating_point_formats_trains_and_freezes_exactly(scheme, learn_scales):
+    teacher = tiny_model("llama")
+    student = lowbit.quantize(teacher, scheme, trainable=True, progress=False)
+    if learn_scales:
+        learn_weight_scales(student)
+    scales = {"learn_scales": True, "scale_lr": 1e-3} if learn_scales else {}
+    config = TrainConfig(steps=6, batch_size=4, lr=3e-3, schedule="constant", **scales)
+    linears = [m for m in student.model.layers.modules() if isinstance(m, QuantLinear)]
+    start = {id(m): m.weight.detach().clone() for m in linears}
+    losses = [h["loss"] for h in train(student, teacher, _data(), config, progress=False)["history"]]
+    assert all(math.isfinite(v) for v in losses)
+    assert all(not torch.equal(m.weight, start[id(m)]) for m in linears)  # gradients reached every latent weight
+    x = torch.randint(0, 512, (2, 12))
+    student.eval()
+    with torch.no_grad():
+        trained = student(x).logits
+    freeze_student(student)
+    assert all(m.is_quantized for m in linears)
+    with torch.no_grad():  # the forward trained on scales rounded to their format: freezing keeps it
+        assert torch.allclose(student(x).logits, trained, atol=1e-5)
 
 
 def test_scale_lr_needs_learn_scales():

@@ -45,6 +45,11 @@ def check_exportable(model: nn.Module) -> Scheme:
     w, a = scheme.weights, scheme.inputs
     if w is None:
         raise UserError(f"cannot export {name}: compressed-tensors export needs quantized weights (W4A16, W8A16 or W8A8)")
+    if any(args is not None and args.is_float for args in (w, a, scheme.keys, scheme.values)):
+        raise UserError(
+            f"cannot export {name}: the compressed-tensors export writes integer formats so far; FP8, MXFP and NVFP4 "
+            "models are saved and evaluated by lowbit (lowbit quantize --out), their export is not written yet"
+        )
     if w.bits not in WEIGHT_BITS:
         raise UserError(f"cannot export {name}: {w.bits}-bit weights; the export writes 4- and 8-bit weights (what vLLM's int kernels run)")
     if not w.symmetric:

@@ -19,8 +19,11 @@ Loading rebuilds the stock transformers model from the config (no download, no m
 ours), swaps the same lowbit modules in at the same paths, and loads the tensors strictly. The
 folder is written under a temporary name and renamed into place.
 
-Format version 1 (lowbit 0.1 before the quantized weight became a value) stored the same codes
-as `<name>.weight.codes` with float32 `.scale` / `.zero`; it still loads.
+Format version 3 added floating-point formats: codes that are FP8 / FP4 bit patterns, scales in
+E8M0 or E4M3 (`F8_E8M0`, `F8_E4M3`), NVFP4's `<name>.weight_global_scale`, a `global_scale` key in
+every quantizer's settings and block-diagonal rotations (`block`). Version 2 (integer formats
+only) and version 1 (lowbit 0.1 before the quantized weight became a value, which stored the same
+codes as `<name>.weight.codes` with float32 `.scale` / `.zero`) still load.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from .tensorfile import write_safetensors
 log = logging.getLogger("lowbit")
 
 FORMAT = "lowbit-quantized"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CONFIG_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
 RUN_SUBDIR = "model"  # where a run folder (`lowbit quantize --out DIR`) keeps the saved model

@@ -95,8 +95,9 @@ def float_qparams(amax: torch.Tensor, args: QuantArgs, global_scale: torch.Tenso
     if args.scale_format == "e8m0":
         return QParams(e8m0_scale(amax, element), zero)
     if args.scale_format == "float8_e4m3":
-        # NVIDIA's NVFP4 recipe (as compressed-tensors implements it): the block scale
-        # amax / 6 is multiplied by the global scale and rounded to E4M3
+        # NVIDIA's published NVFP4 recipe ("Pretraining Large Language Models with NVFP4"; what
+        # compressed-tensors and vLLM implement): the block scale amax / 6 times the global scale,
+        # rounded to E4M3
         scale = FP8_E4M3.round(amax / element.max * global_scale)
         return QParams(torch.where(scale > 0, scale, torch.full_like(scale, NVFP4_MIN_BLOCK_SCALE)), zero, global_scale)
     return in_scale_format(amax / element.max, zero, args)
@@ -244,7 +245,11 @@ def learned_fake_quantize(x: torch.Tensor, args: QuantArgs, qparams: QParams) ->
     straight-through, so d/dscale = round(v) - v inside the range and the clamp bound outside,
     and values clamped at the range get no gradient. Same values as `fake_quantize`."""
     rows = as_rows(x, args)
-    step = qparams.step
+    # the forward uses the scale as its format stores it (so freezing keeps the trained function);
+    # its gradient passes straight through that rounding
+    scale = qparams.scale
+    scale = scale + (in_scale_format(scale.detach(), qparams.zero, args).scale - scale).detach()
+    step = QParams(scale, qparams.zero, qparams.global_scale).step
     v = (rows - qparams.zero) / step
     if args.is_float:
         element = FLOAT_ELEMENTS[args.element]

@@ -97,7 +97,7 @@ E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT = -127, 127  # 2^-127 .. 2^127; the pattern
 
 def e8m0_scale(amax: torch.Tensor, element: FloatFormat) -> torch.Tensor:
     """The shared power-of-two scale of an MX block, as the OCP Microscaling Formats (MX) v1.0
-    specification defines it (section 6.3): X = 2^(floor(log2(max|V|)) - emax_elem), emax_elem the
+    specification's conversion defines it: X = 2^(floor(log2(max|V|)) - emax_elem), emax_elem the
     exponent of the element format's largest normal. Elements V / X above the element's largest value
     then saturate. An all-zero block gets X = 1."""
     _, exponent = torch.frexp(amax.float())
