@@ -333,11 +333,11 @@ def test_transforms_compose_with_every_format(scheme, transform):
 @pytest.mark.parametrize("scheme", ["Wnvfp4A16", "Wmxfp4A16", "Wfp8A16"])
 def test_awq_on_formats_lowers_the_output_error(scheme):
     q = lowbit.quantize(tiny_model("llama"), scheme, algorithm="awq", calibration=CALIB, progress=False)
-    errors = lowbit.quantization_state(q).layer_errors
-    for layer in errors:
-        for group in layer.values():
-            assert group["awq"] <= group["rtn"] * (1 + 1e-6)
-    assert sum(g["awq"] for layer in errors for g in layer.values()) < sum(g["rtn"] for layer in errors for g in layer.values())
+    groups = [g for layer in lowbit.quantization_state(q).layer_errors for key, g in layer.items() if key != "layer"]
+    assert len(groups) == 8
+    # the search runs on a sample of the calibration rows: within 1% of RTN per group, lower in all
+    assert all(g["awq"] <= g["rtn"] * 1.01 for g in groups)
+    assert sum(g["awq"] for g in groups) < 0.99 * sum(g["rtn"] for g in groups)
 
 
 # ---------------------------------------------------------------- bad input

@@ -214,6 +214,8 @@ def dequantize_rows(values: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 
 def fake_rows(rows: torch.Tensor, qp: QParams, args: QuantArgs) -> torch.Tensor:
+    if args.symmetric:  # the offset is zero: adding it would be a pass over the tensor for nothing
+        return quantize_rows(rows, qp, args) * qp.step
     return dequantize_rows(quantize_rows(rows, qp, args), qp)
 
 

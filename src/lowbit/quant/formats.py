@@ -67,13 +67,21 @@ class FloatFormat:
         return torch.cat([half, -half])
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
-        """The nearest value of the format (ties to even), saturating at +-max. Exact: the step of
-        x's binade is a power of two, so x / step is exact and `torch.round` (ties to even on the
-        integer significand) rounds as the format does; a carry into the next binade is exact too."""
+        """The nearest value of the format (ties to even), saturating at +-max.
+
+        Normal range: round float32's 23-bit significand to the format's M bits on the bit pattern
+        (add half a unit minus one, plus the kept last bit, then truncate: ties go to the even
+        significand, and a carry moves into the next binade exactly). Below the smallest normal
+        the format's step is the constant 2^(min_exponent - M): x / step is exact, and
+        `torch.round` rounds ties to even."""
         x = x.float()
-        _, exponent = torch.frexp(x)  # |x| = f 2^exponent, f in [0.5, 1): binade 2^(exponent - 1)
-        step = torch.ldexp(torch.ones_like(x), (exponent - 1).clamp(min=self.min_exponent) - self.mantissa_bits)
-        return (torch.round(x / step) * step).clamp(-self.max, self.max)
+        shift = 23 - self.mantissa_bits
+        bits = x.view(torch.int32)
+        kept_lsb = (bits >> shift) & 1
+        normal = ((bits + ((1 << (shift - 1)) - 1) + kept_lsb) & ~((1 << shift) - 1)).view(torch.float32)
+        step = 2.0 ** (self.min_exponent - self.mantissa_bits)
+        subnormal = torch.round(x * (1 / step)) * step
+        return torch.where(x.abs() < 2.0**self.min_exponent, subnormal, normal).clamp(-self.max, self.max)
 
     def encode(self, values: torch.Tensor) -> torch.Tensor:
         """Bit patterns (int16) of values of the format (as `round` returns them)."""
