@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from ptq_table import DEFAULT_DATA, metadata  # noqa: E402
+from ptq_table import DEFAULT_DATA, metadata, run_rows  # noqa: E402
 
 FLOAT_ROWS = [
     # (scheme, the block Hadamard that matches its block)
@@ -61,31 +59,9 @@ GROUPS = [
 ]
 
 
-def run(args) -> dict[str, dict]:
-    jsonl = (ROOT / "results" / args.name).with_suffix(".jsonl")
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["row"]: json.loads(line) for line in jsonl.read_text().splitlines()} if jsonl.exists() else {}
-    if args.render:
-        return done
-    for row in args.rows.split(","):
-        if row in done:
-            continue
-        cmd = [sys.executable, str(ROOT / "ptq_table.py"), "--child", row, "--windows", str(args.windows), "--seq-len", str(args.seq_len)]
-        cmd += ["--data", args.data, "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
-        t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"{row}: failed\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        result = json.loads(lines[-1][len("RESULT ") :])
-        result["wall_seconds"] = time.time() - t0
-        done[row] = result
-        with jsonl.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        bits = result.get("bits_per_weight") or 16
-        print(f"{row:40s} ppl {result['ppl']:10.3f}  bits/weight {bits:.3f}  {result['wall_seconds']:.0f} s", flush=True)
-    return done
+def describe(result: dict) -> str:
+    bits = result.get("bits_per_weight") or 16
+    return f"{result['row']:40s} ppl {result['ppl']:10.3f}  bits/weight {bits:.3f}  {result['wall_seconds']:.0f} s"
 
 
 def markdown(meta: dict, rows: dict[str, dict]) -> str:
@@ -136,8 +112,8 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--render", action="store_true", help="only write the tables from the .jsonl")
     args = parser.parse_args()
-    rows = run(args)
     out = ROOT / "results" / args.name
+    rows = run_rows(args.rows.split(","), args, out.with_suffix(".jsonl"), describe)
     previous = out.with_suffix(".json")
     meta = json.loads(previous.read_text())["meta"] if args.render and previous.exists() else metadata(args)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=2) + "\n")

@@ -172,41 +172,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_row(args.child, args)), flush=True)
         return
     out = ROOT / "results" / args.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = out.with_suffix(".jsonl")
-    done = {json.loads(line)["row"]: json.loads(line) for line in jsonl.read_text().splitlines()} if jsonl.exists() else {}
-    if not args.render:
-        for row in args.rows.split(","):
-            if row in done:
-                continue
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                row,
-                "--windows",
-                str(args.windows),
-                "--seq-len",
-                str(args.seq_len),
-                "--data",
-                args.data,
-                "--calib-samples",
-                str(args.calib_samples),
-                "--calib-seq-len",
-                str(args.calib_seq_len),
-            ]
-            t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"{row}: failed\n{proc.stderr[-2000:]}", flush=True)
-                continue
-            result = json.loads(lines[-1][len("RESULT ") :])
-            result["wall_seconds"] = time.time() - t0
-            done[row] = result
-            with jsonl.open("a") as f:
-                f.write(json.dumps(result) + "\n")
-            print(format_row(result), flush=True)
+    done = run_rows(args.rows.split(","), args, out.with_suffix(".jsonl"), format_row)
     previous = out.with_suffix(".json")
     # --render keeps the settings the rows were measured with; a run records its own
     meta = json.loads(previous.read_text())["meta"] if args.render and previous.exists() else metadata(args)
@@ -214,6 +180,34 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))
+
+
+def run_rows(rows: list[str], args, jsonl: Path, describe) -> dict[str, dict]:
+    """Every row of `rows` not yet in `jsonl`, each in a fresh process (`--child`), appended to
+    `jsonl` as it finishes (an interrupted run resumes); returns all rows measured so far. With
+    `args.render`, only reads them."""
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["row"]: json.loads(line) for line in jsonl.read_text().splitlines()} if jsonl.exists() else {}
+    if args.render:
+        return done
+    for row in rows:
+        if row in done:
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", row, "--windows", str(args.windows), "--seq-len", str(args.seq_len)]
+        cmd += ["--data", args.data, "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{row}: failed\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        result = json.loads(lines[-1][len("RESULT ") :])
+        result["wall_seconds"] = time.time() - t0
+        done[row] = result
+        with jsonl.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(describe(result), flush=True)
+    return done
 
 
 def metadata(args) -> dict:
