@@ -45,11 +45,15 @@ INT_SCHEMES = [
     "W4g32A4g32KV4g32",
     "W4g16A4g16KV4g16",
 ]
+# a full (not block-diagonal) rotation, for MR-GPTQ's claim that the block formats' small groups
+# leave it little to gain
+FULL_ROTATION = ["Wmxfp4Amxfp4KVmxfp4", "Wnvfp4Anvfp4KVnvfp4"]
 ROWS = ["FP32/none/none"]
 for algorithm in ("rtn", "gptq"):  # RTN rows first: they are quick
     for scheme, block in FLOAT_ROWS:
         ROWS += [f"{scheme}/none/{algorithm}", f"{scheme}/{block}/{algorithm}"]
     ROWS += [f"{scheme}/none/{algorithm}" for scheme in INT_SCHEMES]
+ROWS += [f"{scheme}/rotate-online/{algorithm}" for algorithm in ("rtn", "gptq") for scheme in FULL_ROTATION]
 
 # the table's order: by bits, then format family, then transform and algorithm
 GROUPS = [
@@ -79,13 +83,14 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
         "Bits/weight = bits a quantized weight takes at rest, its share of the scales included (NVFP4 adds one float32 "
         "scale per tensor). bh16 / bh32 = a block-diagonal Hadamard rotation of 16 / 32 channels at every linear's input "
         "(fused into the weights, applied online to the activations) and on queries and keys; GPTQ runs on the format's "
-        "own grid with its block scales fixed before the column updates (MR-GPTQ). RTN = round to nearest.",
+        "own grid with its block scales fixed before the column updates (MR-GPTQ). rotate-online = full Hadamard "
+        "rotations (QuaRot's R1 online at the readers with norm gains in place, R2, R3, R4). RTN = round to nearest.",
         "",
     ]
     for title, schemes in GROUPS:
         lines += [f"### {title}", "", "| scheme | bits/weight | transform | RTN PPL | GPTQ PPL | GPTQ vs FP32 |", "|---|---|---|---|---|---|"]
         for scheme in schemes:
-            for transform in ("none", "bh16", "bh32"):
+            for transform in ("none", "bh16", "bh32", "rotate-online"):
                 rtn, gptq = rows.get(f"{scheme}/{transform}/rtn"), rows.get(f"{scheme}/{transform}/gptq")
                 if rtn is None and gptq is None:
                     continue
