@@ -22,7 +22,7 @@ from ..data import GENERATED, calibration_batches, generate_samples
 from ..errors import UserError
 from ..files import write_dir_atomically
 from ..hadamard import factor_order
-from ..scheme import QuantArgs, parse_scheme
+from ..scheme import QuantArgs, args_to_dict, parse_scheme
 from ..transforms.smooth import check_alpha, smooth_scales
 from ..version import __version__
 from .capture import InputSite, input_sites, stream_inputs
@@ -236,8 +236,8 @@ def analyze_model(model: nn.Module, tokenizer, batches: list[torch.Tensor], conf
         "family": spec.family,
         "scheme": parse_scheme(config.scheme).name.replace("KV16", ""),
         "quantization": {
-            "weights": _args_dict(w_args),
-            "activations": _args_dict(a_args),
+            "weights": args_to_dict(w_args),
+            "activations": args_to_dict(a_args),
             "method": "RTN (round to nearest), MinMax ranges",
         },
         "transforms": list(config.transforms),
@@ -254,19 +254,6 @@ def analyze_model(model: nn.Module, tokenizer, batches: list[torch.Tensor], conf
     add_findings(result)
     result["seconds"] = time.time() - start
     return result, plot_data
-
-
-def _args_dict(args: QuantArgs | None) -> dict | None:
-    if args is None:
-        return None
-    return {
-        "bits": args.bits,
-        "symmetric": args.symmetric,
-        "granularity": args.granularity.value,
-        "group_size": args.group_size,
-        "clip_ratio": args.clip_ratio,
-        "observer": args.observer.value,
-    }
 
 
 def analyze_job(

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..quant import quantize
+from ..quant.formats import FLOAT_ELEMENTS
 from ..scheme import QuantArgs
 
 DPI = 100
@@ -132,7 +133,7 @@ def error_scatter(layers: list[dict], aside: set[str], kind: str, path: Path) ->
 
 
 def occupied_bins(token: torch.Tensor, args: QuantArgs) -> int:
-    """Distinct integer codes one token uses under a per-token quantizer."""
+    """Distinct codes one token uses under a per-token quantizer."""
     codes, _ = quantize(token.reshape(1, -1), args)
     return int(torch.unique(codes).numel())
 
@@ -143,16 +144,22 @@ def worst_token(site: str, position: str, tokens: dict[str, torch.Tensor], args:
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         t = tokens[kind].abs()
-        step = float(t.max()) / args.qmax
         ax.plot(torch.sort(t, descending=True).values.numpy(), color=COLORS.get(kind))
-        for k in range(args.qmax + 1):  # rounding boundaries (k + 1/2) * step
-            ax.axhline((k + 0.5) * step, color="lightgray", linewidth=0.5)
+        if args.is_float:  # the element values scaled to the token's maximum
+            grid = FLOAT_ELEMENTS[args.element].magnitudes.float() * float(t.max()) / FLOAT_ELEMENTS[args.element].max
+            boundaries, codes, step = (grid[1:] + grid[:-1]) / 2, 2**args.bits, float(grid[1])
+        else:
+            step = float(t.max()) / args.qmax
+            boundaries, codes = [(k + 0.5) * step for k in range(args.qmax + 1)], args.qmax - args.qmin + 1
+        for b in boundaries:  # rounding boundaries
+            ax.axhline(float(b), color="lightgray", linewidth=0.5)
         ax.set_yscale("symlog", linthresh=max(step / 4, 1e-6))
-        ax.set_title(f"{kind}: {occupied_bins(tokens[kind], args)} of {args.qmax - args.qmin + 1} bins", fontsize=9)
+        ax.set_title(f"{kind}: {occupied_bins(tokens[kind], args)} of {codes} codes", fontsize=9)
         ax.set_xlabel("channel (sorted by |x|)", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("|x|", fontsize=8)
-    fig.suptitle(f"largest massive-outlier token at {site} ({position}); grey: INT{args.bits} rounding boundaries", fontsize=9)
+    grid_name = args.format_name.upper() if args.is_float else f"INT{args.bits}"
+    fig.suptitle(f"largest massive-outlier token at {site} ({position}); grey: {grid_name} rounding boundaries (one row scale)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
