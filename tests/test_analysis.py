@@ -187,7 +187,8 @@ def run(args, capsys):
     return exc.value.code, out, err
 
 
-def test_analyze_command_writes_report_and_plots(tiny_model_dir, sample_text_file, tmp_path, capsys):
+@pytest.mark.parametrize("scheme", [None, "Wnvfp4Anvfp4"])
+def test_analyze_command_writes_report_and_plots(tiny_model_dir, sample_text_file, tmp_path, capsys, scheme):
     pytest.importorskip("matplotlib")
     out = tmp_path / "analysis"
     args = [
@@ -205,13 +206,14 @@ def test_analyze_command_writes_report_and_plots(tiny_model_dir, sample_text_fil
         "5",
         "--out",
         str(out),
-    ]
+    ] + (["--scheme", scheme] if scheme else [])
     code, stdout, _ = run(args, capsys)
     assert code == 0
     result = json.loads((out / "analysis.json").read_text())
-    assert result["scheme"] == "W4A4" and result["sample"]["tokens"] == 64
+    name = scheme or "W4A4"
+    assert result["scheme"] == name and result["sample"]["tokens"] == 64
     contract = json.loads((out / "report.json").read_text())
-    assert contract["scheme"] == "W4A4" and contract["seconds"] > 0 and contract["analysis"] == "analysis.json"
+    assert contract["scheme"] == name and contract["seconds"] > 0 and contract["analysis"] == "analysis.json"
     report = (out / "report.md").read_text()
     assert "## Findings" in report and "## Massive outliers" in report and result["recommendation"][0] in stdout
     for name in ["layers_qkv.png", "layers_down.png", "layers_modules.png", "error_vs_difficulty.png"] + [
