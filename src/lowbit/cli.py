@@ -82,7 +82,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 
 @cli.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
-@click.option("--scheme", default=None, help=f"W-A-KV scheme, e.g. W4A8KV4 or W4g64A16 [default: {DEFAULT_SCHEME}].")
+@click.option("--scheme", default=None, help=f"W-A-KV scheme, e.g. W4A8KV4, W4g64A16, Wfp8Afp8KVfp8 or Wnvfp4Anvfp4 [default: {DEFAULT_SCHEME}].")
 @click.option("--transform", default=None, help="Equivalent transformation: none, smooth, rotate or smoothrot.")
 @click.option("--alpha", default=None, help="Smoothing migration strength in [0, 1], or 'search' (per layer) [default: 0.5].")
 @click.option("--smooth-all", is_flag=True, help="smoothrot: smooth every rotated input, not only down_proj.")
