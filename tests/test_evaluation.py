@@ -90,6 +90,10 @@ def test_ops_by_hand():
     q = model_ops(lowbit.quantize(model, scheme, progress=False), scheme, L)
     lm_head = L * 64 * 512
     assert q.ops == (linear_macs - lm_head) * 32 + lm_head * 256 + 2 * attn * 16 * 4
+    # block formats count their scales' share: NVFP4 4.5 bits, MXFP8 8.25
+    scheme = lowbit.parse_scheme("Wnvfp4Amxfp8KVfp8")
+    q = model_ops(lowbit.quantize(model, scheme, progress=False), scheme, L)
+    assert q.ops == round((linear_macs - lm_head) * 4.5 * 8.25 + lm_head * 256 + 2 * attn * 16 * 8)
 
 
 def test_kv_cache_bytes_by_hand():
@@ -102,10 +106,14 @@ def test_kv_cache_bytes_by_hand():
     assert kv_cache_bytes(config, half, 1000) == 2 * (vectors * 16 // 2 + vectors * 2)
     asym = lowbit.parse_scheme("W4A8K8aV4")
     assert kv_cache_bytes(config, asym, 1000) == vectors * 16 + vectors * 8 + vectors * 8 + vectors * 4
+    fp = lowbit.parse_scheme("W16A16KVfp8")  # one byte a value, a float32 scale per token and head
+    assert kv_cache_bytes(config, fp, 1000) == 2 * (vectors * 16 + vectors * 4)
+    nv = lowbit.parse_scheme("W16A16KVnvfp4")  # 4 bits a value, an E4M3 scale per 16, a float32 scale per token and head
+    assert kv_cache_bytes(config, nv, 1000) == 2 * (vectors * 16 // 2 + vectors + vectors * 4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: tied embeddings
-@pytest.mark.parametrize("name", ["W8A8KV8", "W4A16", "W4g32aA8KV4", "W16A16KV4"])
+@pytest.mark.parametrize("name", ["W8A8KV8", "W4A16", "W4g32aA8KV4", "W16A16KV4", "Wnvfp4Anvfp4KVnvfp4", "Wmxfp4Afp8", "Wfp8g16hA16KVfp8"])
 def test_scheme_cost_equals_the_quantized_models_cost(family, name):
     from dataclasses import replace
 
