@@ -35,15 +35,17 @@ FLOAT_ROWS = [
     ("Wnvfp4A16", "bh16"),
     ("Wnvfp4Anvfp4KVnvfp4", "bh16"),
 ]
+# grouped integer weights store float16 scales, as GPTQ and AWQ checkpoints do: INT4 in groups of
+# 32 then takes 4.5 bits a weight, as NVFP4 does
 INT_SCHEMES = [
     "W8A8KV8",
-    "W8g32A8g32KV8g32",
+    "W8g32hA8g32KV8g32",
     "W4A16",
-    "W4g32A16",
-    "W4g16A16",
+    "W4g32hA16",
+    "W4g16hA16",
     "W4A4KV4",
-    "W4g32A4g32KV4g32",
-    "W4g16A4g16KV4g16",
+    "W4g32hA4g32KV4g32",
+    "W4g16hA4g16KV4g16",
 ]
 # a full (not block-diagonal) rotation, for MR-GPTQ's claim that the block formats' small groups
 # leave it little to gain
@@ -57,9 +59,9 @@ ROWS += [f"{scheme}/rotate-online/{algorithm}" for algorithm in ("rtn", "gptq") 
 
 # the table's order: by bits, then format family, then transform and algorithm
 GROUPS = [
-    ("8-bit weights, activations and KV cache", ["Wfp8Afp8KVfp8", "Wmxfp8Amxfp8KVmxfp8", "W8A8KV8", "W8g32A8g32KV8g32"]),
-    ("4-bit weights (W4A16)", ["Wmxfp4A16", "Wnvfp4A16", "W4A16", "W4g32A16", "W4g16A16"]),
-    ("4-bit weights, activations and KV cache", ["Wmxfp4Amxfp4KVmxfp4", "Wnvfp4Anvfp4KVnvfp4", "W4A4KV4", "W4g32A4g32KV4g32", "W4g16A4g16KV4g16"]),
+    ("8-bit weights, activations and KV cache", ["Wfp8Afp8KVfp8", "Wmxfp8Amxfp8KVmxfp8", "W8A8KV8", "W8g32hA8g32KV8g32"]),
+    ("4-bit weights (W4A16)", ["Wmxfp4A16", "Wnvfp4A16", "W4A16", "W4g32hA16", "W4g16hA16"]),
+    ("4-bit weights, activations and KV cache", ["Wmxfp4Amxfp4KVmxfp4", "Wnvfp4Anvfp4KVnvfp4", "W4A4KV4", "W4g32hA4g32KV4g32", "W4g16hA4g16KV4g16"]),
 ]
 
 
