@@ -170,6 +170,7 @@ def test_every_named_recipe_builds():
         assert recipe.scheme.name and recipe.algorithm in ("rtn", "gptq", "awq")
     assert load_recipe("w4a4kv4-rotate-gptq").transform.kind == "rotate"
     assert load_recipe("w8a8-smoothquant").transform.alpha == 0.5
+    assert load_recipe("mxfp4-bh-gptq").transform.rotation_block == 32 and load_recipe("nvfp4-bh-gptq").scheme.weights.format_name == "nvfp4"
 
 
 def test_recipe_yaml_with_gptq_and_awq_knobs(tmp_path):

@@ -63,6 +63,29 @@ NAMED: dict[str, dict] = {
     # R1 online, norm gains left in place: better than fused on models whose norm gains vary widely (README), at a run-time rotation's cost
     "w4a4kv4-rotate-online-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
     "w4a4kv4-smoothrot-gptq": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
+    # floating-point and microscaling formats; "bh" = block-diagonal Hadamard of the format's block at
+    # every linear's input (MR-GPTQ's recipe with GPTQ on the format's grid)
+    "fp8-rtn": {"scheme": "Wfp8Afp8KVfp8"},
+    "mxfp8-rtn": {"scheme": "Wmxfp8Amxfp8KVmxfp8"},
+    "nvfp4a16-gptq": {"scheme": "Wnvfp4A16", "algorithm": "gptq"},
+    "mxfp4a16-gptq": {"scheme": "Wmxfp4A16", "algorithm": "gptq"},
+    "nvfp4-gptq": {"scheme": "Wnvfp4Anvfp4KVnvfp4", "algorithm": "gptq"},
+    "nvfp4-bh-gptq": {
+        "scheme": "Wnvfp4Anvfp4KVnvfp4",
+        "transform": "rotate",
+        "fuse_r1": False,
+        "fold_norms": False,
+        "rotation_block": 16,
+        "algorithm": "gptq",
+    },
+    "mxfp4-bh-gptq": {
+        "scheme": "Wmxfp4Amxfp4KVmxfp4",
+        "transform": "rotate",
+        "fuse_r1": False,
+        "fold_norms": False,
+        "rotation_block": 32,
+        "algorithm": "gptq",
+    },
 }
 TRANSFORM_KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms", "rotation_block")
 
