@@ -77,8 +77,10 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
     windows = next(iter(rows.values()))["windows"]
     lines = [
         f"{meta['model']}, {meta['data']}, first {windows} windows x {meta['seq_len']} tokens (the same windows for every row), "
-        f"fp32 compute, {meta['threads']} CPU threads, torch {meta['torch']}, lowbit {meta['lowbit_version']}. "
-        f"Calibration (GPTQ rows): {meta['calibration']} (the same windows for every row).",
+        f"fp32 compute on CPU, torch {meta['torch']}, lowbit {meta['lowbit_version']}. "
+        f"Calibration (GPTQ rows): {meta['calibration']} (the same windows for every row). "
+        "Perplexities only: rows ran one at a time with two threads or two at a time with one thread each, so their "
+        "timings (in the .json) are not comparable. '-': not measured.",
         "",
         f"FP32: perplexity {fp['ppl']:.3f}." if fp else "FP32: not measured yet.",
         "",
