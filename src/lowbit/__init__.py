@@ -13,7 +13,7 @@ from .api import calibrate_static, check_scheme, quantize
 from .arch import ArchSpec, InputGroup, register_arch
 from .errors import UserError
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
-from .io import export_compressed_tensors, load_quantized, save_quantized
+from .io import export_compressed_tensors, export_model, load_quantized, save_quantized
 from .models import DEFAULT_MODEL, load_model
 from .pipeline import PipelineConfig
 from .qat import DatagenConfig, TrainConfig, freeze_student, generate_dataset, train
@@ -52,6 +52,7 @@ __all__ = [
     "convert_to_int_kernels",
     "data",
     "export_compressed_tensors",
+    "export_model",
     "freeze_student",
     "generate_dataset",
     "kv_cache_bytes",

@@ -310,21 +310,33 @@ def evaluate(
 @cli.command()
 @click.argument("run_or_model_dir")
 @click.option(
-    "--format", "fmt", default="compressed-tensors", show_default=True, help="Export format (compressed-tensors: what vLLM and transformers load)."
+    "--format",
+    "fmt",
+    default="compressed-tensors",
+    show_default=True,
+    help="compressed-tensors (what vLLM and transformers load) or gguf (llama.cpp; --out names the .gguf file).",
 )
-@click.option("--out", required=True, help="Folder to write (refused if it exists).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def export(run_or_model_dir, fmt, out, overwrite):
+@click.option("--out", required=True, help="Folder (compressed-tensors) or .gguf file to write (refused if it exists).")
+@click.option(
+    "--dtype",
+    default=None,
+    help="dtype of the tensors that stay in floating point: bfloat16, float16 or float32 "
+    "(default: bfloat16 for compressed-tensors, float16 for gguf).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def export(run_or_model_dir, fmt, out, dtype, overwrite):
     """Export a saved quantized model (a `lowbit quantize --out` folder) to a serving format."""
     from .files import check_out_dir
-    from .io import EXPORT_FORMATS, export_compressed_tensors, load_quantized
+    from .io import load_quantized
+    from .io.export import check_export_format, export_dtype, export_model
     from .runtime.state import quantization_state
 
-    if fmt not in EXPORT_FORMATS:
-        raise UserError(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
-    check_out_dir(out, overwrite, (run_or_model_dir,))
+    check_export_format(fmt)
+    if dtype is not None:
+        export_dtype(dtype)
+    check_out_dir(out, overwrite, (run_or_model_dir,), is_file=fmt == "gguf")
     model, tokenizer = load_quantized(run_or_model_dir)
-    export_compressed_tensors(model, out, tokenizer, overwrite=overwrite)
+    export_model(model, out, tokenizer, fmt=fmt, dtype=dtype, overwrite=overwrite)
     log.info("exported %s to %s (%s)", quantization_state(model).scheme.name, out, fmt)
 
 

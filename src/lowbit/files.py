@@ -67,10 +67,10 @@ def sweep_stale(path: str | Path) -> list[Path]:
     return removed
 
 
-def check_out_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
-    """Refuse an existing output folder unless `overwrite`, one that is or holds an input (writing
-    it would replace what the run reads), and a place lowbit cannot write to; called before any
-    work starts. Removes what dead runs left beside it."""
+def check_out_dir(out: str | Path, overwrite: bool, inputs: tuple = (), *, is_file: bool = False) -> Path:
+    """Refuse an existing output folder (or file, `is_file`) unless `overwrite`, one that is or holds
+    an input (writing it would replace what the run reads), and a place lowbit cannot write to;
+    called before any work starts. Removes what dead runs left beside it."""
     out = Path(out)
     resolved = out.resolve()
     for given in inputs:
@@ -80,9 +80,9 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
         if source == resolved or resolved in source.parents:
             raise UserError(f"--out {out} would replace the input {given}; choose another --out")
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder")
+        raise OutputExistsError(f"output {'file' if is_file else 'folder'} {out} exists; pass --overwrite to replace it or choose another --out")
+    if out.exists() and out.is_dir() == is_file:
+        raise UserError(f"{out} exists and is not a {'file' if is_file else 'folder'}")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -129,6 +129,22 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     return model, tokenizer
 
 
+def cast_model(model, dtype: torch.dtype):
+    """`model` in `dtype` as `from_pretrained(dtype=...)` loads it, and as an engine serving that dtype
+    holds it: parameters and saved buffers in `dtype`, buffers the checkpoint does not hold (RoPE's
+    inv_freq) kept in float32, quantized weights' scales and calibrated ranges in their own format."""
+    kept = [
+        (module, name, buffer)
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and name in module._non_persistent_buffers_set
+    ]
+    model.to(dtype)
+    for module, name, buffer in kept:
+        module._buffers[name] = buffer
+    return model
+
+
 def _hub_error(name: str, exc: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
     why = "the hub cannot be reached (offline?)" if offline else f"it could not be loaded ({str(exc).splitlines()[0]})"

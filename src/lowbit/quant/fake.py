@@ -228,13 +228,15 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, qparams: QParams | None = No
     """
     if qparams is not None and qparams.scale.requires_grad:
         return learned_fake_quantize(x, args, qparams)
+    # scales and codes in float32 whatever x's dtype (as serving engines compute them from bf16 /
+    # fp16 activations); only the result returns to x's dtype
     rows = as_rows(x, args)
     with torch.no_grad():
-        detached = rows.detach()
+        detached = rows.detach().float()
         if qparams is not None:
             qp = qparams
         else:
-            qp = compute_qparams(detached, args, global_scale if global_scale is not None else global_scales(x.detach(), args))
+            qp = compute_qparams(detached, args, global_scale if global_scale is not None else global_scales(x.detach().float(), args))
         q = fake_rows(detached, qp, args)
     out = q.reshape(x.shape).to(x.dtype)
     if x.requires_grad:

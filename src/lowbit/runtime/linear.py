@@ -208,6 +208,13 @@ class QuantLinear(nn.Module):
         if self.input_rotation is not None:
             x = self.input_rotation(x)
         if self.input_quant is not None:
+            if x.dtype != torch.float32 and self.is_quantized:
+                # quantized activations times quantized weights: serving engines multiply the codes
+                # exactly (int8 / FP8 GEMMs accumulate in int32 / float32) and scale in float32, and
+                # only the output takes the model's dtype; the dequantized float32 product is that
+                x_q = self.input_quant(x.float())
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x_q, self.dense_weight(torch.float32), bias).to(x.dtype)
             x = self.input_quant(x)
         weight = self.dense_weight(x.dtype) if self.is_quantized else self.dense_weight()
         return F.linear(x, weight, self.bias)

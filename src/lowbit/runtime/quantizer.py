@@ -23,6 +23,14 @@ class TensorQuantizer(nn.Module):
             self.register_buffer("observed_min", torch.tensor(float("inf")))
             self.register_buffer("observed_max", torch.tensor(float("-inf")))
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the calibrated range: static scales are float32
+        kept = {name: self._buffers[name] for name in ("observed_min", "observed_max") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
     @property
     def calibrated(self) -> bool:
         return self.args.dynamic or bool(torch.isfinite(self.observed_min))
