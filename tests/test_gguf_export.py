@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, tiny_model, word_tokenizer
+from conftest import SAMPLE_TEXT, tiny_config, tiny_model, word_tokenizer
 
 import lowbit
 from lowbit import UserError
@@ -34,7 +34,9 @@ def bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([SAMPLE_TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -44,8 +46,27 @@ def calibration(n=4, length=32):
     return [torch.randint(0, 512, (1, length), generator=g) for _ in range(n)]
 
 
-def quantized(family, scheme, algorithm="rtn", **kwargs):
-    model = tiny_model(family, **kwargs)
+def tiny_variant(family, attn, **overrides):
+    """conftest's tiny model with some config values changed (initialised the same way)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            if "bias" in name:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def quantized(family, scheme, algorithm="rtn", attn=None, **overrides):
+    model = tiny_variant(family, attn or "eager", **overrides) if overrides else tiny_model(family, attn=attn)
     return lowbit.quantize(model, scheme, algorithm=algorithm, calibration=calibration(), progress=False)
 
 
@@ -124,14 +145,18 @@ def test_nibble_packing_matches_ggml(tmp_path):
 
 # --------------------------------------------------------------------------- 2. transformers reloads
 
+# transformers' GGUF loader (unlike llama.cpp) reads no head_dim for qwen3 and no
+# query_pre_attn_scalar for Gemma: those cases use its config defaults (head_dim 128; 256 and 256)
+QWEN3 = dict(head_dim=128)
+GEMMA = dict(head_dim=256, query_pre_attn_scalar=256)
 RELOAD_CASES = {
-    "llama-W4g32fh-gptq": ("llama", "W4g32fh", "gptq"),
-    "mistral-W8g32h-rtn": ("mistral", "W8g32h", "rtn"),
-    "qwen2-W4g32ah-gptq": ("qwen2", "W4g32ah", "gptq"),
-    "qwen3-W4g32h-rtn": ("qwen3", "W4g32h", "rtn"),
-    "gemma2-W4g32fh-rtn": ("gemma2", "W4g32fh", "rtn"),
-    "gemma3-W4g32ahA8g32h-gptq": ("gemma3", "W4g32ahA8g32h", "gptq"),  # engine-style activations: compared weight-only
-    "llama-W8g32hA8g32h-rtn": ("llama", "W8g32hA8g32h", "rtn"),
+    "llama-W4g32fh-gptq": ("llama", "W4g32fh", "gptq", {}),
+    "mistral-W8g32h-rtn": ("mistral", "W8g32h", "rtn", {}),
+    "qwen2-W4g32ah-gptq": ("qwen2", "W4g32ah", "gptq", {}),
+    "qwen3-W4g32h-rtn": ("qwen3", "W4g32h", "rtn", QWEN3),
+    "gemma2-W4g32fh-rtn": ("gemma2", "W4g32fh", "rtn", GEMMA),
+    "gemma3-W4g32ahA8g32h-gptq": ("gemma3", "W4g32ahA8g32h", "gptq", GEMMA),  # engine-style activations: compared weight-only
+    "qwen2-W8g32hA8g32h-rtn": ("qwen2", "W8g32hA8g32h", "rtn", {}),
 }
 TOKENS = [[5, 17, 300, 42, 7, 99, 256, 3, 511, 64, 1, 2, 128, 77, 400, 31, 8, 250, 19, 480]]
 RELOAD_SCRIPT = textwrap.dedent(
@@ -168,8 +193,8 @@ def reloaded(tmp_path_factory):
     """Every case exported with float32 dense tensors, reloaded by transformers in one child process."""
     folder = tmp_path_factory.mktemp("gguf-reload")
     expected = {}
-    for name, (family, scheme, algorithm) in RELOAD_CASES.items():
-        q = quantized(family, scheme, algorithm, attn="eager")
+    for name, (family, scheme, algorithm, overrides) in RELOAD_CASES.items():
+        q = quantized(family, scheme, algorithm, attn="eager", **overrides)
         export_gguf(q, folder / f"{name}.gguf", bpe_tokenizer(), dtype="float32")
         with torch.no_grad():
             expected[name] = weight_only(q)(torch.tensor(TOKENS)).logits.numpy()
@@ -183,7 +208,8 @@ def reloaded(tmp_path_factory):
 def test_transformers_gguf_loader_reproduces_the_logits(case, reloaded):
     """Tolerance: 1e-5 relative to the largest logit. The weights llama.cpp's dequantization gives
     are lowbit's exactly (test above) and the dense tensors are float32; what is left is the float
-    arithmetic of two runs of the same eager model code (Gemma's norms travel as 1 + w and back)."""
+    arithmetic of two runs of the same eager model code (Gemma's norms travel as 1 + w and back).
+    Observed: bit-identical logits for every case."""
     folder, expected = reloaded
     got = np.load(folder / f"{case}.logits.npy", allow_pickle=False)
     ref = expected[case]
@@ -236,7 +262,11 @@ def test_gemma_norms_are_stored_as_one_plus_weight(tmp_path):
 @pytest.mark.parametrize(
     "pre,source,name",
     [
-        ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}, "", "smollm"),
+        (
+            {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]},
+            "",
+            "smollm",
+        ),
         ({"type": "ByteLevel", "use_regex": True}, "/cache/models/smollm2-135m", "smollm"),  # flattened by a conversion
         ({"type": "ByteLevel", "use_regex": True}, "", "gpt-2"),
         ({"type": "Whitespace"}, "", "default"),
@@ -347,6 +377,8 @@ def test_q4_0_file_size(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_exports_with_its_tokenizer(default_model, tmp_path):
+    from lowbit.models import DEFAULT_MODEL, packaged_gguf
+
     model, tok = default_model
     q = lowbit.quantize(model, "W4g32fh", progress=False)
     reader, tensors = read(export_gguf(q, tmp_path / "smollm2.gguf", tok))
@@ -354,3 +386,16 @@ def test_default_model_exports_with_its_tokenizer(default_model, tmp_path):
     t = tensors["blk.3.ffn_down.weight"]
     w = gguf.quants.dequantize(t.data, t.tensor_type)
     assert np.array_equal(w, q.model.layers[3].mlp.down_proj.dense_weight().numpy())
+    # what llama.cpp's own converter wrote for this model (the packaged GGUF lowbit loaded it from)
+    original, original_tensors = read(packaged_gguf(DEFAULT_MODEL))
+    assert set(tensors) == set(original_tensors)
+    for t in original_tensors.values():
+        assert tensors[t.name].shape.tolist() == t.shape.tolist(), t.name
+    for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_bos_token"):
+        assert field(reader, f"tokenizer.ggml.{key}") == field(original, f"tokenizer.ggml.{key}"), key
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):  # rows in llama.cpp's RoPE order, as its converter wrote them
+        ours, theirs = (gguf.quants.dequantize(x[name].data, x[name].tensor_type) for x in (tensors, original_tensors))
+        assert np.linalg.norm(ours - theirs) < 0.25 * np.linalg.norm(theirs)  # 4-bit noise; a wrong row order gives ~1.4
+    shape_keys = ("block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv")
+    for key in (*shape_keys, "rope.freq_base"):
+        assert field(reader, f"llama.{key}") == field(original, f"llama.{key}"), key

@@ -159,7 +159,8 @@ def check_gguf_exportable(model: nn.Module) -> dict[str, str]:
         if m.weight_args is not None and not m.is_quantized:
             raise UserError(f"cannot export: {n} still trains a latent weight; call lowbit.qat.freeze_student(model) first")
         if m.input_quant is not None and not _activations_ok(m.input_quant.args):
-            raise UserError(f"cannot export {name} to GGUF: {n} quantizes its input with A{m.input_quant.args.name()}; llama.cpp computes {ACTIVATIONS}")
+            got = m.input_quant.args.name()
+            raise UserError(f"cannot export {name} to GGUF: {n} quantizes its input with A{got}; llama.cpp computes {ACTIVATIONS}")
         if m.is_quantized:
             qtype = _gguf_type(m.weight_args)
             if qtype is None:
@@ -228,7 +229,7 @@ class _Tensor:
 
 
 def _tensors(model: nn.Module, arch: str, types: dict[str, str], dtype: str) -> list[_Tensor]:
-    from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, get_tensor_name_map
 
     spec = get_arch(model)
     config = model.config
@@ -303,7 +304,8 @@ def _check_config(model_type: str, config) -> None:
     window = getattr(config, "sliding_window", None)
     if model_type in ("llama", "mistral", "qwen2", "qwen3"):
         if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False) or (model_type == "mistral" and window):
-            raise UserError(f"cannot export {model_type} with a sliding window to GGUF: llama.cpp's {GGUF_ARCHS[model_type]} architecture attends to the whole context")
+            arch = GGUF_ARCHS[model_type]
+            raise UserError(f"cannot export {model_type} with a sliding window to GGUF: llama.cpp's {arch} architecture attends to the whole context")
         if getattr(config, "mlp_bias", False):
             raise UserError(f"cannot export {model_type} with MLP biases to GGUF")
     if model_type in ("gemma2", "gemma3_text"):
@@ -501,9 +503,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer, *, dtype: str = "f
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
     file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{max(counts, key=counts.get)}")
-    name = Path(str(getattr(config, "_name_or_path", "") or model_type)).name or model_type
-    if model_type == "mistral" and "mistral" not in name.lower():
-        name = f"mistral {name}"  # transformers' GGUF loader tells Mistral from Llama by the name
+    name = Path(str(getattr(config, "_name_or_path", "") or arch)).name or arch
     log.info("exporting %s to GGUF (%s, %d quantized linears) in %s", scheme.name, file_type.name, len(types), out)
 
     def write(tmp: Path) -> None:
