@@ -234,6 +234,12 @@ def _recipe_from_options(o: dict):
     show_default=True,
     help="Schemes in the size/OPs/KV-cache table ('none' for no table).",
 )
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    help="Compute in this dtype (bfloat16, float16, float32), as an engine serving a `lowbit export --dtype` model does.",
+)
 @click.option("--no-ppl", is_flag=True, help="Skip perplexity (e.g. tasks only).")
 @click.option("--out", default=None, help="Folder for report.json and report.md (refused if it exists).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
@@ -254,6 +260,7 @@ def evaluate(
     scheme,
     int_kernels,
     cost_schemes,
+    dtype,
     no_ppl,
     out,
     overwrite,
@@ -278,6 +285,9 @@ def evaluate(
         )
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}")
+    from .io.export import export_dtype
+
+    export_dtype(dtype)
     for folder in task_path:
         if not Path(folder).is_dir():
             raise UserError(f"--task-path {folder}: no such folder (give a folder of lm-eval task .yaml files)")
@@ -302,6 +312,7 @@ def evaluate(
             cost_schemes=costs,
             evaluate_ppl=not no_ppl,
             progress=ctx.obj["progress"],
+            dtype=dtype,
         )
         run.finish(report)
     click.echo(json.dumps(report, indent=2) if as_json else report_markdown(report))

@@ -32,9 +32,10 @@ from .evaluation import (
     weight_bits,
 )
 from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
+from .io.export import export_dtype
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
 from .memory import peak_rss_bytes, release_freed_memory
-from .models import check_window, load_config, load_model
+from .models import cast_model, check_window, load_config, load_model
 from .pipeline import PipelineConfig
 from .recipes import Recipe
 from .runtime.int_linear import check_integer_formats, convert_to_int_kernels
@@ -188,10 +189,12 @@ def evaluate_job(
     cost_schemes: tuple[str, ...] | None = COST_SCHEMES,
     evaluate_ppl: bool = True,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> dict:
     """Perplexity, zero-/few-shot tasks and costs of a model, optionally RTN-quantized in memory
-    (`scheme`) and run on integer kernels (`int_kernels`). Costs of other schemes (`cost_schemes`)
-    are computed from the unquantized model, without quantizing it."""
+    (`scheme`) and run on integer kernels (`int_kernels`), computed in `dtype` (as an engine serving
+    an export in that dtype: `cast_model`). Costs of other schemes (`cost_schemes`) are computed
+    from the unquantized model, without quantizing it."""
     start = time.time()
     data, windows, seq_len = evaluation.data, evaluation.windows, evaluation.seq_len
     saved = saved_model_dir(model_name)  # a `lowbit quantize --out` folder, or its model/ folder
@@ -236,6 +239,9 @@ def evaluate_job(
     if int_kernels:
         model = convert_to_int_kernels(model, inplace=True)
         report["kernels"] = "int"
+    if dtype != "float32":
+        cast_model(model, export_dtype(dtype))
+        report["dtype"] = dtype
     report[part] = cost_summary(model, scheme, seq_len)
     if evaluate_ppl:
         eval_ids = tokenize(tokenizer, load_text(data, split="eval"))
