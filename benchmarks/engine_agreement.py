@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ def row(id, engine, scheme, *, transform="none", algorithm="rtn", dtype=None, kv
 
 
 ROWS = [
+    # the unquantized model saved in bfloat16: the floor of bfloat16 noise between the two implementations
+    row("fp-bf16", "vllm", "FP"),
     row("w4a16-g64", "vllm", "W4g64bA16"),
     row("w8a16", "vllm", "W8bA16"),
     row("w8a8-smoothquant", "vllm", "W8A8", transform="smooth"),
@@ -98,6 +101,18 @@ def lowbit_side(model, windows, prompt: int, generate: int) -> dict:
     return {"prompt_logprobs": logprobs, "greedy": greedy}
 
 
+def root_cause(log: str) -> str | None:
+    """The engine's own reason for refusing a model: the last error its workers logged, with the
+    lines that explain it (vLLM's front end only says that the engine core failed to start)."""
+    lines = [re.sub(r"^\(\w+ pid=\d+\) \w+ [\d-]+ [\d:]+ \[[^]]+\] ", "", line).strip() for line in log.splitlines()]
+    found = [i for i, line in enumerate(lines) if re.match(r"\w+(Error|Exception): ", line) and "Engine core initialization failed" not in line]
+    if not found:
+        return None
+    i = found[-1]
+    reasons = [line for line in lines[i + 1 : i + 8] if line and not line.startswith(("Traceback", "File", "(")) and "Error" not in line]
+    return " ".join([lines[i], *reasons])[:400]
+
+
 def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
     import torch
 
@@ -112,6 +127,11 @@ def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
     else:
         torch.manual_seed(0)
         model, tokenizer = lowbit.load_model()
+    if spec["scheme"] == "FP":
+        served = cast_model(model, getattr(torch, spec["export_dtype"]))
+        served.save_pretrained(out_path)
+        tokenizer.save_pretrained(out_path)
+    if spec["model"] is None and spec["scheme"] != "FP":
         scheme = lowbit.parse_scheme(spec["scheme"])
         calib = None
         if spec["transform"] != "none" or spec["algorithm"] != "rtn" or scheme.needs_calibration:
@@ -120,7 +140,8 @@ def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
         cache.clear()
         cache[spec["id"]] = (model, tokenizer)
     quantize_seconds = time.time() - started
-    lowbit.export_model(model, out_path, tokenizer, fmt=spec["format"], dtype=spec["export_dtype"], overwrite=True)
+    if spec["scheme"] != "FP":
+        lowbit.export_model(model, out_path, tokenizer, fmt=spec["format"], dtype=spec["export_dtype"], overwrite=True)
     size = out_path.stat().st_size if out_path.is_file() else sum(p.stat().st_size for p in out_path.rglob("*") if p.is_file())
     tokens = EXPORTS / "tokens.json"
     tokens.write_text(json.dumps({"windows": windows}))
@@ -136,7 +157,7 @@ def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
     result = {**spec, "export_bytes": size, "quantize_seconds": quantize_seconds, "engine_seconds": engine_seconds}
     result["engine_version"] = theirs.get("version")
     if "error" in theirs:
-        result["engine_error"] = theirs["error"]
+        result["engine_error"] = root_cause(proc.stderr) or theirs["error"]
         return result
     served = model if spec["dtype"] == "float32" else cast_model(copy.deepcopy(model), getattr(torch, spec["dtype"]))
     ours = lowbit_side(served, windows, args.prompt, args.generate)

@@ -142,13 +142,13 @@ def run_rows(args, jsonl: Path) -> None:
             row["native_identical"] = bool(torch.equal(logits, ref))
             del loaded, logits
             try:
-                check_exportable(q)
+                check_exportable(q, "float32")
             except lowbit.UserError as exc:
                 row["ct_refused"] = str(exc)
             else:
                 ct = work / f"ct-{scheme}-{transform}-{algorithm}"
                 t0 = time.time()
-                lowbit.export_compressed_tensors(q, ct, tokenizer)
+                lowbit.export_compressed_tensors(q, ct, tokenizer, dtype="float32")  # compared with the fp32 model
                 row["ct_export_s"] = time.time() - t0
                 row["ct_bytes"] = folder_bytes(ct)
                 reloaded = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32).eval()

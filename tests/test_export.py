@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,58 @@ def test_cli_export_of_a_saved_model(tmp_path, capsys):
     code, _, err = run_cli(["-q", "export", str(tmp_path / "kv"), "--out", str(tmp_path / "ct2")], capsys)
     assert code == 2 and "not servable in vLLM" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ct2").exists() and not (tmp_path / "ct3").exists()
+
+
+def test_cli_exports_gguf_and_evaluates_in_the_served_dtype(tmp_path, capsys):
+    """`lowbit export --format gguf` writes the file (and refuses an existing one); `lowbit evaluate
+    --dtype bfloat16` computes the model as an engine serving it in bfloat16 (cast_model)."""
+    from conftest import SAMPLE_TEXT, run_cli
+    from test_gguf_export import bpe_tokenizer
+
+    q = lowbit.quantize(tiny_model("llama"), "W4g32fhA8g32h", progress=False)
+    save_quantized(q, tmp_path / "saved", bpe_tokenizer())
+    gguf = tmp_path / "model.gguf"
+    code, _, err = run_cli(["-q", "export", str(tmp_path / "saved"), "--format", "gguf", "--out", str(gguf)], capsys)
+    assert code == 0 and gguf.stat().st_size > 0, err
+    before = gguf.read_bytes()
+    code, _, err = run_cli(["-q", "export", str(tmp_path / "saved"), "--format", "gguf", "--out", str(gguf)], capsys)
+    assert code == 2 and "exists" in err and gguf.read_bytes() == before
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    args = ["-q", "evaluate", str(tmp_path / "saved"), "--data", str(text), "--windows", "1", "--seq-len", "32", "--json", "--cost-schemes", "none"]
+    code, out, err = run_cli([*args, "--dtype", "bfloat16"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["dtype"] == "bfloat16"
+    ids = bpe_tokenizer()(SAMPLE_TEXT * 4, return_tensors="pt").input_ids[0]
+    expected = lowbit.perplexity(cast_model(lowbit.load_quantized(tmp_path / "saved")[0], torch.bfloat16), ids, 32, 1, progress=False)
+    assert report["quantized"]["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
+    code, _, err = run_cli([*args, "--dtype", "half"], capsys)
+    assert code == 2 and "unknown --dtype 'half'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("recipe,fmt", [("gguf-q4_0", "gguf"), ("gguf-q8_0", "gguf"), ("vllm-w4a16-gptq", "compressed-tensors")])
+def test_export_ready_recipes_export(recipe, fmt, tmp_path):
+    from test_gguf_export import bpe_tokenizer
+
+    from lowbit.recipes import load_recipe
+
+    chosen = load_recipe(recipe)
+    model = tiny_model("qwen2")
+    q = lowbit.quantize(model, chosen.scheme, transform=chosen.transform, algorithm=chosen.algorithm, calibration=calibration(), progress=False)
+    out = export_model(q, tmp_path / ("m.gguf" if fmt == "gguf" else "m"), bpe_tokenizer(), fmt=fmt)
+    assert out.exists()
+
+
+@pytest.mark.slow
+def test_default_model_w4a16_g32_export_is_a_quarter_of_fp32(default_model, tmp_path):
+    """The default model's W4A16 group-32 export (bfloat16 dense tensors and scales) takes at most
+    0.25x of its float32 folder."""
+    from lowbit.models import resolve_model
+
+    model, tokenizer = default_model
+    fp32_bytes = sum(p.stat().st_size for p in Path(resolve_model("smollm2-135m")).glob("*.safetensors"))
+    q = lowbit.quantize(model, "W4g32bA16", progress=False)
+    out = export_model(q, tmp_path / "w4", tokenizer)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert size <= 0.25 * fp32_bytes, (size, fp32_bytes)

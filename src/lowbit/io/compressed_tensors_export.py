@@ -16,7 +16,8 @@ express is written; anything else is refused with the reason and the scheme that
 - KV cache: FP8 E4M3 with one static scale per tensor (`KVfp8s`), the only quantized KV cache vLLM
   serves; integer KV caches are not servable there.
 - Transforms whose edits are folded into the weights (smoothing, R1 fused). Online rotations
-  (online R1, R2, R3, R4) are refused: see `check_exportable`.
+  (online R1, R2's online part, R3, R4) are refused: transformers ignores compressed-tensors'
+  transform configuration on load, and vLLM applies none inside attention.
 """
 
 from __future__ import annotations
@@ -157,9 +158,10 @@ def check_exportable(model: nn.Module, dtype: str = "bfloat16") -> Scheme:
     rotated = online_rotations(model)
     if rotated:
         raise UserError(
-            f"cannot export: {len(rotated)} modules rotate their input online (e.g. {rotated[0]}); vLLM runs compressed-tensors' "
-            "online Hadamard transforms only on GPUs, for power-of-two sizes, and lowbit does not write them yet: export rotations "
-            "fused into the weights (transform 'rotate' with R1 fused and --no-r2 --no-r3 --no-r4), or smoothing"
+            f"cannot export: {len(rotated)} modules rotate their input online (e.g. {rotated[0]}); transformers does not apply "
+            "compressed-tensors' transform configuration when it loads a checkpoint (it would run the model without them) and "
+            "vLLM 0.32 applies none inside attention (R3): export rotations fused into the weights (a recipe with transform "
+            "'rotate' and r2, r3, r4: false), or smoothing"
         )
     _check_scales_fit(scheme, quantized, dtype)
     return scheme
