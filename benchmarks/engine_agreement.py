@@ -13,8 +13,11 @@ engine scripts never import lowbit):
 Per row: greedy agreement (fraction of the greedy continuation's tokens equal, position by
 position, after the same prompt), mean and max absolute difference of the prompt tokens'
 log-probabilities, and perplexity from those log-probabilities in the engine and in lowbit, on
-the first N windows of the WikiText-2 raw test file (the same windows for every row). A row whose
-engine has no kernel for the format records the engine's refusal.
+the first N windows of the WikiText-2 raw test file (the same windows for every row). The noise
+floor beside it is the same comparison between lowbit and itself with another attention kernel
+(eager instead of sdpa) in the same dtype: how far two correct implementations of one model drift
+apart in that dtype (quantized activations amplify it: a bfloat16 rounding difference flips
+codes). A row whose engine has no kernel for the format records the engine's own reason.
 
     bash benchmarks/engines/setup_vllm.sh && bash benchmarks/engines/setup_llamacpp.sh
     python benchmarks/engine_agreement.py                 # every row; resumes from the .jsonl
@@ -119,7 +122,9 @@ def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
     import lowbit
     from lowbit.data import calibration_batches
     from lowbit.models import cast_model
+    from lowbit.runtime.kv import register_attention, set_attention_implementation
 
+    register_attention("eager")
     started = time.time()
     out_path = EXPORTS / (spec["id"] + (".gguf" if spec["format"] == "gguf" else ""))
     if spec["model"] is not None and spec["model"] in cache:
@@ -161,8 +166,14 @@ def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
         return result
     served = model if spec["dtype"] == "float32" else cast_model(copy.deepcopy(model), getattr(torch, spec["dtype"]))
     ours = lowbit_side(served, windows, args.prompt, args.generate)
-    del served
+    # the noise floor: the same model in the same dtype, computed by lowbit with another attention
+    # kernel (eager instead of sdpa): how far two correct implementations drift apart here
+    other = copy.deepcopy(served)
+    set_attention_implementation(other, "lowbit_eager" if other.config._attn_implementation.startswith("lowbit_") else "eager")
+    floor = lowbit_side(other, windows, args.prompt, 0)["prompt_logprobs"]
+    del served, other
     diffs = [abs(a - b) for wa, wb in zip(ours["prompt_logprobs"], theirs["prompt_logprobs"]) for a, b in zip(wa, wb)]
+    floor_diffs = [abs(a - b) for wa, wb in zip(ours["prompt_logprobs"], floor) for a, b in zip(wa, wb)]
     same = [a == b for ga, gb in zip(ours["greedy"], theirs["greedy"]) for a, b in zip(ga, gb)]
 
     def ppl(logprobs):
@@ -173,6 +184,8 @@ def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
         greedy_agreement=sum(same) / len(same),
         logprob_diff_mean=sum(diffs) / len(diffs),
         logprob_diff_max=max(diffs),
+        floor_diff_mean=sum(floor_diffs) / len(floor_diffs),
+        floor_diff_max=max(floor_diffs),
         ppl_engine=ppl(theirs["prompt_logprobs"]),
         ppl_lowbit=ppl(ours["prompt_logprobs"]),
         scored_tokens=len(diffs),
@@ -206,8 +219,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"lowbit {meta['lowbit_version']}, torch {meta['torch']}. Reproduce: `python benchmarks/engine_agreement.py`.",
         "",
         "| row | engine | export | dtype | greedy agreement | mean \\|Δ logprob\\| | max \\|Δ logprob\\| "
-        "| PPL engine | PPL lowbit | PPL diff | size MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| noise floor mean / max | PPL engine | PPL lowbit | PPL diff | size MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         engine = f"{r['engine']} {r.get('engine_version') or ''}".strip()
@@ -217,11 +230,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         dtype = r["dtype"] + (f" / dense {r['export_dtype']}" if r["export_dtype"] != r["dtype"] else "")
         size = f"{r['export_bytes'] / 1e6:.1f}"
         if "engine_error" in r:
-            lines.append(f"| {r['id']} | {engine} | {export} | {dtype} | no kernel: {r['engine_error'][:160]} | | | | | | {size} |")
+            lines.append(f"| {r['id']} | {engine} | {export} | {dtype} | no kernel: {r['engine_error'][:200]} | | | | | | | {size} |")
             continue
         lines.append(
             f"| {r['id']} | {engine} | {export} | {dtype} | {r['greedy_agreement']:.3f} | {r['logprob_diff_mean']:.4f} | "
-            f"{r['logprob_diff_max']:.3f} | {r['ppl_engine']:.3f} | {r['ppl_lowbit']:.3f} | {100 * r['ppl_rel_diff']:+.2f}% | {size} |"
+            f"{r['logprob_diff_max']:.3f} | {r['floor_diff_mean']:.4f} / {r['floor_diff_max']:.3f} | {r['ppl_engine']:.3f} | "
+            f"{r['ppl_lowbit']:.3f} | {100 * r['ppl_rel_diff']:+.2f}% | {size} |"
         )
     return "\n".join(lines) + "\n"
 
