@@ -219,6 +219,11 @@ def fake_rows(rows: torch.Tensor, qp: QParams, args: QuantArgs) -> torch.Tensor:
     return dequantize_rows(quantize_rows(rows, qp, args), qp)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if it is a narrower float (bfloat16, float16); float32 and float64 as they are."""
+    return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
+
+
 def fake_quantize(x: torch.Tensor, args: QuantArgs, qparams: QParams | None = None, global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize and dequantize `x`; gradients pass straight through (STE: dQ(x)/dx = 1).
 
@@ -232,11 +237,11 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, qparams: QParams | None = No
     # fp16 activations); only the result returns to x's dtype
     rows = as_rows(x, args)
     with torch.no_grad():
-        detached = rows.detach().float()
+        detached = at_least_float32(rows.detach())
         if qparams is not None:
             qp = qparams
         else:
-            qp = compute_qparams(detached, args, global_scale if global_scale is not None else global_scales(x.detach().float(), args))
+            qp = compute_qparams(detached, args, global_scale if global_scale is not None else global_scales(at_least_float32(x.detach()), args))
         q = fake_rows(detached, qp, args)
     out = q.reshape(x.shape).to(x.dtype)
     if x.requires_grad:
