@@ -51,11 +51,14 @@ def tiny_config(family: str):
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
 
 
-def tiny_model(family: str, seed: int = 0, attn: str | None = None):
+def tiny_model(family: str, seed: int = 0, attn: str | None = None, **overrides):
+    """A tiny random model of `family`; `overrides` change config values."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     # Gemma 2 has no sdpa path in transformers; it runs eager.
     config._attn_implementation = attn or ("eager" if family == "gemma2" else "sdpa")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

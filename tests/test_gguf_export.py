@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, tiny_config, tiny_model, word_tokenizer
+from conftest import SAMPLE_TEXT, tiny_model, word_tokenizer
 
 import lowbit
 from lowbit import UserError
@@ -46,27 +46,8 @@ def calibration(n=4, length=32):
     return [torch.randint(0, 512, (1, length), generator=g) for _ in range(n)]
 
 
-def tiny_variant(family, attn, **overrides):
-    """conftest's tiny model with some config values changed (initialised the same way)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = tiny_config(family)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config._attn_implementation = attn
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-            if "bias" in name:
-                p.normal_(0, 0.1)
-    return model.eval()
-
-
 def quantized(family, scheme, algorithm="rtn", attn=None, **overrides):
-    model = tiny_variant(family, attn or "eager", **overrides) if overrides else tiny_model(family, attn=attn)
+    model = tiny_model(family, attn=attn or ("eager" if overrides else None), **overrides)
     return lowbit.quantize(model, scheme, algorithm=algorithm, calibration=calibration(), progress=False)
 
 
