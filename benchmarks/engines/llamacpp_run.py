@@ -8,13 +8,11 @@ each token after the first (from its logits, evaluated in one batch of the whole
 greedy continuation of the window's first `prompt` tokens.
 """
 
-import argparse
-import json
 import os
-import sys
 import time
 
 import numpy as np
+from engine_io import error_text, parse_args, read_windows, write_result
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -24,15 +22,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("tokens")
-    parser.add_argument("out")
-    parser.add_argument("--generate", type=int, default=32)
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
-    windows = json.load(open(args.tokens))["windows"]
+    def options(parser):
+        parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+
+    args = parse_args(__doc__, options)
+    windows = read_windows(args.tokens)
     result: dict = {"engine": "llama.cpp"}
     try:
         import llama_cpp
@@ -71,10 +65,8 @@ def main() -> None:
             greedy.append(tokens)
         result["greedy"] = greedy
     except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    with open(args.out, "w") as f:
-        json.dump(result, f)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("prompt_logprobs", "greedy")}), file=sys.stderr)
+        result["error"] = error_text(exc)
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

