@@ -209,6 +209,11 @@ def test_cli_export_of_a_saved_model(tmp_path, capsys):
     assert code == 2 and "unknown export format" in err
     code, _, err = run_cli(["-q", "export", str(tmp_path / "nothing"), "--out", str(tmp_path / "ct3")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
+    run = tmp_path / "run"  # a run folder quantized with --no-save-model: a report, no model
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    code, _, err = run_cli(["-q", "export", str(run), "--out", str(tmp_path / "ct3")], capsys)
+    assert code == 2 and "without a saved model" in err and len(err.strip().splitlines()) == 1
     q = lowbit.quantize(tiny_model("llama"), "W8A8KV8", progress=False)
     save_quantized(q, tmp_path / "kv")
     code, _, err = run_cli(["-q", "export", str(tmp_path / "kv"), "--out", str(tmp_path / "ct2")], capsys)

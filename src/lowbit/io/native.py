@@ -351,7 +351,10 @@ def load_quantized(path: str | Path, *, device: str | None = None):
     found = saved_model_dir(given)
     if found is None:
         if given.is_dir() and (given / "report.json").is_file():
-            raise UserError(f"{given} is a lowbit run folder without a saved model (it was written before models were saved)")
+            raise UserError(
+                f"{given} is a lowbit run folder without a saved model (quantized with --no-save-model, or by an older lowbit); "
+                "quantize again with --out to save the model"
+            )
         raise UserError(f"{given} is not a lowbit saved model (no {CONFIG_FILE} in it or in {given / RUN_SUBDIR})")
     config = read_config(found)
     log.info("loading quantized model from %s", found)
