@@ -162,7 +162,7 @@ def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
     result = {**spec, "export_bytes": size, "quantize_seconds": quantize_seconds, "engine_seconds": engine_seconds}
     result["engine_version"] = theirs.get("version")
     if "error" in theirs:
-        result["engine_error"] = root_cause(proc.stderr) or theirs["error"]
+        result["engine_error"] = root_cause(proc.stdout + proc.stderr) or theirs["error"]
         return result
     served = model if spec["dtype"] == "float32" else cast_model(copy.deepcopy(model), getattr(torch, spec["dtype"]))
     ours = lowbit_side(served, windows, args.prompt, args.generate)

@@ -126,8 +126,10 @@ def test_quant_linear_holds_codes_and_computes_with_them(name, dtype):
     assert lin.weight_codes.numel() == packed_nbytes(w.numel(), s.weights.bits)  # held at its bit width
     assert lin.weight_scale.dtype == q.scale.dtype  # model.to(dtype) does not round the stored scales
     x = torch.randn(3, 5, 128).to(dtype)
-    xq = lin.input_quant(x) if lin.input_quant is not None else x
-    ref = torch.nn.functional.linear(xq, q.dequantize(dtype), lin.bias)
+    if lin.input_quant is None:
+        ref = torch.nn.functional.linear(x, q.dequantize(dtype), lin.bias)
+    else:  # codes times codes, as int8 / FP8 GEMMs compute them: in float32, the output rounded to dtype
+        ref = torch.nn.functional.linear(lin.input_quant(x.float()), q.dequantize(), lin.bias.float()).to(dtype)
     assert torch.equal(lin(x), ref)
     assert torch.equal(lin.quantized_weight.codes, q.codes)
 
