@@ -106,16 +106,29 @@ def lowbit_side(model, windows, prompt: int, generate: int) -> dict:
     return {"prompt_logprobs": logprobs, "greedy": greedy}
 
 
+LOG_LINE = re.compile(r"^\((?P<process>[^)]*)\) \w+ \S+ \S+ \[[^\]]+\] ?(?P<message>.*)$")
+
+
 def root_cause(log: str) -> str | None:
-    """The engine's own reason for refusing a model: the last error its workers logged, with the
-    lines that explain it (vLLM's front end only says that the engine core failed to start)."""
-    lines = [re.sub(r"^\(\w+ pid=\d+\) \w+ [\d-]+ [\d:]+ \[[^]]+\] ", "", line).strip() for line in log.splitlines()]
-    found = [i for i, line in enumerate(lines) if re.match(r"\w+(Error|Exception): ", line) and "Engine core initialization failed" not in line]
+    """The engine's own reason for refusing a model: the last error one of its processes logged,
+    with that process's lines that follow it (vLLM's front end only says that the engine core
+    failed to start)."""
+    lines = []
+    for raw in log.splitlines():
+        m = LOG_LINE.match(raw)
+        lines.append((m["process"], m["message"].strip()) if m else (None, raw.strip()))
+    relays = ("Engine core initialization failed", "Worker failed with error", "EngineCore encountered")  # they point elsewhere
+    found = [i for i, (_, text) in enumerate(lines) if re.match(r"\w+(Error|Exception): ", text) and not any(r in text for r in relays)]
     if not found:
         return None
     i = found[-1]
-    reasons = [line for line in lines[i + 1 : i + 8] if line and not line.startswith(("Traceback", "File", "(")) and "Error" not in line]
-    return " ".join([lines[i], *reasons])[:400]
+    process, text = lines[i]
+    reasons = []
+    for other, line in lines[i + 1 : i + 8]:
+        if other != process or not line or line.startswith(("Traceback", "File ", "[")):
+            break
+        reasons.append(line)
+    return " ".join([text, *reasons])[:400]
 
 
 def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
