@@ -16,6 +16,7 @@ import lowbit
 from lowbit import UserError
 from lowbit.io import export_compressed_tensors, export_model, save_quantized
 from lowbit.models import cast_model
+from lowbit.runtime.kv import set_attention_implementation
 from lowbit.runtime.linear import QuantLinear
 from lowbit.runtime.quantizer import TensorQuantizer
 from lowbit.transforms.apply import TransformConfig
@@ -54,6 +55,11 @@ EXPORTS = [
 # forward dequantizes them there (scale and value rounded to bfloat16 separately): these are exported
 # in bfloat16 and reloaded dequantized (`dequantize=True`), which drops the activation quantization
 BFLOAT16_ONLY = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+
+# KV_NOT_APPLIED: compressed-tensors 0.20 attaches its KV-cache quantization only to attention modules
+# whose forward takes `past_key_values`, which transformers 5 renamed: transformers reloads the FP8 KV
+# cache export without quantizing the cache (vLLM does quantize it: benchmarks/engine_agreement.py), so
+# that case is compared with lowbit's model without its KV quantizers
 
 RELOAD = """
 import json, sys, torch
@@ -98,13 +104,19 @@ def reloaded(tmp_path_factory):
     ours = {}
     for name, family, scheme, transform, algorithm, fmt in EXPORTS:
         q = lowbit.quantize(tiny_model(family), scheme, transform=transform, algorithm=algorithm, calibration=calibration(), progress=False)
+        with torch.no_grad():
+            before = q(x).logits
         dtype = "bfloat16" if fmt in BFLOAT16_ONLY else "float32"
         export_compressed_tensors(q, root / name, word_tokenizer(), dtype=dtype)
+        with torch.no_grad():
+            assert torch.equal(q(x).logits, before), f"{name}: the export changed the model it exported"
         q = cast_model(q, getattr(torch, dtype))
         if fmt in BFLOAT16_ONLY:  # transformers dequantizes these weights and runs them unquantized (see BFLOAT16_ONLY)
             for m in q.modules():
                 if isinstance(m, QuantLinear):
                     m.input_quant = None
+        if q.config._attn_implementation.startswith("lowbit_"):  # see KV_NOT_APPLIED
+            set_attention_implementation(q, "sdpa")
         with torch.no_grad():
             ours[name] = with_full_range_inputs(q)(x).logits.float()
             ours[name + ".down_proj"] = q.model.layers[0].mlp.down_proj.dense_weight(torch.float32).to(q.dtype).float()

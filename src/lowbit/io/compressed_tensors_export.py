@@ -22,6 +22,7 @@ express is written; anything else is refused with the reason and the scheme that
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -188,9 +189,10 @@ def _plain_model(model: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    base = (model.config._attn_implementation or "eager").removeprefix("lowbit_")
+    config = copy.deepcopy(model.config)  # from_config sets the attention implementation on the config it is given
+    base = (config._attn_implementation or "eager").removeprefix("lowbit_")
     with no_init_weights():
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32, attn_implementation=base)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=base)
     plain.tie_weights()  # no_init_weights skips tying; a tied lm_head would be written twice
     wanted = plain.state_dict()
     state = {k: v.float() for k, v in model.state_dict().items() if k in wanted}
