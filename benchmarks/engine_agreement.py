@@ -240,12 +240,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         engine = f"{r['engine']} {r.get('engine_version') or ''}".strip()
         export = f"{r['format']} {r['scheme']}" + (f" ({r['transform']})" if r["transform"] != "none" else "") + f" {r['algorithm'].upper()}"
+        if r["scheme"] == "FP":
+            export = f"unquantized ({r['export_dtype']} safetensors)"
         if r["kv_cache_dtype"] != "auto":
             export += f", kv {r['kv_cache_dtype']}"
         dtype = r["dtype"] + (f" / dense {r['export_dtype']}" if r["export_dtype"] != r["dtype"] else "")
         size = f"{r['export_bytes'] / 1e6:.1f}"
         if "engine_error" in r:
-            lines.append(f"| {r['id']} | {engine} | {export} | {dtype} | no kernel: {r['engine_error'][:200]} | | | | | | | {size} |")
+            lines.append(f"| {r['id']} | {engine} | {export} | {dtype} | refused by the engine: {r['engine_error'][:200]} | | | | | | | {size} |")
             continue
         lines.append(
             f"| {r['id']} | {engine} | {export} | {dtype} | {r['greedy_agreement']:.3f} | {r['logprob_diff_mean']:.4f} | "
