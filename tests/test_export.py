@@ -49,12 +49,14 @@ EXPORTS = [
     ("nvfp4a16-gptq", "llama", "Wnvfp4A16", "none", "gptq", "nvfp4-pack-quantized"),
     ("nvfp4", "qwen3", "Wnvfp4Anvfp4s", "none", "rtn", "nvfp4-pack-quantized"),
     ("mxfp4a16", "llama", "Wmxfp4A16", "none", "rtn", "mxfp4-pack-quantized"),
+    ("mxfp8a16", "qwen2", "Wmxfp8A16", "none", "rtn", "mxfp8-quantized"),
 ]
 
-# compressed-tensors 0.20 unpacks FP4 codes to bfloat16 whatever the model's dtype, and its run-compressed
-# forward dequantizes them there (scale and value rounded to bfloat16 separately): these are exported
-# in bfloat16 and reloaded dequantized (`dequantize=True`), which drops the activation quantization
-BFLOAT16_ONLY = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+# compressed-tensors 0.20 unpacks FP4 and MX codes to bfloat16 whatever the model's dtype, and its
+# run-compressed forward dequantizes them there (scale and value rounded to bfloat16 separately): these
+# are exported in bfloat16 and reloaded dequantized (`dequantize=True`), which drops the activation
+# quantization
+BFLOAT16_ONLY = ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized")
 
 # KV_NOT_APPLIED: compressed-tensors 0.20 attaches its KV-cache quantization only to attention modules
 # whose forward takes `past_key_values`, which transformers 5 renamed: transformers reloads the FP8 KV
@@ -197,6 +199,8 @@ def test_export_packs_4_bit_weights(tmp_path):
         ("Wfp8e5m2A16", "none", "E5M2"),
         ("Wfp8g32A16", "none", "per channel or per tensor"),
         ("W8Afp8", "none", "FP8 weights"),
+        ("Wmxfp4Amxfp4", "none", "OCP MX floor"),
+        ("Wmxfp8Amxfp8", "none", "OCP MX floor"),
     ],
 )
 def test_recipes_the_format_cannot_express_are_refused(scheme, transform, message, tmp_path):

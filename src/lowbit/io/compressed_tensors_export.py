@@ -11,8 +11,9 @@ express is written; anything else is refused with the reason and the scheme that
 - Activations: none; int8 symmetric, dynamic per token with scale max/127 (lowbit's `A8`: what
   vLLM's CPU and GPU int8 kernels compute; transformers' reference path of the format uses
   max/127.5, lowbit's `A8f`) or static per tensor (`A8s`); FP8 dynamic per token (`Afp8`) or
-  static per tensor (`Afp8s`); NVFP4 with a calibrated per-tensor global scale (`Anvfp4s`);
-  MXFP4 / MXFP8 (dynamic).
+  static per tensor (`Afp8s`); NVFP4 with a calibrated per-tensor global scale (`Anvfp4s`). MX
+  activations are refused: the engine computes their scales with compressed-tensors' rule, not
+  the OCP floor lowbit uses.
 - KV cache: FP8 E4M3 with one static scale per tensor (`KVfp8s`), the only quantized KV cache vLLM
   serves; integer KV caches are not servable there.
 - Transforms whose edits are folded into the weights (smoothing, R1 fused). Online rotations
@@ -116,7 +117,12 @@ def _check_inputs(scheme: Scheme) -> None:
             raise _refuse(scheme, "vLLM's NVFP4 kernels take one calibrated global activation scale per tensor, not one per token: use Anvfp4s")
         return
     if a.format_name in ("mxfp4", "mxfp8"):
-        return
+        raise _refuse(
+            scheme,
+            "the engine computes MX activation scales itself, and compressed-tensors rounds a block maximum's exponent up "
+            "from significand 1.75 where lowbit follows the OCP MX floor rule: export MX weights with 16-bit activations "
+            f"(W{w.format_name}A16)",
+        )
     raise _refuse(scheme, f"activations in {a.format_name} have no compressed-tensors layout that vLLM runs")
 
 
