@@ -163,8 +163,7 @@ def run_row(spec: dict, args, windows: list[list[int]], cache: dict) -> dict:
     if spec["scheme"] != "FP":
         lowbit.export_model(model, out_path, tokenizer, fmt=spec["format"], dtype=spec["export_dtype"], overwrite=True)
     size = out_path.stat().st_size if out_path.is_file() else sum(p.stat().st_size for p in out_path.rglob("*") if p.is_file())
-    tokens = EXPORTS / "tokens.json"
-    tokens.write_text(json.dumps({"windows": windows}))
+    tokens = EXPORTS / "tokens.json"  # written once by main()
     python, script = ENGINES[spec["engine"]]
     engine_json = EXPORTS / f"{spec['id']}.{spec['engine']}.json"
     command = [str(python), str(script), str(out_path), str(tokens), str(engine_json), "--generate", str(args.generate), "--prompt", str(args.prompt)]
@@ -286,6 +285,7 @@ def main() -> None:
         ids = tokenize(tokenizer, load_text(args.data)).tolist()
         windows = [ids[i * args.seq_len : (i + 1) * args.seq_len] for i in range(args.windows)]
         EXPORTS.mkdir(parents=True, exist_ok=True)
+        (EXPORTS / "tokens.json").write_text(json.dumps({"windows": windows}))  # what both sides read
         wanted = args.rows.split(",") if args.rows else [r["id"] for r in ROWS]
         cache: dict = {}
         for spec in ROWS:

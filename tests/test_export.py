@@ -43,6 +43,7 @@ EXPORTS = [
     ("w8-awq", "mistral", "W8A16", "none", "awq", "pack-quantized"),
     ("w8a8-smooth", "llama", "W8A8", "smooth", "rtn", "int-quantized"),  # SmoothQuant W8A8
     ("w8a8-rot-gptq", "qwen3", "W8A8", FUSED_ROTATION, "gptq", "int-quantized"),
+    ("w8a8-static", "mistral", "W8A8s", "none", "rtn", "int-quantized"),  # calibrated per-tensor input scales
     ("fp8", "llama", "Wfp8Afp8", "none", "rtn", "float-quantized"),
     ("fp8-static", "qwen2", "Wfp8tAfp8s", "none", "rtn", "float-quantized"),
     ("fp8-kv", "llama", "Wfp8Afp8KVfp8s", "none", "rtn", "float-quantized"),
@@ -87,9 +88,10 @@ save_file(out, str(root / "logits.safetensors"))
 
 def with_full_range_inputs(model):
     """transformers' reference path for compressed-tensors' dynamic int8 activations uses scale
-    max/127.5 (lowbit's A8f) where vLLM's kernels use max/127 (A8): the model it computes."""
+    max/127.5 (lowbit's A8f) where vLLM's kernels use max/127 (A8): the model it computes. Static
+    scales are the stored ones in both."""
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.input_quant is not None and m.input_quant.args.element == "int":
+        if isinstance(m, QuantLinear) and m.input_quant is not None and m.input_quant.args.element == "int" and m.input_quant.args.dynamic:
             m.input_quant = TensorQuantizer(replace(m.input_quant.args, full_range=True))
     return model
 

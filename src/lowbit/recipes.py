@@ -86,21 +86,17 @@ NAMED: dict[str, dict] = {
         "rotation_block": 32,
         "algorithm": "gptq",
     },
+    # export-ready recipes: the best lowbit does inside a serving engine's layouts (`lowbit export`)
+    # llama.cpp: blocks of 32 with float16 scales (Q4_0, Q8_0), and the Q8_0 blocks llama.cpp's CPU
+    # backend quantizes activations to before its integer dot products
+    "gguf-q4_0": {"scheme": "W4g32fhA8g32h", "algorithm": "gptq"},
+    "gguf-q8_0": {"scheme": "W8g32hA8g32h", "algorithm": "gptq"},
+    # vLLM (compressed-tensors): weight-only int4 with scales in the served bfloat16, W8A8 on vLLM's
+    # int8 activation grid (scale max/127), FP8 with an FP8 KV cache
+    "vllm-w4a16-gptq": {"scheme": "W4g64bA16", "algorithm": "gptq"},
+    "vllm-w8a8-smoothquant-gptq": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
+    "vllm-fp8-kv-fp8": {"scheme": "Wfp8Afp8KVfp8s"},
 }
-# export-ready recipes: the best lowbit does inside a serving engine's layouts (`lowbit export`)
-NAMED.update(
-    {
-        # llama.cpp: blocks of 32 with float16 scales (Q4_0, Q8_0), and the Q8_0 blocks llama.cpp's CPU
-        # backend quantizes activations to before its integer dot products
-        "gguf-q4_0": {"scheme": "W4g32fhA8g32h", "algorithm": "gptq"},
-        "gguf-q8_0": {"scheme": "W8g32hA8g32h", "algorithm": "gptq"},
-        # vLLM (compressed-tensors): weight-only int4 with scales in the served bfloat16, W8A8 on vLLM's
-        # int8 activation grid (scale max/127), FP8 with an FP8 KV cache
-        "vllm-w4a16-gptq": {"scheme": "W4g64bA16", "algorithm": "gptq"},
-        "vllm-w8a8-smoothquant-gptq": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
-        "vllm-fp8-kv-fp8": {"scheme": "Wfp8Afp8KVfp8s"},
-    }
-)
 TRANSFORM_KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms", "rotation_block")
 
 

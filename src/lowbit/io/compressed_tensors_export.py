@@ -158,6 +158,11 @@ def _check_scales_fit(scheme: Scheme, quantized: dict[str, QuantLinear], dtype: 
 
 def check_exportable(model: nn.Module, dtype: str = "bfloat16") -> Scheme:
     """The model's scheme, or a UserError that says what compressed-tensors (as vLLM runs it) cannot express."""
+    return _checked(model, dtype)[0]
+
+
+def _checked(model: nn.Module, dtype: str) -> tuple[Scheme, dict[str, QuantLinear]]:
+    """`check_exportable`, also returning the quantized linears it checked."""
     scheme, quantized = quantized_linears(model, COMPRESSED_TENSORS)
     _check_weights(scheme)
     _check_inputs(scheme)
@@ -171,7 +176,7 @@ def check_exportable(model: nn.Module, dtype: str = "bfloat16") -> Scheme:
             "'rotate' and r2, r3, r4: false), or smoothing"
         )
     _check_scales_fit(scheme, quantized, dtype)
-    return scheme
+    return scheme, quantized
 
 
 def _ct_args(args: QuantArgs, role: str):
@@ -222,14 +227,13 @@ def _set_qparams(plain: nn.Module, model: nn.Module, quantized: dict[str, QuantL
     """Give compressed-tensors' parameters lowbit's own codes' scales and calibrated ranges."""
     for name, module in quantized.items():
         target = plain.get_submodule(name)
-        qweight = module.quantized_weight
-        scale = qweight.scale.reshape(target.weight_scale.shape)
+        scale = module.weight_scale.reshape(target.weight_scale.shape)  # the scales the codes were made with
         # MX scales: compressed-tensors holds their value (a power of two) until it compresses them to E8M0 bits
-        target.weight_scale.data = scale.float() if qweight.args.scale_format == "e8m0" else scale.to(target.weight_scale.dtype)
+        target.weight_scale.data = scale.float() if module.weight_args.scale_format == "e8m0" else scale.to(target.weight_scale.dtype)
         if hasattr(target, "weight_zero_point"):
             target.weight_zero_point.data = torch.zeros_like(target.weight_zero_point)
-        if qweight.global_scale is not None:
-            target.weight_global_scale.data = qweight.global_scale.reshape(target.weight_global_scale.shape).float().clone()
+        if module.weight_global_scale is not None:
+            target.weight_global_scale.data = module.weight_global_scale.reshape(target.weight_global_scale.shape).float().clone()
         a = scheme.inputs
         if a is not None and not a.dynamic:
             for key, value in _static_scales(module.input_quant, a).items():
@@ -273,8 +277,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
         raise UserError(f"{out} exists; pass --overwrite to replace it or choose another folder")
     torch_dtype = export_dtype(dtype)
     get_arch(model)
-    scheme = check_exportable(model, dtype)
-    _, quantized = quantized_linears(model, COMPRESSED_TENSORS)
+    scheme, quantized = _checked(model, dtype)
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
     group = QuantizationScheme(
         targets=["Linear"],

@@ -51,7 +51,7 @@ from ..runtime.kv import KEY_QUANT, VALUE_QUANT
 from ..runtime.linear import QuantLinear
 from ..runtime.state import require_state
 from ..scheme import Granularity, Observer, QuantArgs
-from .export import online_rotations
+from .export import export_dtype, online_rotations
 
 log = logging.getLogger("lowbit")
 
@@ -69,8 +69,6 @@ GGUF_TYPES: dict[str, str] = {
 
 # The activation scheme llama.cpp's CPU backend computes for these weights.
 ACTIVATIONS = "A8g32h"
-
-DTYPES = ("float16", "float32", "bfloat16")
 
 # lowbit's model_type -> llama.cpp's architecture
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
@@ -484,8 +482,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer, *, dtype: str = "f
         import gguf
     except ImportError:
         raise UserError("GGUF export needs the gguf package: pip install gguf") from None
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    export_dtype(dtype)
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out} is a folder; give the path of the .gguf file to write")

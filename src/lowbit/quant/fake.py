@@ -235,13 +235,13 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, qparams: QParams | None = No
         return learned_fake_quantize(x, args, qparams)
     # scales and codes in float32 whatever x's dtype (as serving engines compute them from bf16 /
     # fp16 activations); only the result returns to x's dtype
-    rows = as_rows(x, args)
     with torch.no_grad():
-        detached = at_least_float32(rows.detach())
+        wide = at_least_float32(x.detach())
+        detached = as_rows(wide, args)
         if qparams is not None:
             qp = qparams
         else:
-            qp = compute_qparams(detached, args, global_scale if global_scale is not None else global_scales(at_least_float32(x.detach()), args))
+            qp = compute_qparams(detached, args, global_scale if global_scale is not None else global_scales(wide, args))
         q = fake_rows(detached, qp, args)
     out = q.reshape(x.shape).to(x.dtype)
     if x.requires_grad:

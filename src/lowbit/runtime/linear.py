@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import fake_quantize
-from ..quant.fake import QParams, as_rows, compute_qparams, in_scale_format
+from ..quant.fake import QParams, as_rows, at_least_float32, compute_qparams, in_scale_format
 from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import QuantArgs
 from .quantizer import TensorQuantizer
@@ -208,13 +208,13 @@ class QuantLinear(nn.Module):
         if self.input_rotation is not None:
             x = self.input_rotation(x)
         if self.input_quant is not None:
-            if x.dtype != torch.float32 and self.is_quantized:
-                # quantized activations times quantized weights: serving engines multiply the codes
-                # exactly (int8 / FP8 GEMMs accumulate in int32 / float32) and scale in float32, and
-                # only the output takes the model's dtype; the dequantized float32 product is that
-                x_q = self.input_quant(x.float())
+            wide = at_least_float32(x)
+            if wide is not x and self.is_quantized:
+                # quantized activations times quantized weights in a bfloat16 / float16 model: serving
+                # engines multiply the codes exactly (int8 / FP8 GEMMs accumulate in int32 / float32)
+                # and scale in float32, and only the output takes the model's dtype
                 bias = None if self.bias is None else self.bias.float()
-                return F.linear(x_q, self.dense_weight(torch.float32), bias).to(x.dtype)
+                return F.linear(self.input_quant(wide), self.dense_weight(torch.float32), bias).to(x.dtype)
             x = self.input_quant(x)
         weight = self.dense_weight(x.dtype) if self.is_quantized else self.dense_weight()
         return F.linear(x, weight, self.bias)
