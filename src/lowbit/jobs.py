@@ -22,6 +22,7 @@ from .data import (
     load_text,
     tokenize,
 )
+from .distributed import init_distributed, rank, world_size
 from .errors import UserError
 from .evaluation import (
     kv_cache_bytes,
@@ -330,9 +331,9 @@ def qat_job(
 
     Calibration, where the recipe needs it, uses the generated data too (data-free throughout).
     Under torchrun every rank trains; rank 0 evaluates and returns the report (others return {})."""
-    from .qat import freeze_student, init_distributed, load_dataset, train
+    from .qat import freeze_student, load_dataset, train
     from .qat.datagen import dataset_stats, generated_calibration
-    from .qat.train import gather_weights, learn_weight_scales, rank
+    from .qat.train import gather_weights, learn_weight_scales
 
     start = time.time()
     data, windows, seq_len = evaluation.data, evaluation.windows, evaluation.seq_len
@@ -346,7 +347,7 @@ def qat_job(
     spec = get_arch(teacher)
     check_scheme(teacher, spec, recipe.scheme)
     check_transform(teacher, spec, recipe.transform)
-    config.check(_world())
+    config.check(world_size())
     eval_ids = tokenize(tokenizer, load_text(data, split="eval")) if main else None
     report = recipe_report(model_name, recipe)
     if evaluate_fp and main:
@@ -365,7 +366,7 @@ def qat_job(
         before = perplexity(student, eval_ids, seq_len, windows, progress=progress, desc="perplexity before QAT")
         report["ptq"] = {"ppl": before.ppl}
     log.info("QAT: %d steps x %d sequences on %d generated sequences", config.steps, config.batch_size, len(dataset))
-    sharded = config.fsdp and _world() > 1
+    sharded = config.fsdp and world_size() > 1
     if config.learn_scales:  # before the copy, so that it has the same parameters to load into
         learn_weight_scales(student)
     whole = copy.deepcopy(student) if sharded and main else None  # FSDP shards the student in place
@@ -389,7 +390,7 @@ def qat_job(
     history = summary["history"]
     report["qat"] = {
         "config": asdict(config),
-        "processes": _world(),
+        "processes": world_size(),
         "data": str(data_dir),
         "data_stats": dataset_stats(dataset),
         "seconds": summary["seconds"],
@@ -404,9 +405,3 @@ def qat_job(
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
-
-
-def _world() -> int:
-    from .qat.train import world_size
-
-    return world_size()

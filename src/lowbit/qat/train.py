@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..distributed import rank, world_size
 from ..errors import UserError
 from ..files import write_file_atomically
 from ..io.tensorfile import load_tree, save_tree
@@ -81,25 +81,6 @@ class TrainConfig:
     @property
     def micro_batch(self) -> int:
         return self.batch_size // (self.grad_accum * world_size())
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def init_distributed() -> torch.device:
-    """Join the process group torchrun describes (if any) and return this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
 
 
 def trainable_parameters(student: nn.Module) -> dict[str, nn.Parameter]:
