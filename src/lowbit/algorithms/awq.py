@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import all_reduce_, gather_rows, rank, reduce_count
 from ..quant.fake import QParams, as_rows, fake_quantize, fake_rows, minmax_qparams
 from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import Granularity, QuantArgs
@@ -46,9 +47,19 @@ class AWQ:
         # the rows with the largest keys are kept (the same rows however the batches fall). The
         # buffers are allocated once and updated in place, nothing re-allocated per batch.
         self.rows = torch.empty(sample_rows, columns)
-        self.keys = torch.empty(sample_rows)
+        # float64 keys: the float32 draw plus the row's position x 2^-52 (exact, below the draws'
+        # 2^-24 steps), so equal draws are ordered by position and the kept set and its order are
+        # one function of the rows, whichever process saw them (`reduce`)
+        self.keys = torch.empty(sample_rows, dtype=torch.float64)
         self.filled = 0
+        self.position = 0  # rows drawn for so far (on this rank: including the ranks before it)
         self.generator = torch.Generator().manual_seed(seed)
+
+    def _keys(self, n: int) -> torch.Tensor:
+        draws = torch.rand(n, generator=self.generator).double()
+        keys = draws + torch.arange(self.position, self.position + n, dtype=torch.float64) * 2.0**-52
+        self.position += n
+        return keys
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
@@ -56,7 +67,7 @@ class AWQ:
         self.abs_sum += x.abs().sum(0).double().cpu()
         self.count += x.shape[0]
         x = clip_token_norms(x, self.token_clip).cpu()
-        keys = torch.rand(x.shape[0], generator=self.generator)
+        keys = self._keys(x.shape[0])
         free = min(self.sample_rows - self.filled, x.shape[0])  # still filling: take rows as they come
         self.rows[self.filled : self.filled + free] = x[:free]
         self.keys[self.filled : self.filled + free] = keys[:free]
@@ -70,7 +81,37 @@ class AWQ:
             self.rows[slots] = x[entering]
             self.keys[slots] = keys[entering]
 
+    def skip(self, rows: int) -> None:
+        """Draw the keys of `rows` rows other ranks see (torch's CPU generator gives the same
+        numbers drawn in parts or at once), so this rank's rows get the keys one process gives them."""
+        for start in range(0, rows, 1 << 20):
+            self._keys(min(1 << 20, rows - start))
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        """Under torch.distributed: channel sums and counts summed; the kept rows become the
+        `sample_rows` rows with the largest keys over every rank's kept rows, which are those one
+        process keeps over all rows. Every rank then holds the same sample in key order."""
+        all_reduce_(self.abs_sum, "sum")
+        self.count = reduce_count(self.count)
+        keys = gather_rows(self.keys[: self.filled])  # every rank's kept keys, in rank order
+        counts = gather_rows(torch.tensor([self.filled], dtype=torch.int64))
+        chosen = keys.topk(min(self.sample_rows, keys.numel())).indices  # into `keys`, by decreasing key
+        owner = torch.bucketize(chosen, counts.cumsum(0), right=True)
+        # each rank sends its chosen rows (in final order); final[p] is the row chosen[p] names
+        start = int(counts[: rank()].sum())
+        gathered = gather_rows(self.rows[chosen[owner == rank()] - start])
+        places = torch.cat([(owner == r).nonzero().squeeze(1) for r in range(counts.numel())])
+        self.filled = chosen.numel()
+        self.rows[places] = gathered
+        self.keys[: self.filled] = keys[chosen]
+
     def sample(self) -> torch.Tensor:
+        """The kept rows, in order of decreasing key (an order that does not depend on how the
+        batches fell, so `x[:n]` is a uniform sample too)."""
+        order = self.keys[: self.filled].argsort(descending=True)
+        self.rows[: self.filled] = self.rows[: self.filled][order]
+        self.keys[: self.filled] = self.keys[: self.filled][order]
         return self.rows[: self.filled]
 
     @torch.no_grad()

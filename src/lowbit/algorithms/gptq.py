@@ -11,11 +11,11 @@ update ("static groups"), so the result stores like any group-quantized weight.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
+from ..distributed import all_reduce_, reduce_count
 from ..errors import UserError
 from ..quant.fake import (
     QParams,
@@ -26,7 +26,7 @@ from ..quant.fake import (
 )
 from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import Granularity, QuantArgs
-from .objective import clip_token_norms, output_error
+from .objective import clip_token_norms, output_energy, output_error
 from .registry import AlgorithmResult, GroupContext, register_algorithm
 
 log = logging.getLogger("lowbit")
@@ -68,20 +68,44 @@ class GPTQ:
 
     def __init__(self, columns: int, device: torch.device | str = "cpu", token_clip: float | None = None) -> None:
         self.columns = columns
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        # sum x x^T in float64 over fp32 batch products: the sum no longer depends on how the
+        # batches are grouped (one process or several, `reduce`) beyond float64 rounding, which
+        # the fp32 Hessian does not see; a fp32 running mean differed in its last bits, enough to
+        # move GPTQ's codes on an ill-conditioned Hessian
+        self._sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self._hessian: torch.Tensor | None = None
         self.samples = 0
         self.token_clip = token_clip
 
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = 2/n sum x x^T (fp32, made once from the sum; setting it replaces the sum)."""
+        if self._hessian is None:
+            self._hessian = (self._sum * (2 / max(self.samples, 1))).float()
+        return self._hessian
+
+    @hessian.setter
+    def hessian(self, value: torch.Tensor) -> None:
+        self._hessian = value
+
+    @hessian.deleter
+    def hessian(self) -> None:  # frees the sum too: quantizing is done
+        self._hessian = self._sum = None
+
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        """Add inputs x [..., columns]; H stays the running mean 2/n sum x x^T."""
+        """Add inputs x [..., columns] to the sum of x x^T."""
         x = clip_token_norms(x.reshape(-1, self.columns).float(), self.token_clip)
-        n = x.shape[0]
-        total = self.samples + n
-        self.hessian.mul_(self.samples / total)
-        x = x * math.sqrt(2 / total)
-        self.hessian.addmm_(x.T, x)  # fp32 always: a bf16 Hessian is often not positive definite
-        self.samples = total
+        self._sum += x.T @ x  # a fp32 product (a bf16 Hessian is often not positive definite)
+        self.samples += x.shape[0]
+        self._hessian = None
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        """Under torch.distributed: the sums and counts over every rank's inputs, on every rank."""
+        all_reduce_(self._sum, "sum")
+        self.samples = reduce_count(self.samples)
+        self._hessian = None
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
@@ -185,11 +209,13 @@ def _gptq_statistics(columns: int, config: GPTQConfig, device) -> GPTQ:
     return GPTQ(columns, device=device, token_clip=config.token_clip)
 
 
-@register_algorithm("gptq", GPTQConfig, statistics=_gptq_statistics)
+# rows are independent given the Hessian: a group's linears may be quantized apart (on different ranks)
+@register_algorithm("gptq", GPTQConfig, statistics=_gptq_statistics, separable_rows=True)
 def gptq(weight: torch.Tensor, stats: GPTQ, args: QuantArgs, config: GPTQConfig, context: GroupContext) -> AlgorithmResult:
     qweight = stats.quantize(weight, args, config)
     h = stats.hessian
     rtn = quantize_weight(weight, args).dequantize()
-    errors = {"gptq": output_error(weight, qweight.dequantize(), h), "rtn": output_error(weight, rtn, h)}
+    energy = output_energy(weight, h)  # the errors' denominator, once
+    errors = {"gptq": output_error(weight, qweight.dequantize(), h, energy), "rtn": output_error(weight, rtn, h, energy)}
     del stats.hessian
-    return AlgorithmResult(qweight, errors=errors)
+    return AlgorithmResult(qweight, errors=errors, error_weight=energy)

@@ -17,11 +17,16 @@ def clip_token_norms(x: torch.Tensor, factor: float | None) -> torch.Tensor:
     return x * torch.clamp(limit / norms.clamp(min=1e-30), max=1.0)
 
 
-def output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:
+def output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor, energy: float | None = None) -> float:
     """Relative quantized-output error on the calibration inputs, from the Hessian (or Gram matrix):
-    ||X dW^T||^2 / ||X W^T||^2 = tr(dW H dW^T) / tr(W H W^T)."""
+    ||X dW^T||^2 / ||X W^T||^2 = tr(dW H dW^T) / tr(W H W^T) (the denominator: `energy`, if known)."""
     dw = (weight.float() - qweight.float()).to(hessian.device)
-    w = weight.float().to(hessian.device)
     num = torch.einsum("oi,ij,oj->", dw, hessian, dw).item()
-    den = torch.einsum("oi,ij,oj->", w, hessian, w).item()
+    den = output_energy(weight, hessian) if energy is None else energy
     return num / den if den > 0 else 0.0
+
+
+def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||X W^T||^2 = tr(W H W^T): the denominator of `output_error`, a sum over output rows."""
+    w = weight.float().to(hessian.device)
+    return torch.einsum("oi,ij,oj->", w, hessian, w).item()

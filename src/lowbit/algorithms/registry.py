@@ -8,7 +8,18 @@ object `statistics(columns, config, device)` built and fed every calibration bat
 through `add_batch(x)` (None without calibration), `args` the weight's `QuantArgs`, `config` an
 instance of the config type, `context` what the pipeline knows about the input (`GroupContext`).
 The result is a `QuantizedWeight` and, where the algorithm has them, per-channel input scales the
-pipeline folds into the input's producer. The pipeline, recipes, CLI and reports learn the names
+pipeline folds into the input's producer.
+
+Under torch.distributed each process feeds the statistics object its share of the calibration
+samples; the pipeline then calls its `reduce()` (on every rank, in the same order), which must
+combine the ranks' statistics so that every rank holds those of all samples, as one process
+would. A statistics object that draws a random number per row may also have `skip(rows)`, called
+before the first batch with the rows the ranks before this one see, to draw the numbers one
+process would. An algorithm registered with `separable_rows=True` quantizes each output row on
+its own given the statistics (GPTQ): the pipeline may then quantize a group's linears apart, on
+different ranks, and combines their errors weighted by `AlgorithmResult.error_weight`.
+
+The pipeline, recipes, CLI and reports learn the names
 and knobs from here (knobs are the config's dataclass fields, type-checked), as torchao's handler
 registry does with its config types.
 """
@@ -41,6 +52,9 @@ class AlgorithmResult:
     qweight: QuantizedWeight
     input_scales: torch.Tensor | None = None  # the input is to be divided by these (None: unchanged)
     errors: dict[str, float | bool] = field(default_factory=dict)  # reported per layer and group
+    # The denominator of relative errors (e.g. ||X W^T||^2): the errors of parts of a group's rows
+    # combine into the group's as sum(error x weight) / sum(weight). None: weighted by size.
+    error_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,7 @@ class Algorithm:
     config_type: type
     quantize: Callable[..., AlgorithmResult]
     statistics: Callable | None = None  # (columns, config, device) -> collector with add_batch(x)
+    separable_rows: bool = False  # each output row quantized on its own given the statistics
 
     @property
     def calibrated(self) -> bool:
@@ -73,8 +88,9 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
-def register_algorithm(name: str, config_type: type, *, statistics: Callable | None = None):
-    """Register the decorated function as algorithm `name` with config dataclass `config_type`."""
+def register_algorithm(name: str, config_type: type, *, statistics: Callable | None = None, separable_rows: bool = False):
+    """Register the decorated function as algorithm `name` with config dataclass `config_type`
+    (`statistics` and `separable_rows`: the module docstring)."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"algorithm names are letters, digits, '-' and '_'; got {name!r}")
 
@@ -82,7 +98,7 @@ def register_algorithm(name: str, config_type: type, *, statistics: Callable | N
         for other in ALGORITHMS.values():
             if other.config_type is config_type and other.name != name:
                 raise ValueError(f"{config_type.__name__} is already the config of algorithm {other.name!r}")
-        ALGORITHMS[name] = Algorithm(name, config_type, fn, statistics)
+        ALGORITHMS[name] = Algorithm(name, config_type, fn, statistics, separable_rows)
         return fn
 
     return decorate
