@@ -26,6 +26,7 @@ from .arch import (
     layer_linears,
     set_module,
 )
+from .distributed import all_reduce_, check_processes, rank, share, world_size
 from .errors import UserError
 from .memory import release_mapped_pages
 from .pipeline import PipelineConfig, quantize_sequential
@@ -112,6 +113,12 @@ def quantize(
     fake-quantized in forward: with RTN on MinMax scales recomputed each time, as LLM-QAT does;
     with a calibrated algorithm the latent weight starts at its quantized weight and is
     re-quantized on the algorithm's own fixed grid.
+
+    Under torch.distributed (an initialised process group of more than one process, e.g. from
+    `torchrun`) pass the same `calibration` on every rank: each rank runs its contiguous share of
+    the samples, the statistics are combined over the ranks and the work of quantizing is shared
+    out (`lowbit.distributed`), and every rank returns the same quantized model, the one process
+    would make up to the order of floating-point sums.
     """
     from .recipes import Recipe
 
@@ -133,8 +140,11 @@ def quantize(
         raise UserError("static (s) activation or KV quantization needs calibration data (--calib)")
     if not inplace:
         model = copy.deepcopy(model)
+    progress = progress and rank() == 0
     if calibration is not None:
         calibration = list(calibration)
+        if world_size() > 1:
+            check_processes(len(calibration))
     transform_info = apply_transform(model, spec, transform, scheme, calibration, progress)
     install_kv_quantizers(model, attention_modules(model, spec), scheme.keys, scheme.values)
     layer_errors = []
@@ -188,7 +198,8 @@ def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, a
 
 @torch.no_grad()
 def calibrate_static(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True, only_uncalibrated: bool = False) -> None:
-    """Record the ranges of every static quantizer (or of those without a range yet) over `batches`."""
+    """Record the ranges of every static quantizer (or of those without a range yet) over `batches`.
+    Under torch.distributed each rank runs its share of `batches` and the ranges are combined."""
     static = [m for m in model.modules() if isinstance(m, TensorQuantizer) and not m.args.dynamic]
     if only_uncalibrated:
         static = [q for q in static if not q.calibrated]
@@ -197,9 +208,13 @@ def calibrate_static(model: nn.Module, batches: Iterable[torch.Tensor], progress
     device = next(model.parameters()).device
     for q in static:
         q.observing = True
+    batches = list(batches)
     try:
-        for batch in progress_bar(list(batches), desc="calibrating", unit="sample", disable=not progress, leave=False):
+        for batch in progress_bar(batches[share(len(batches))], desc="calibrating", unit="sample", disable=not progress, leave=False):
             model(input_ids=batch.to(device), use_cache=False)
     finally:
         for q in static:
             q.observing = False
+    for q in static:  # the range over every rank's samples (the same list on every rank)
+        all_reduce_(q.observed_min, "min")
+        all_reduce_(q.observed_max, "max")

@@ -40,6 +40,7 @@ from ..arch import (
     set_module,
     tie_kv_heads,
 )
+from ..distributed import all_reduce_, gather_rows, reduce_count, share, world_size
 from ..errors import UserError
 from ..hadamard import check_block, factor_order, hadamard_transform, random_signs
 from ..progress import progress_bar
@@ -127,15 +128,24 @@ def collect_input_stats(
     model: nn.Module, spec: ArchSpec, batches: Iterable[torch.Tensor], keep_rows: int, progress: bool = True
 ) -> dict[tuple[int, str], dict]:
     """Per (layer, group role): channel max |X_j| over the calibration tokens, and a sample of about
-    `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that size)."""
+    `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that size).
+
+    The rows a batch gives are drawn with a generator seeded by the batch's index, so the sample
+    does not depend on which process ran the batch: under torch.distributed each rank runs its
+    share of `batches` (the same list on every rank), the maxima are reduced and the rows gathered
+    in batch order, and every rank gets what one process would."""
     stats: dict[tuple[int, str], dict] = {}
-    gen = torch.Generator().manual_seed(0)
     batches = list(batches)
-    share = -(-keep_rows // max(1, len(batches)))  # rows kept per batch
+    mine = range(len(batches))[share(len(batches))]
+    share_rows = -(-keep_rows // max(1, len(batches)))  # rows kept per batch
+    current = {"gen": torch.Generator()}
+    channels: dict[tuple[int, str], int] = {}
     hooks = []
     for i, layer in enumerate(decoder_layers(model, spec)):
         for group in spec.input_groups:
             key = (i, group.role)
+            first = get_module(layer, group.linears[0])
+            channels[key] = first.in_features
 
             def hook(module, args, key=key):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
@@ -143,29 +153,52 @@ def collect_input_stats(
                 if entry is None:
                     # One buffer per group, allocated once: appending a small tensor per batch
                     # instead pinned the allocator's heap between the forward's temporaries.
-                    rows = torch.empty(share * len(batches) if keep_rows else 0, x.shape[-1], dtype=torch.float64)
+                    rows = torch.empty(share_rows * len(mine) if keep_rows else 0, x.shape[-1], dtype=torch.float64)
                     entry = stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0}
                 torch.maximum(entry["absmax"], x.abs().amax(0), out=entry["absmax"])
                 if keep_rows:
-                    pick = torch.randperm(x.shape[0], generator=gen)[:share]
+                    pick = torch.randperm(x.shape[0], generator=current["gen"])[:share_rows]
                     start = entry["filled"]
                     entry["rows"][start : start + len(pick)] = x[pick]
                     entry["filled"] = start + len(pick)
 
-            hooks.append(get_module(layer, group.linears[0]).register_forward_pre_hook(hook))
+            hooks.append(first.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
-        for batch in progress_bar(batches, desc="calibration statistics", unit="sample", disable=not progress, leave=False):
-            model(input_ids=batch.to(device), use_cache=False)
+        for j in progress_bar(mine, desc="calibration statistics", unit="sample", disable=not progress, leave=False):
+            current["gen"].manual_seed(j)
+            model(input_ids=batches[j].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
     for entry in stats.values():
-        rows = entry["rows"][: entry.pop("filled")] if keep_rows else None
+        filled = entry.pop("filled")
+        entry["rows"] = entry["rows"][:filled] if keep_rows else None
+    if world_size() > 1:
+        _combine_input_stats(stats, channels, keep_rows)
+    gen = torch.Generator().manual_seed(len(batches))
+    for entry in stats.values():
+        rows = entry["rows"]
         if rows is not None and rows.shape[0] > keep_rows:
-            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:keep_rows]]
-        entry["rows"] = rows
+            entry["rows"] = rows[torch.randperm(rows.shape[0], generator=gen)[:keep_rows]]
     return stats
+
+
+def _combine_input_stats(stats: dict[tuple[int, str], dict], channels: dict[tuple[int, str], int], keep_rows: int) -> None:
+    """Every rank's statistics into every rank's `stats`: channel maxima reduced (MAX), sample rows
+    gathered in rank order, which is batch order (contiguous shares). Keys go in one order on every
+    rank, a key this rank never saw with empty statistics (an input no sample of its share reached)."""
+    for key, n in channels.items():
+        entry = stats.get(key)
+        seen = reduce_count(entry is not None)
+        if not seen:
+            continue
+        if entry is None:
+            rows = torch.empty(0, n, dtype=torch.float64) if keep_rows else None
+            entry = stats[key] = {"absmax": torch.zeros(n, dtype=torch.float64), "rows": rows}
+        all_reduce_(entry["absmax"], "max")
+        if keep_rows:
+            entry["rows"] = gather_rows(entry["rows"])
 
 
 def apply_transform(
