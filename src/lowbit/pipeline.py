@@ -17,6 +17,12 @@ reading that input into a `QuantizedWeight` (and, for AWQ, input scales folded i
 
 Only one layer's activations are alive at a time, and with `device` set only the current layer
 and one batch of samples move to that device; the model stays where it is.
+
+Under torch.distributed (`torchrun`) every rank gets the same calibration and runs its contiguous
+share of the batches (`lowbit.distributed.share`); after each input's pass the statistics are
+reduced (`reduce()`, static ranges MIN/MAX), the group's linears are quantized by the ranks they
+are assigned to and sent to all (`_quantize_shared`), so every rank holds the same quantized layer
+before it produces the next layer's inputs from its own samples.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from .arch import (
     set_module,
     tie_kv_heads,
 )
+from .distributed import all_reduce_, assign_by_size, broadcast_object, check_device, check_processes, rank, share, world_size
 from .errors import UserError
 from .memory import release_freed_memory, release_mapped_pages
 from .progress import progress_bar
@@ -78,6 +85,7 @@ class PipelineConfig:
                 torch.empty(0, device=self.device)
             except (RuntimeError, AssertionError) as exc:
                 raise UserError(f"device {self.device!r} is not usable here: {str(exc).splitlines()[0]}") from None
+        check_device(self.device)
 
 
 @torch.no_grad()
@@ -100,6 +108,8 @@ def quantize_sequential(
     home = next(model.parameters()).device
     device = torch.device(config.device) if config.device else home
     ids = _stack(calibration)
+    ids, tokens_before = _local_share(ids, config.batch_size)
+    _check_reducible(algorithm, algorithm_config)
     layers = decoder_layers(model, spec)
     t0 = time.time()
     store = torch.bfloat16 if config.dtype == "bfloat16" else None
@@ -108,11 +118,11 @@ def quantize_sequential(
     log.debug("captured layer-0 inputs for %d samples in %.1f s", ids.shape[0], time.time() - t0)
     dim, n_rep = head_dim(model.config), kv_groups(model.config)
     report = []
-    bar = progress_bar(layers, desc=f"{algorithm.name} layer by layer", unit="layer", disable=not progress, leave=False)
+    bar = progress_bar(layers, desc=f"{algorithm.name} layer by layer", unit="layer", disable=not progress or rank() != 0, leave=False)
     for i, layer in enumerate(bar):
         layer.to(device)
         kwargs = [_to(k, device) for k in kwargs_by_layer[i]]
-        runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16")
+        runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before)
         entry = {"layer": i}
         for group in spec.input_groups:
             entry[group.role] = _quantize_group(layer, spec, group, scheme, algorithm, algorithm_config, runner, n_rep, dim)
@@ -212,9 +222,11 @@ class _LayerRunner:
         device: torch.device,
         feed_dtype: torch.dtype = torch.float32,
         bf16: bool = False,
+        tokens_before: int = 0,
     ) -> None:
         self.layer, self.hidden, self.kwargs, self.device = layer, hidden, kwargs, device
         self.feed_dtype, self.bf16 = feed_dtype, bf16
+        self.tokens_before = tokens_before  # calibration tokens the ranks before this one run (torchrun)
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -257,6 +269,8 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
         _observe_static_kv(attention, first, runner)
     w_args = scheme.weights
     stats = algorithm.statistics(columns, algorithm_config, runner.device) if w_args is not None else None
+    if stats is not None and runner.tokens_before and hasattr(stats, "skip"):
+        stats.skip(runner.tokens_before)
     channel_range = {"lo": None, "hi": None}
 
     def on_input(x):
@@ -272,19 +286,25 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
             channel_range["hi"] = hi if channel_range["hi"] is None else torch.maximum(channel_range["hi"], hi)
 
     runner.run_until(first, on_input)
+    if world_size() > 1:
+        _reduce_group_statistics(stats, channel_range if static_inputs else None, columns, runner.device)
     scales = None
     if w_args is None:  # activations only: weights stay, only the input quantizers are added
         parts, errors = [lin.weight.detach() for lin in linears], {algorithm.name: 0.0, "rtn": 0.0}
     else:
-        weight = torch.cat([lin.weight.detach().float() for lin in linears])
         context = GroupContext(
             input_args=scheme.inputs,
             scalable=rotation is None and _scalable_source(layer, spec, group),
             tie=(lambda v: tie_kv_heads(v, n_rep, dim)) if group.kv_tied else None,
         )
-        result = algorithm.quantize(weight, stats, w_args, algorithm_config, context)
-        del weight, stats
-        parts, errors, scales = result.qweight.split_rows([lin.out_features for lin in linears]), result.errors, result.input_scales
+        if world_size() > 1:
+            parts, errors, scales = _quantize_shared(linears, stats, algorithm, w_args, algorithm_config, context)
+        else:
+            weight = torch.cat([lin.weight.detach().float() for lin in linears])
+            result = algorithm.quantize(weight, stats, w_args, algorithm_config, context)
+            del weight
+            parts, errors, scales = result.qweight.split_rows([lin.out_features for lin in linears]), result.errors, result.input_scales
+        del stats
         if scales is not None:
             _fold_input_scales(layer, spec, group, scales, n_rep, dim)
     for name, lin, part in zip(group.linears, linears, parts):
@@ -323,6 +343,9 @@ def _observe_static_kv(attention: nn.Module, o_proj: nn.Module, runner: _LayerRu
     finally:
         for q in static:
             q.observing = False
+    for q in static:  # the range over every rank's samples
+        all_reduce_(q.observed_min, "min")
+        all_reduce_(q.observed_max, "max")
 
 
 def _scalable_source(layer, spec, group) -> bool:
@@ -349,3 +372,88 @@ def _fold_input_scales(layer, spec, group: InputGroup, scales, n_rep, dim) -> No
             scale_output_rows(source, factor)
     else:
         scale_norm_output(source, 1 / scales.to(source.weight.device).double(), spec.norm_weight_offset)
+
+
+# ---------------------------------------------------------------- torch.distributed (torchrun)
+
+
+def _local_share(ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """This rank's contiguous share of the calibration rows, in whole batches where there are at
+    least as many batches as ranks (so each batch is one a single process runs), and the tokens of
+    the rows before it. One process: all rows, 0."""
+    if world_size() == 1:
+        return ids, 0
+    check_processes(ids.shape[0])
+    mine = share(ids.shape[0], batch_size)
+    return ids[mine], mine.start * ids.shape[1]
+
+
+def _check_reducible(algorithm: Algorithm, config: object) -> None:
+    """Under torch.distributed the algorithm's statistics must combine over ranks (`reduce()`)."""
+    if world_size() == 1 or algorithm.statistics is None:
+        return
+    if not callable(getattr(algorithm.statistics(1, config, "cpu"), "reduce", None)):
+        raise UserError(
+            f"algorithm {algorithm.name!r}: its statistics have no reduce(), so they cannot be combined over processes; run it in one process"
+        )
+
+
+def _reduce_group_statistics(stats, channel_range: dict | None, columns: int, device: torch.device) -> None:
+    """The statistics and static input ranges (if any) of one input over every rank's samples."""
+    if stats is not None:
+        stats.reduce()
+    if channel_range is None:
+        return
+    if channel_range["lo"] is None:  # no sample of this rank reached the input: neutral extremes
+        channel_range["lo"] = torch.full((columns,), float("inf"), device=device)
+        channel_range["hi"] = torch.full((columns,), float("-inf"), device=device)
+    all_reduce_(channel_range["lo"], "min")
+    all_reduce_(channel_range["hi"], "max")
+
+
+def _quantize_shared(linears: list[nn.Module], stats, algorithm: Algorithm, w_args, config, context: GroupContext):
+    """Quantize one group's linears over the ranks: (a `QuantizedWeight` per linear, the group's
+    errors, its input scales or None), the same on every rank.
+
+    Where the algorithm quantizes rows apart (`separable_rows`, GPTQ) and the rows share no scale
+    (not per-tensor, no global scale), each linear is a unit of work; otherwise (AWQ searches one
+    input scale for all of them) the group is one. Units go to ranks greedily by weight size; each
+    rank runs the algorithm once on the stacked linears it owns and sends the result to all. The
+    groups of a layer stay in order: each one's inputs depend on the ones before it quantized."""
+    shared_scale = w_args.granularity is Granularity.TENSOR or w_args.global_scale is not None
+    units = [[i] for i in range(len(linears))] if algorithm.separable_rows and not shared_scale else [list(range(len(linears)))]
+    owners = assign_by_size([sum(linears[i].weight.numel() for i in unit) for unit in units])
+    mine = [i for unit, owner in zip(units, owners) for i in unit if owner == rank()]
+    payload, failure = None, None
+    if mine:
+        try:
+            weight = torch.cat([linears[i].weight.detach().float() for i in mine])
+            result = algorithm.quantize(weight, stats, w_args, config, context)
+            parts = result.qweight.split_rows([linears[i].out_features for i in mine])
+            size = result.error_weight if result.error_weight is not None else float(weight.numel())
+            payload = {"parts": dict(zip(mine, parts)), "errors": result.errors, "weight": size, "scales": result.input_scales}
+        except Exception as exc:  # sent in place of the result: the other ranks raise too instead of waiting
+            failure = exc
+            payload = {"error": exc if isinstance(exc, UserError) else RuntimeError(f"rank {rank()} failed to quantize: {exc!r}")}
+    device = linears[0].weight.device
+    received = [broadcast_object(payload, src=r, device=device) for r in sorted(set(owners))]
+    if failure is not None:
+        raise failure
+    for got in received:
+        if "error" in got:
+            raise got["error"]
+    parts = {i: q for got in received for i, q in got["parts"].items()}
+    return [parts[i] for i in range(len(linears))], _combine_errors(received), received[0]["scales"]
+
+
+def _combine_errors(received: list[dict]) -> dict:
+    """One group's errors from its parts': numbers weighted by each part's error weight (relative
+    errors share their denominator's sum), anything else (flags) from the first part."""
+    if len(received) == 1:
+        return received[0]["errors"]
+    total = sum(got["weight"] for got in received)
+    errors = dict(received[0]["errors"])
+    for key, value in errors.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            errors[key] = sum(got["errors"][key] * got["weight"] for got in received) / total if total > 0 else 0.0
+    return errors
