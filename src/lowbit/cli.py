@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -71,6 +72,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """lowbit: quantize weights, activations and KV cache of transformers causal LMs."""
     ctx.obj = {"progress": not quiet}
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 alone says what happens
+        level = logging.WARNING
     logging.basicConfig(format="lowbit: %(message)s", stream=sys.stderr)
     log.setLevel(level)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -136,7 +139,10 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--no-save-model", is_flag=True, help="With --out: write only the reports, not the quantized model (out/model).")
 @click.pass_context
 def quantize(ctx, **o):
-    """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report."""
+    """Quantize a model, evaluate FP and quantized perplexity, print (and save) a report.
+
+    Under `torchrun --nproc-per-node N` the calibration samples are split over N processes;
+    process 0 evaluates, prints and writes."""
     from .jobs import CalibrationSettings, EvalSettings, quantize_job
     from .pipeline import PipelineConfig
     from .report import RunOutput, report_markdown
@@ -166,8 +172,10 @@ def quantize(ctx, **o):
             progress=ctx.obj["progress"],
             save_to=run.model_dir,
         )
-        run.finish(report)
-    click.echo(report_markdown(report))
+        if report:  # under torchrun, rank 0 (the others return {})
+            run.finish(report)
+    if report:
+        click.echo(report_markdown(report))
 
 
 def _recipe_from_options(o: dict):
