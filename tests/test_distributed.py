@@ -172,11 +172,11 @@ def test_statistics_reduce_to_the_one_process_statistics(two_processes):
 
 def test_more_processes_than_samples_is_refused(two_processes, tiny_model_dir, sample_text_file, capsys, monkeypatch):
     for r in two_processes:  # the Python API, on both ranks
-        assert "2 processes but only 1 calibration samples" in r["error"]
+        assert "2 processes but 1 calibration sample(s)" in r["error"]
     # the CLI under torchrun (WORLD_SIZE announces 2 processes): refused before the process group starts
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_cli(quantize_args(tiny_model_dir, sample_text_file, "--algorithm", "gptq", "--calib-samples", "1"), capsys)
-    assert code == 2 and "2 processes but only 1 calibration samples" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "2 processes but 1 calibration sample(s)" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -57,12 +57,12 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def check_processes(samples: int, what: str = "calibration samples") -> None:
+def check_processes(samples: int, what: str = "calibration sample(s)") -> None:
     """Each process needs at least one sample of its own."""
     world = launched_processes()
     if world > samples:
         raise UserError(
-            f"{world} processes but only {samples} {what}: every process needs at least one; "
+            f"{world} processes but {samples} {what}: each process needs one at least; "
             f"use at most {samples} processes (--nproc-per-node) or more samples (--calib-samples)"
         )
 
@@ -70,7 +70,11 @@ def check_processes(samples: int, what: str = "calibration samples") -> None:
 def check_device(device: str | None) -> None:
     """`--device cuda` under torchrun: each process runs on its own GPU (LOCAL_RANK), so there
     must be as many GPUs as processes on this machine."""
-    if device is None or torch.device(device).type != "cuda" or launched_processes() == 1:
+    try:
+        kind = torch.device(device).type if device is not None else None
+    except RuntimeError:  # not a device name: PipelineConfig.check says so
+        return
+    if kind != "cuda" or launched_processes() == 1:
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", launched_processes()))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
