@@ -72,40 +72,51 @@ class GPTQ:
         # batches are grouped (one process or several, `reduce`) beyond float64 rounding, which
         # the fp32 Hessian does not see; a fp32 running mean differed in its last bits, enough to
         # move GPTQ's codes on an ill-conditioned Hessian
-        self._sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self._sum: torch.Tensor | None = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self._hessian: torch.Tensor | None = None
         self.samples = 0
         self.token_clip = token_clip
 
     @property
     def hessian(self) -> torch.Tensor:
-        """H = 2/n sum x x^T (fp32, made once from the sum; setting it replaces the sum)."""
+        """H = 2/n sum x x^T in fp32, made from the sum once, which it replaces (GPTQ's peak
+        memory is the quantizing, not the summing); setting it replaces the sum too."""
         if self._hessian is None:
             self._hessian = (self._sum * (2 / max(self.samples, 1))).float()
+            self._sum = None
         return self._hessian
 
     @hessian.setter
     def hessian(self, value: torch.Tensor) -> None:
-        self._hessian = value
+        self._hessian, self._sum = value, None
 
     @hessian.deleter
-    def hessian(self) -> None:  # frees the sum too: quantizing is done
+    def hessian(self) -> None:  # quantizing is done
         self._hessian = self._sum = None
+
+    def _summed(self) -> torch.Tensor:
+        if self._sum is None:  # more batches after the Hessian was read: back to a sum
+            self._sum = self._hessian.double() * (max(self.samples, 1) / 2)
+            self._hessian = None
+        return self._sum
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs x [..., columns] to the sum of x x^T."""
         x = clip_token_norms(x.reshape(-1, self.columns).float(), self.token_clip)
-        self._sum += x.T @ x  # a fp32 product (a bf16 Hessian is often not positive definite)
+        total = self._summed()
+        # fp32 products (a bf16 Hessian is often not positive definite), in blocks of rows so
+        # that the temporary stays near 64 MB beside the float64 sum
+        step = max(1, (1 << 24) // self.columns)
+        for start in range(0, self.columns, step):
+            total[start : start + step] += x[:, start : start + step].T @ x
         self.samples += x.shape[0]
-        self._hessian = None
 
     @torch.no_grad()
     def reduce(self) -> None:
         """Under torch.distributed: the sums and counts over every rank's inputs, on every rank."""
-        all_reduce_(self._sum, "sum")
+        all_reduce_(self._summed(), "sum")
         self.samples = reduce_count(self.samples)
-        self._hessian = None
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
