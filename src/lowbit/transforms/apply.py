@@ -31,7 +31,6 @@ from torch import nn
 
 from ..arch import (
     ArchSpec,
-    attention_modules,
     decoder_layers,
     get_module,
     head_dim,
@@ -183,39 +182,83 @@ def apply_transform(
     stats = {}
     if config.needs_calibration:
         stats = collect_input_stats(model, spec, calibration, SAMPLE_ROWS if config.alpha is None else 0, progress)
-    dim = head_dim(model.config)
-    n_rep = kv_groups(model.config)
-    signs_cache: dict[int, torch.Tensor | None] = {}
-
-    def signs(n: int) -> torch.Tensor | None:
-        if config.seed is None:
-            return None
-        if n not in signs_cache:
-            signs_cache[n] = random_signs(n, config.seed + n)
-        return signs_cache[n]
-
-    alphas: dict[str, float] = {}
-    offset = spec.norm_weight_offset
-    fused_r1 = (
-        config.rotates
-        and config.r1
-        and config.fuse_r1
-        and not spec.post_norms
-        and spec.rms_norm
-        and not (config.kind == "smoothrot" and config.smooth_all)
-    )
-    block = config.rotation_block
-    if fused_r1:
-        _rotate_residual_stream(model, spec, signs(model.config.hidden_size), block)
+    plan = LayerTransform(model.config, spec, config, scheme, stats)
+    if plan.fused_r1:
+        embed, lm_head = get_module(model, spec.embed), get_module(model, spec.lm_head)
+        if lm_head.weight.data_ptr() == embed.weight.data_ptr():  # tied: they will differ from now on
+            lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+        plan.transform_head(get_module(model, spec.final_norm), lm_head)
+        plan.transform_embedding(embed)
     layers = progress_bar(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)
     for i, layer in enumerate(layers):
+        plan.transform_layer(i, layer)
+    return plan.info()
+
+
+class LayerTransform:
+    """The transform of one model, applied a part at a time: the embedding, each decoder layer,
+    the final norm and head. The parts edit disjoint tensors, so any order gives the same weights;
+    the sequential onloading pipeline transforms each layer as it reads it from disk.
+
+    `stats` are the calibration statistics of `collect_input_stats` (smoothing only)."""
+
+    def __init__(self, model_config, spec: ArchSpec, config: TransformConfig, scheme: Scheme, stats: dict | None = None) -> None:
+        self.spec, self.config, self.scheme, self.stats = spec, config, scheme, stats or {}
+        self.dim, self.n_rep, self.hidden = head_dim(model_config), kv_groups(model_config), model_config.hidden_size
+        self.alphas: dict[str, float] = {}
+        self._signs: dict[int, torch.Tensor | None] = {}
+        self.fused_r1 = (
+            config.rotates
+            and config.r1
+            and config.fuse_r1
+            and not spec.post_norms
+            and spec.rms_norm
+            and not (config.kind == "smoothrot" and config.smooth_all)
+        )
+
+    def signs(self, n: int) -> torch.Tensor | None:
+        if self.config.seed is None:
+            return None
+        if n not in self._signs:
+            self._signs[n] = random_signs(n, self.config.seed + n)
+        return self._signs[n]
+
+    def info(self) -> dict:
+        return {"alphas": self.alphas} if self.alphas else {}
+
+    def transform_embedding(self, embed: nn.Module) -> None:
+        """Fused R1: the embedding writes the rotated residual stream."""
+        if self.fused_r1:
+            rotate_embedding(embed, self.signs(self.hidden), self.config.rotation_block)
+
+    def transform_head(self, final_norm: nn.Module, lm_head: nn.Module) -> None:
+        """Fused R1: the final norm's gain folds into lm_head (untied already), which reads the
+        rotated stream."""
+        if self.fused_r1:
+            fold_norm_into_readers(final_norm, [lm_head], self.spec.norm_weight_offset)
+            rotate_input_columns(lm_head, self.signs(self.hidden), self.config.rotation_block)
+
+    def transform_layer(self, i: int, layer: nn.Module) -> None:
+        """Everything the transform does inside decoder layer `i`."""
+        spec, config, block, offset = self.spec, self.config, self.config.rotation_block, self.spec.norm_weight_offset
+        dim, n_rep, signs = self.dim, self.n_rep, self.signs
+        if self.fused_r1:  # fold norm gains into the stream's readers; rotate readers and writers
+            for group in spec.input_groups:
+                if group.source not in spec.linears:
+                    readers = [get_module(layer, n) for n in group.linears]
+                    fold_norm_into_readers(get_module(layer, group.source), readers, offset)
+                    for lin in readers:
+                        rotate_input_columns(lin, signs(self.hidden), block)
+            for name in spec.residual_writers:
+                rotate_output_rows(get_module(layer, name), signs(self.hidden), block)
         for group in spec.input_groups:
             linears = [get_module(layer, n) for n in group.linears]
-            online_r1 = config.r1 and not fused_r1
+            online_r1 = config.r1 and not self.fused_r1
             rotate = config.rotates and {"r1": online_r1, "r2": config.r2, "r4": config.r4}[group.rotation]
             smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.massive_outliers))
             source_is_norm = group.source not in spec.linears
-            entry = stats.get((i, group.role))
+            entry = self.stats.get((i, group.role))
             act_absmax = entry["absmax"] if entry else None
             rows = entry["rows"] if entry else None
             if rotate and source_is_norm and config.fold_norms:
@@ -228,8 +271,8 @@ def apply_transform(
                     act_absmax = (act_absmax + shift) / gain.abs().clamp(min=1e-12)
                     rows = (rows - (bias if bias is not None else 0.0)) / gain if rows is not None else None
             if smooth:
-                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate and block is None)
-                alphas[f"{i}.{group.role}"] = alpha
+                s, alpha = _smoothing(group, linears, act_absmax, rows, config, self.scheme, n_rep, dim, rotate and block is None)
+                self.alphas[f"{i}.{group.role}"] = alpha
                 if source_is_norm:
                     scale_norm_output(get_module(layer, group.source), 1 / s, offset)
                 else:
@@ -247,34 +290,8 @@ def apply_transform(
             for name, lin in zip(group.linears, linears):
                 rotate_input_columns(lin, signs(n), block)
                 set_module(layer, name, QuantLinear(lin.weight.detach(), lin.bias, None, None, OnlineHadamard(n, signs(n), block)))
-    if config.rotates and config.r3:
-        for attention in attention_modules(model, spec):
-            attention.lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
-    return {"alphas": alphas} if alphas else {}
-
-
-def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tensor | None, block: int | None) -> None:
-    """Fused R1: fold norm gains into their readers, then rotate everything that reads or writes
-    the residual stream, so that h R flows between layers at no run-time cost."""
-    offset = spec.norm_weight_offset
-    embed, lm_head = get_module(model, spec.embed), get_module(model, spec.lm_head)
-    if lm_head.weight.data_ptr() == embed.weight.data_ptr():  # tied: they will differ from now on
-        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-    readers = [(get_module(model, spec.final_norm), [lm_head])]
-    writers = []
-    for layer in decoder_layers(model, spec):
-        for group in spec.input_groups:
-            if group.source not in spec.linears:  # a norm feeding residual-stream readers
-                readers.append((get_module(layer, group.source), [get_module(layer, n) for n in group.linears]))
-        writers += [get_module(layer, n) for n in spec.residual_writers]
-    for norm, linears in readers:
-        fold_norm_into_readers(norm, linears, offset)
-        for lin in linears:
-            rotate_input_columns(lin, signs, block)
-    for lin in writers:
-        rotate_output_rows(lin, signs, block)
-    rotate_embedding(embed, signs, block)
+        if config.rotates and config.r3:
+            get_module(layer, spec.attention).lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
 
 
 def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate):
