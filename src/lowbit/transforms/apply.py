@@ -121,37 +121,65 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
                 check_block(n, config.rotation_block)
 
 
-@torch.no_grad()
-def collect_input_stats(
-    model: nn.Module, spec: ArchSpec, batches: Iterable[torch.Tensor], keep_rows: int, progress: bool = True
-) -> dict[tuple[int, str], dict]:
+class InputStats:
     """Per (layer, group role): channel max |X_j| over the calibration tokens, and a sample of about
-    `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that size)."""
-    stats: dict[tuple[int, str], dict] = {}
-    gen = torch.Generator().manual_seed(0)
-    batches = list(batches)
-    share = -(-keep_rows // max(1, len(batches)))  # rows kept per batch
-    hooks = []
-    for i, layer in enumerate(decoder_layers(model, spec)):
-        for group in spec.input_groups:
-            key = (i, group.role)
+    `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that
+    size). Hooks attach to one layer at a time (`attach`), so a pass that holds one layer in memory
+    collects the same statistics as a forward of the whole model: each (layer, role) samples its
+    rows with a generator of its own."""
 
-            def hook(module, args, key=key):
+    def __init__(self, spec: ArchSpec, batches: int, keep_rows: int) -> None:
+        self.spec, self.keep_rows = spec, keep_rows
+        self.share = -(-keep_rows // max(1, batches))  # rows kept per batch
+        self.batches = batches
+        self.stats: dict[tuple[int, str], dict] = {}
+
+    def attach(self, i: int, layer: nn.Module) -> list:
+        """Forward pre-hooks on the first linear of every input group of layer `i` (remove them after)."""
+        hooks = []
+        for r, group in enumerate(self.spec.input_groups):
+            key = (i, group.role)
+            gen = torch.Generator().manual_seed(1000 * i + r)
+
+            def hook(module, args, key=key, gen=gen):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                entry = stats.get(key)
+                entry = self.stats.get(key)
                 if entry is None:
                     # One buffer per group, allocated once: appending a small tensor per batch
                     # instead pinned the allocator's heap between the forward's temporaries.
-                    rows = torch.empty(share * len(batches) if keep_rows else 0, x.shape[-1], dtype=torch.float64)
-                    entry = stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0}
+                    rows = torch.empty(self.share * self.batches if self.keep_rows else 0, x.shape[-1], dtype=torch.float64)
+                    entry = self.stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0, "gen": gen}
                 torch.maximum(entry["absmax"], x.abs().amax(0), out=entry["absmax"])
-                if keep_rows:
-                    pick = torch.randperm(x.shape[0], generator=gen)[:share]
+                if self.keep_rows:
+                    pick = torch.randperm(x.shape[0], generator=gen)[: self.share]
                     start = entry["filled"]
                     entry["rows"][start : start + len(pick)] = x[pick]
                     entry["filled"] = start + len(pick)
 
             hooks.append(get_module(layer, group.linears[0]).register_forward_pre_hook(hook))
+        return hooks
+
+    def finish(self, i: int | None = None) -> dict[tuple[int, str], dict]:
+        """Trim the sampled rows (of layer `i`, or of every layer) to `keep_rows`; the statistics."""
+        for key, entry in self.stats.items():
+            if (i is not None and key[0] != i) or "filled" not in entry:
+                continue
+            rows = entry["rows"][: entry.pop("filled")] if self.keep_rows else None
+            gen = entry.pop("gen")
+            if rows is not None and rows.shape[0] > self.keep_rows:
+                rows = rows[torch.randperm(rows.shape[0], generator=gen)[: self.keep_rows]]
+            entry["rows"] = rows
+        return self.stats
+
+
+@torch.no_grad()
+def collect_input_stats(
+    model: nn.Module, spec: ArchSpec, batches: Iterable[torch.Tensor], keep_rows: int, progress: bool = True
+) -> dict[tuple[int, str], dict]:
+    """`InputStats` of every decoder layer over `batches`, in forwards of the whole model."""
+    batches = list(batches)
+    collector = InputStats(spec, len(batches), keep_rows)
+    hooks = [h for i, layer in enumerate(decoder_layers(model, spec)) for h in collector.attach(i, layer)]
     device = next(model.parameters()).device
     try:
         for batch in progress_bar(batches, desc="calibration statistics", unit="sample", disable=not progress, leave=False):
@@ -159,12 +187,7 @@ def collect_input_stats(
     finally:
         for h in hooks:
             h.remove()
-    for entry in stats.values():
-        rows = entry["rows"][: entry.pop("filled")] if keep_rows else None
-        if rows is not None and rows.shape[0] > keep_rows:
-            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:keep_rows]]
-        entry["rows"] = rows
-    return stats
+    return collector.finish()
 
 
 def apply_transform(
