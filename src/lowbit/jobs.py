@@ -37,7 +37,7 @@ from .io.export import export_dtype
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
 from .memory import available_memory_bytes, peak_rss_bytes, release_freed_memory
 from .models import cast_model, check_window, load_config, load_model, resolve_model
-from .onload import Checkpoint, build_skeleton, float32_bytes
+from .onload import Checkpoint, build_skeleton
 from .pipeline import PipelineConfig
 from .recipes import Recipe
 from .runtime.int_linear import check_integer_formats, convert_to_int_kernels
@@ -195,7 +195,7 @@ def _choose_onload(model_name: str, onload: OnloadSettings | None) -> OnloadSett
     folder = Path(resolve_model(model_name))
     if not folder.is_dir():
         return None
-    needed, available = float32_bytes(folder), available_memory_bytes()
+    needed, available = Checkpoint(folder).float32_bytes(), available_memory_bytes()
     if available is not None and needed > 0.8 * available:
         log.info("%s takes %.1f GB in float32, %.1f GB are available: reading it one layer at a time", model_name, needed / 1e9, available / 1e9)
         return OnloadSettings()

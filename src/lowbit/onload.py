@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import struct
 from pathlib import Path
 
 import torch
@@ -26,12 +27,30 @@ log = logging.getLogger("lowbit")
 INDEX_FILE = "model.safetensors.index.json"
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class Checkpoint:
-    """The safetensors tensors of a transformers model folder, read one at a time."""
+    """The safetensors tensors of a transformers model folder, read one at a time.
+
+    Tensors are read with plain file reads from the offsets in each file's header, not through a
+    memory map: mapped pages a process has touched count as its resident memory until the map is
+    closed, so reading a whole checkpoint through one would make it resident, layer after layer."""
 
     def __init__(self, folder: str | Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
@@ -49,48 +68,53 @@ class Checkpoint:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if not files:
                 raise UserError(f"{self.folder} has no .safetensors weights; lowbit never loads pickled weights (pytorch_model.bin)")
-        self._handles = {}
-        self._file_of: dict[str, str] = {}
+        self._entries: dict[str, tuple[Path, str, list[int], int, int]] = {}  # name -> file, dtype, shape, start, end
         for name in files:
-            try:
-                handle = safe_open(str(self.folder / name), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise UserError(f"{self.folder / name} cannot be read ({str(exc)[:160]}); the shard is truncated or corrupted") from None
-            self._handles[name] = handle
-            for key in handle.keys():
-                self._file_of[key] = name
+            self._read_header(self.folder / name)
+
+    def _read_header(self, path: Path) -> None:
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                length = struct.unpack("<Q", f.read(8))[0]
+                if length > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(length))
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path} is not a readable safetensors file ({exc}); the shard is truncated or corrupted") from None
+        base = 8 + length
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            if meta["dtype"] not in _DTYPES or base + end > size:
+                raise UserError(
+                    f"{path}: tensor {key} is {'truncated' if base + end > size else 'of unknown dtype ' + meta['dtype']}; the shard is damaged"
+                )
+            self._entries[key] = (path, meta["dtype"], meta["shape"], base + start, base + end)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._entries
 
     def keys(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._entries)
 
-    def dtype(self) -> torch.dtype:
-        """The dtype of the checkpoint's floating-point tensors (the first one found)."""
-        for key, name in self._file_of.items():
-            dtype = self._handles[name].get_slice(key).get_dtype()
-            if dtype in ("F32", "F16", "BF16"):
-                return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
-        return torch.float32
+    def float32_bytes(self) -> int:
+        """Bytes the floating-point tensors take in float32."""
+        return sum(4 * math.prod(shape) for _, dtype, shape, _, _ in self._entries.values() if dtype in ("F64", "F32", "F16", "BF16"))
 
     def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Tensor `name` in `dtype` (floating-point tensors only are converted)."""
-        if name not in self._file_of:
+        if name not in self._entries:
             raise UserError(f"{self.folder} holds no tensor {name!r}; the checkpoint does not match its config")
-        tensor = self._handles[self._file_of[name]].get_tensor(name)
+        path, stored, shape, start, end = self._entries[name]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(start)
+            if f.readinto(memoryview(raw.numpy())) != end - start:
+                raise UserError(f"{path}: tensor {name} is truncated; the shard is damaged")
+        tensor = raw.view(_DTYPES[stored]).reshape(shape)
         return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
-
-
-def float32_bytes(folder: str | Path) -> int:
-    """Bytes the floating-point tensors of the folder's checkpoint take in float32 (from the headers)."""
-    checkpoint = Checkpoint(folder)
-    total = 0
-    for key, name in checkpoint._file_of.items():
-        piece = checkpoint._handles[name].get_slice(key)
-        if piece.get_dtype() in ("F32", "F16", "BF16", "F64"):
-            total += 4 * math.prod(piece.get_shape())
-    return total
 
 
 def build_skeleton(source: str | Path):
