@@ -184,6 +184,7 @@ def test_more_processes_than_samples_is_refused(two_processes, tiny_model_dir, s
     [
         (["--algorithm", "gptq", "--calib-samples", "4", "--device", "cuda"], "--device cuda with 2 processes on a machine with"),
         (["--scheme", "W4A16"], "needs no calibration: nothing to share over processes"),
+        (["--algorithm", "gptq", "--calib-samples", "4", "--onload"], "onloading (--onload, --max-memory, --offload-dir) runs in one process"),
     ],
 )
 def test_torchrun_input_errors(tiny_model_dir, sample_text_file, capsys, monkeypatch, extra, message):

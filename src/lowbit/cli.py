@@ -46,6 +46,45 @@ def _at_least(minimum: int):
     return check
 
 
+def _onload_options(fn):
+    for option in reversed(
+        [
+            click.option(
+                "--onload/--no-onload",
+                default=None,
+                help="Read the model from disk one decoder layer at a time (the same result, a fraction of the memory) "
+                "[default: when the model in float32 would not fit in the available memory].",
+            ),
+            click.option(
+                "--max-memory",
+                default=None,
+                callback=_size,
+                metavar="SIZE",
+                help="With onloading: keep at most this much of the layer inputs (calibration, evaluation) in memory, the rest on disk (e.g. 2GiB).",
+            ),
+            click.option("--offload-dir", default=None, help="With onloading: where layer inputs beyond --max-memory go [default: the temp folder]."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def _size(ctx, param, value):
+    """'2GiB', '500MB', '0' -> bytes."""
+    if value is None:
+        return None
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise click.BadParameter(f"{value!r} is not a size; write e.g. 2GiB, 512MB or 0")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def _eval_options(f):
     f = click.option("--seq-len", type=int, callback=_at_least(2), default=2048, show_default=True, help="Evaluation window length in tokens.")(f)
     f = click.option(
@@ -132,6 +171,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     "faster on CPUs with bf16 units, half the activation memory); Hessians and weights stay fp32.",
 )
 @_eval_options
+@_onload_options
 @click.option("--out", default=None, help="Folder for report.json and report.md (refused if it exists).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -171,11 +211,25 @@ def quantize(ctx, **o):
             evaluate_fp=not o["no_fp"],
             progress=ctx.obj["progress"],
             save_to=run.model_dir,
+            onload=_onload_settings(o),
         )
         if report:  # under torchrun, rank 0 (the others return {})
             run.finish(report)
     if report:
         click.echo(report_markdown(report))
+
+
+def _onload_settings(o: dict):
+    """--onload / --max-memory / --offload-dir as `OnloadSettings` (None: onload only if the model does not fit)."""
+    from .streaming import OnloadSettings
+
+    if o["onload"] is False:
+        if o["max_memory"] is not None or o["offload_dir"] is not None:
+            raise UserError("--max-memory and --offload-dir apply to layer-by-layer onloading; drop them or --no-onload")
+        return None
+    if o["onload"] is None and o["max_memory"] is None and o["offload_dir"] is None:
+        return None  # automatic
+    return OnloadSettings(max_memory=o["max_memory"], offload_dir=o["offload_dir"])
 
 
 def _recipe_from_options(o: dict):

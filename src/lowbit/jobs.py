@@ -33,15 +33,18 @@ from .evaluation import (
     weight_bits,
 )
 from .evaluation.harness import HarnessConfig, evaluate_tasks, load_tasks
+from .evaluation.perplexity import eval_windows
 from .io.export import export_dtype
 from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_dir
-from .memory import peak_rss_bytes, release_freed_memory
-from .models import cast_model, check_window, load_config, load_model
+from .memory import available_memory_bytes, peak_rss_bytes, release_freed_memory
+from .models import cast_model, check_window, load_config, load_model, resolve_model
+from .onload import Checkpoint, build_skeleton
 from .pipeline import PipelineConfig
 from .recipes import Recipe
 from .runtime.int_linear import check_integer_formats, convert_to_int_kernels
 from .runtime.state import quantization_state
 from .scheme import Scheme
+from .streaming import OnloadSettings, activation_bytes, check_offload_space, quantize_onloaded
 from .transforms.apply import check_transform
 from .version import __version__
 
@@ -110,15 +113,19 @@ def quantize_job(
     evaluate_fp: bool = True,
     progress: bool = True,
     save_to: str | Path | None = None,
+    onload: OnloadSettings | None = None,
 ) -> dict:
     """Load, quantize and evaluate; returns the report (the report contract in the README). With `save_to`, the
     quantized model and tokenizer are also saved there (`lowbit.io`).
 
     The model is quantized in place after the FP evaluation, so only one copy is ever in memory,
-    and its quantized weights are held as codes and scales.
+    and its quantized weights are held as codes and scales. With `onload` (or when the model in
+    float32 would not fit in the available memory) it is read from disk one decoder layer at a
+    time instead (`lowbit.streaming`): the same numbers, a fraction of the memory.
 
     Under torchrun each process calibrates on its share of the samples (`lowbit.distributed`);
-    rank 0 alone evaluates, saves and returns the report, the others return {}."""
+    rank 0 alone evaluates, saves and returns the report, the others return {}. Onloading runs in
+    one process only."""
     start = time.time()
     pipeline = pipeline or PipelineConfig()
     calibrated = get_algorithm(recipe.algorithm).calibrated
@@ -131,6 +138,8 @@ def quantize_job(
             )
         check_processes(calibration.samples)
         check_device(pipeline.device)
+        if onload is not None:
+            raise UserError("layer-by-layer onloading (--onload, --max-memory, --offload-dir) runs in one process; run it without torchrun")
     init_distributed()
     main = rank() == 0
     progress = progress and main
@@ -138,6 +147,16 @@ def quantize_job(
     config = load_config(model_name)  # before the weights load: the window, the scheme's groups and blocks
     check_window(config, evaluation.seq_len)
     check_scheme_for_config(config, recipe.scheme)
+    onload = _choose_onload(model_name, onload, world_size())
+    if onload is not None and world_size() > 1:  # every process would load the whole model
+        raise UserError(
+            f"{model_name} does not fit in memory once per process ({world_size()} processes); layer-by-layer onloading "
+            "runs in one process: run it without torchrun (or with fewer processes, on a machine with more memory)"
+        )
+    if onload is not None:
+        return _quantize_onloaded_job(
+            model_name, recipe, config, evaluation, calibration, pipeline, seed, evaluate_fp, progress, save_to, onload, start
+        )
     log.info("loading %s", model_name)
     model, tokenizer = load_model(model_name)
     spec = get_arch(model)
@@ -195,6 +214,99 @@ def quantize_job(
         report["layer_errors"] = state.layer_errors
     if save_to is not None:
         report["saved_model"] = save_model(qmodel, save_to, tokenizer)
+    report["seconds"] = time.time() - start
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    return report
+
+
+def _choose_onload(model_name: str, onload: OnloadSettings | None, processes: int = 1) -> OnloadSettings | None:
+    """`onload` as given; None (automatic) turns into onloading when the model in float32 (once per
+    process) would take more than 80% of the memory available now."""
+    if onload is not None or model_name in ("",):
+        return onload
+    folder = Path(resolve_model(model_name))
+    if not folder.is_dir():
+        return None
+    needed, available = Checkpoint(folder).float32_bytes(), available_memory_bytes()
+    if available is not None and needed * processes > 0.8 * available:
+        log.info("%s takes %.1f GB in float32, %.1f GB are available: reading it one layer at a time", model_name, needed / 1e9, available / 1e9)
+        return OnloadSettings()
+    return None
+
+
+def _quantize_onloaded_job(
+    model_name, recipe, config, evaluation, calibration, pipeline, seed, evaluate_fp, progress, save_to, onload, start
+) -> dict:
+    """`quantize_job` reading one decoder layer at a time (`lowbit.streaming`)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(model_name)
+    if not Path(folder).is_dir():
+        raise UserError(
+            f"layer-by-layer onloading reads a local model folder; {model_name!r} is a hub id: download it first (huggingface-cli download)"
+        )
+    if calibration.data == GENERATED:
+        raise UserError("--calib generated needs the whole model to write text; with layer-by-layer onloading calibrate on a text or dataset")
+    checkpoint = Checkpoint(folder)  # a missing or unreadable shard fails here, before anything else
+    algorithm = get_algorithm(recipe.algorithm)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data_name = evaluation.data or DEFAULT_DATA
+    log.info("tokenizing evaluation text %s", data_name)
+    eval_ids = tokenize(tokenizer, load_text(evaluation.data, split="eval"))
+    release_freed_memory()
+    needs_calib = recipe.scheme.needs_calibration or recipe.transform.needs_calibration or algorithm.calibrated
+    windows = eval_windows(eval_ids, evaluation.seq_len, evaluation.windows).shape[0]
+    streams = (2 if evaluate_fp else 1) * windows * evaluation.seq_len
+    if needs_calib:
+        streams += (2 if recipe.transform.needs_calibration else 1) * calibration.samples * calibration.seq_len
+    check_offload_space(onload, activation_bytes(config, 1, streams))
+    del checkpoint
+    report = recipe_report(model_name, recipe)
+    batches = None
+    if needs_calib:
+        t0 = time.time()
+        log.info("calibration text %s: %d samples x %d tokens", calibration.data or DEFAULT_DATA, calibration.samples, calibration.seq_len)
+        batches = calibration_batches(tokenizer, calibration.data, calibration.samples, calibration.seq_len, seed)
+        report["calibration"] = {
+            "data": calibration.data or DEFAULT_DATA,
+            "samples": calibration.samples,
+            "seq_len": calibration.seq_len,
+            "seconds": time.time() - t0,
+        }
+        if algorithm.calibrated:
+            report["calibration"]["dtype"] = pipeline.dtype
+    log.info("quantizing to %s with %s, one decoder layer at a time from %s", recipe.scheme.name, recipe.algorithm, folder)
+    result = quantize_onloaded(
+        folder,
+        recipe.scheme,
+        recipe.transform,
+        recipe.algorithm_config,
+        batches,
+        eval_ids,
+        seq_len=evaluation.seq_len,
+        windows=evaluation.windows,
+        evaluate_fp=evaluate_fp,
+        pipeline=pipeline,
+        settings=onload,
+        save_to=save_to,
+        tokenizer=tokenizer,
+        source_name=model_name,
+        progress=progress,
+    )
+    if result.fp is not None:
+        report["fp"] = {"ppl": result.fp.ppl, **cost_summary(build_skeleton(folder), None, evaluation.seq_len)}
+    q = result.quantized
+    report["eval"] = {"data": data_name, "windows": q.windows, "seq_len": evaluation.seq_len, "tokens": q.tokens}
+    report["quantized"] = {"ppl": q.ppl, **cost_summary(result.model, recipe.scheme, evaluation.seq_len), "quantize_seconds": result.quantize_seconds}
+    state = quantization_state(result.model)
+    report["transform_args"] = state.transform
+    if state.algorithm_config:
+        report["algorithm_args"] = state.algorithm_config
+    if result.layer_errors:
+        report["layer_errors"] = result.layer_errors
+    report["onload"] = {"max_memory": onload.max_memory, "offloaded_activation_bytes": result.offloaded_bytes}
+    if save_to is not None:
+        report["saved_model"] = {"path": RUN_SUBDIR, "bytes_on_disk": sum(f.stat().st_size for f in Path(save_to).iterdir())}
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report

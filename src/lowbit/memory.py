@@ -44,6 +44,18 @@ def release_freed_memory() -> None:
         trim(0)
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the kernel can give this process now (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _private_file_mapping(lo: int, hi: int) -> bool:
     """Does [lo, hi) lie inside one private mapping of a file (per /proc/self/maps)?"""
     with open("/proc/self/maps") as maps:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .activations import ActivationStore
 from .algorithms.registry import Algorithm, GroupContext
 from .arch import (
     ArchSpec,
@@ -113,7 +114,7 @@ def quantize_sequential(
     layers = decoder_layers(model, spec)
     t0 = time.time()
     store = torch.bfloat16 if config.dtype == "bfloat16" else None
-    hidden, kwargs_by_layer = _capture_layer_inputs(model, spec, ids, config.batch_size, store)
+    hidden, kwargs_by_layer = _capture_layer_inputs(model, spec, ids, config.batch_size, store, ActivationStore())
     feed = next(model.parameters()).dtype  # stored inputs go back to the layers in the model's dtype
     log.debug("captured layer-0 inputs for %d samples in %.1f s", ids.shape[0], time.time() - t0)
     dim, n_rep = head_dim(model.config), kv_groups(model.config)
@@ -123,18 +124,30 @@ def quantize_sequential(
         layer.to(device)
         kwargs = [_to(k, device) for k in kwargs_by_layer[i]]
         runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before)
-        entry = {"layer": i}
-        for group in spec.input_groups:
-            entry[group.role] = _quantize_group(layer, spec, group, scheme, algorithm, algorithm_config, runner, n_rep, dim)
+        entry = quantize_layer(i, layer, spec, scheme, algorithm, algorithm_config, runner, dim, n_rep)
         runner.run_all()
         drop_dense_caches(layer)
         layer.to(home)
         release_freed_memory()  # this layer's temporaries, before the next layer's peak
         report.append(entry)
-        summary = " ".join(f"{k}={v[algorithm.name]:.2e}" for k, v in entry.items() if k != "layer" and algorithm.name in v)
-        log.debug("layer %d: relative output error (RTN in the report) %s", i, summary)
-        bar.set_postfix_str(summary.split()[-1])
+        bar.set_postfix_str(_log_layer(entry, algorithm))
     return report
+
+
+def quantize_layer(
+    i: int, layer: nn.Module, spec: ArchSpec, scheme: Scheme, algorithm: Algorithm, algorithm_config, runner: _LayerRunner, dim: int, n_rep: int
+) -> dict:
+    """Quantize decoder layer `i` one input group at a time on the inputs `runner` holds; its report entry."""
+    entry = {"layer": i}
+    for group in spec.input_groups:
+        entry[group.role] = _quantize_group(layer, spec, group, scheme, algorithm, algorithm_config, runner, n_rep, dim)
+    return entry
+
+
+def _log_layer(entry: dict, algorithm: Algorithm) -> str:
+    summary = " ".join(f"{k}={v[algorithm.name]:.2e}" for k, v in entry.items() if k != "layer" and algorithm.name in v)
+    log.debug("layer %d: relative output error (RTN in the report) %s", entry["layer"], summary)
+    return summary.split()[-1] if summary else ""
 
 
 def _stack(calibration: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -151,9 +164,9 @@ def _backbone(model: nn.Module, spec: ArchSpec) -> nn.Module:
     return get_module(model, spec.layers.rsplit(".", 1)[0])
 
 
-def _capture_layer_inputs(model, spec, ids, batch_size, store_dtype=None):
+def _capture_layer_inputs(model, spec, ids, batch_size, store_dtype=None, hidden=None):
     """Layer-0 inputs, one CPU tensor per batch of samples (in `store_dtype`, default their own),
-    and per layer the keyword arguments
+    appended to `hidden` (a list or an `ActivationStore`; default a new list), and per layer the keyword arguments
     it receives for each batch (masks, rotary embeddings; batches of one shape share them).
 
     Every layer's forward is replaced by a recorder that returns its input unchanged, so the
@@ -161,7 +174,7 @@ def _capture_layer_inputs(model, spec, ids, batch_size, store_dtype=None):
     layers = decoder_layers(model, spec)
     device = next(model.parameters()).device
     batches = list(torch.split(ids, batch_size))
-    hidden = []
+    hidden = [] if hidden is None else hidden
     kwargs_by_layer: list[list[dict]] = [[] for _ in layers]
     by_shape: dict[tuple, list[dict]] = {}
     current: dict = {}
@@ -217,7 +230,7 @@ class _LayerRunner:
     def __init__(
         self,
         layer: nn.Module,
-        hidden: list[torch.Tensor],
+        hidden,  # a list of tensors or an ActivationStore
         kwargs: list[dict],
         device: torch.device,
         feed_dtype: torch.dtype = torch.float32,
@@ -251,11 +264,11 @@ class _LayerRunner:
 
     def run_all(self) -> None:
         """The whole layer on every batch; its outputs overwrite its inputs (the next layer's)."""
-        for j, (x, kw) in enumerate(zip(self.hidden, self.kwargs)):
+        for j, kw in enumerate(self.kwargs):
+            x = self.hidden[j]
             with self._autocast():
                 out = self.layer(x.to(self.device, self.feed_dtype), **kw)
-            out = out[0] if isinstance(out, tuple) else out
-            self.hidden[j].copy_(out.to(self.hidden[j].device))
+            self.hidden[j] = out[0] if isinstance(out, tuple) else out
 
 
 def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm, algorithm_config, runner: _LayerRunner, n_rep, dim) -> dict:

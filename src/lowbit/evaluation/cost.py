@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from ..arch import decoder_layers, get_arch, get_module, head_dim, layer_linears
@@ -48,6 +49,12 @@ def weight_bits(model: nn.Module) -> float | None:
     return 8 * total / count if count else None
 
 
+def storage_key(param: torch.Tensor) -> int:
+    """Identifies the memory a parameter lives in (tied parameters share it); a meta tensor (a
+    layer on disk, `lowbit.onload`) has none, so it is itself."""
+    return id(param) if param.is_meta else param.data_ptr()
+
+
 def model_size_bytes(model: nn.Module) -> int:
     quantized = {}  # id(latent weight parameter) -> bytes, for linears training a latent weight
     total = 0
@@ -59,7 +66,7 @@ def model_size_bytes(model: nn.Module) -> int:
             quantized[id(module.weight)] = quantized_weight_bytes(module.out_features, module.in_features, module.weight_args)
     seen = set()
     for param in model.parameters():
-        key = param.data_ptr()
+        key = storage_key(param)
         if key in seen:
             continue
         seen.add(key)
@@ -142,9 +149,9 @@ def scheme_cost(model: nn.Module, scheme: Scheme | str | None, seq_len: int, con
     )
     seen = set()
     for param in model.parameters():
-        if param.data_ptr() in seen:
+        if storage_key(param) in seen:
             continue
-        seen.add(param.data_ptr())
+        seen.add(storage_key(param))
         w = weights.get(id(param))
         size += param.numel() * 2 if w is None else quantized_weight_bytes(param.shape[0], param.shape[1], w)
     if tied_head:  # quantize_model unties the head: the embeddings stay at 16 bits beside it

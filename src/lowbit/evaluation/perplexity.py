@@ -48,6 +48,19 @@ def eval_windows(token_ids: torch.Tensor, seq_len: int, windows: int | None = No
     return token_ids[: count * seq_len].view(count, seq_len)
 
 
+def head_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, softcap: float | None = None) -> float:
+    """Summed NLL of `targets` given the final hidden states [tokens, hidden] (after the final norm)."""
+    total = 0.0
+    # The head runs on slices of the window: full-vocabulary logits of 2048 tokens would
+    # otherwise take more memory than a small model's weights.
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = lm_head(hidden[start : start + HEAD_CHUNK]).float()
+        if softcap:  # Gemma 2/3 cap the final logits the way their forward does
+            logits = torch.tanh(logits / softcap) * softcap
+        total += F.cross_entropy(logits, targets[start : start + HEAD_CHUNK], reduction="sum").item()
+    return total
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -66,14 +79,7 @@ def perplexity(
     for window in progress_bar(batches, desc=desc, unit="window", disable=not progress, leave=False):
         window = window.to(device).unsqueeze(0)
         hidden = backbone(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
-        targets = window[0, 1:]
-        # The head runs on slices of the window: full-vocabulary logits of 2048 tokens would
-        # otherwise take more memory than a small model's weights.
-        for start in range(0, hidden.shape[0], HEAD_CHUNK):
-            logits = lm_head(hidden[start : start + HEAD_CHUNK]).float()
-            if softcap:  # Gemma 2/3 cap the final logits the way their forward does
-                logits = torch.tanh(logits / softcap) * softcap
-            total_nll += F.cross_entropy(logits, targets[start : start + HEAD_CHUNK], reduction="sum").item()
+        total_nll += head_nll(hidden, window[0, 1:], lm_head, softcap)
         total_tokens += window.shape[1] - 1
     nll = total_nll / total_tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=total_tokens, windows=len(batches), seq_len=seq_len)

@@ -55,7 +55,7 @@ from ..runtime.state import QuantizationState, require_state, set_quantization_s
 from ..scheme import Scheme, args_from_dict, args_to_dict
 from ..version import __version__
 from .description import CHECKSUM_KEY, check_description, description_checksum
-from .tensorfile import write_safetensors
+from .tensorfile import SafetensorsSpill, write_safetensors
 
 log = logging.getLogger("lowbit")
 
@@ -171,42 +171,55 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder")
-    spec = get_arch(model)
-    state = require_state(model, "save")
+    get_arch(model)
+    require_state(model, "save")
     _check_savable(model)
-    modules = describe_modules(model)
-    base_attention = (model.config._attn_implementation or "eager").removeprefix(PREFIX)
-    dtype = next(model.parameters()).dtype
 
     def fill(tmp: Path) -> None:
         tensors, aliases = _state_tensors(model)
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
         digest, size = write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata)  # hashed as it is written
         del tensors
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file() and p.name != WEIGHTS_FILE}
-        files[WEIGHTS_FILE] = {"sha256": digest, "bytes": size}
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "lowbit_version": __version__,
-            "family": spec.family,
-            "dtype": str(dtype).removeprefix("torch."),
-            "attn_implementation": base_attention,
-            "hf_config": _hf_config(model),
-            **state.to_dict(),
-            "source": state.source or getattr(model, "lowbit_source", None),
-            "modules": modules,
-            "aliases": aliases,
-            "files": files,
-        }
-        config[CHECKSUM_KEY] = description_checksum(config)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_description(tmp, model, {"sha256": digest, "bytes": size}, aliases, tokenizer)
 
     write_dir_atomically(out, fill, overwrite=overwrite)
-    log.info("saved quantized model (%s) to %s", state.scheme.name, out)
+    log.info("saved quantized model (%s) to %s", require_state(model, "save").scheme.name, out)
     return out
+
+
+def finish_weights(tmp: Path, spill: SafetensorsSpill) -> dict:
+    """Write the weights file of a saved model from tensors spilled one layer at a time (the
+    sequential onloading pipeline); its entry for `write_description`."""
+    digest, size = spill.finish(tmp / WEIGHTS_FILE, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    return {"sha256": digest, "bytes": size}
+
+
+def write_description(tmp: Path, model: nn.Module, weights: dict, aliases: dict[str, str], tokenizer=None) -> None:
+    """The tokenizer and `lowbit.json` of a saved model in folder `tmp`, whose weights file is
+    written already (`weights`: its sha256 and size). Reads only the model's structure and settings,
+    so the model's tensors may be on the meta device by now."""
+    spec = get_arch(model)
+    state = require_state(model, "save")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file() and p.name != WEIGHTS_FILE}
+    files[WEIGHTS_FILE] = weights
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lowbit_version": __version__,
+        "family": spec.family,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attn_implementation": (model.config._attn_implementation or "eager").removeprefix(PREFIX),
+        "hf_config": _hf_config(model),
+        **state.to_dict(),
+        "source": state.source or getattr(model, "lowbit_source", None),
+        "modules": describe_modules(model),
+        "aliases": aliases,
+        "files": files,
+    }
+    config[CHECKSUM_KEY] = description_checksum(config)
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- load

@@ -68,6 +68,48 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     return digest.hexdigest(), len(prefix) + offset
 
 
+class SafetensorsSpill:
+    """A safetensors file written tensor by tensor as they are produced: each tensor's bytes go to a
+    data file in `folder` at once (nothing is kept in memory), and `finish` writes the header and
+    copies the data behind it, hashing as it goes, as `write_safetensors` would have written it."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self._data_path = Path(folder) / ".tensors.data"
+        self._data = open(self._data_path, "wb")
+        self._header: dict = {}
+        self._offset = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._header
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header:
+            raise ValueError(f"{name} is written already")
+        if tensor.dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        size = tensor.numel() * tensor.element_size()
+        self._header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self._offset, self._offset + size]}
+        self._data.write(_bytes_of(tensor))
+        self._offset += size
+
+    def finish(self, path: str | Path, metadata: dict[str, str] | None = None) -> tuple[str, int]:
+        """Write the file to `path`; returns (sha256 hex digest, bytes written). The data file is removed."""
+        self._data.close()
+        header = {"__metadata__": dict(metadata)} if metadata else {}
+        header.update(self._header)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        prefix = struct.pack("<Q", len(text)) + text
+        digest = hashlib.sha256(prefix)
+        with open(path, "wb") as f, open(self._data_path, "rb") as data:
+            f.write(prefix)
+            for block in iter(lambda: data.read(CHUNK), b""):
+                digest.update(block)
+                f.write(block)
+        self._data_path.unlink()
+        return digest.hexdigest(), len(prefix) + self._offset
+
+
 TREE_KEY = "lowbit_tree"  # metadata entry holding the JSON skeleton of a saved tree
 
 

@@ -31,7 +31,6 @@ from torch import nn
 
 from ..arch import (
     ArchSpec,
-    attention_modules,
     decoder_layers,
     get_module,
     head_dim,
@@ -123,82 +122,109 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
                 check_block(n, config.rotation_block)
 
 
+class InputStats:
+    """Per (layer, group role): channel max |X_j| over the calibration tokens, and a sample of about
+    `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that
+    size). Hooks attach to one layer at a time (`attach`), so a pass that holds one layer in memory
+    collects the same statistics as a forward of the whole model: each (layer, role) samples its
+    rows with generators of its own, one per batch, seeded by the batch's index, so the sample
+    does not depend on which process ran the batch either.
+
+    Under torch.distributed each rank runs its share of the batches (`first_batch` and
+    `local_batches` of `batches`) and `combine()` gives every rank what one process collects:
+    maxima reduced (MAX), sampled rows gathered in batch order."""
+
+    def __init__(self, spec: ArchSpec, batches: int, keep_rows: int, first_batch: int = 0, local_batches: int | None = None) -> None:
+        self.spec, self.keep_rows = spec, keep_rows
+        self.share = -(-keep_rows // max(1, batches))  # rows kept per batch
+        self.batches = batches
+        self.first_batch = first_batch
+        self.local_batches = batches if local_batches is None else local_batches
+        self.stats: dict[tuple[int, str], dict] = {}
+        self.channels: dict[tuple[int, str], int] = {}  # every attached key, in attach order
+
+    def attach(self, i: int, layer: nn.Module) -> list:
+        """Forward pre-hooks on the first linear of every input group of layer `i` (remove them after)."""
+        hooks = []
+        for r, group in enumerate(self.spec.input_groups):
+            key = (i, group.role)
+            first = get_module(layer, group.linears[0])
+            self.channels[key] = first.in_features
+            seed = (1000 * i + r) << 32  # + the batch's index
+
+            def hook(module, args, key=key, seed=seed):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                entry = self.stats.get(key)
+                if entry is None:
+                    # One buffer per group, allocated once: appending a small tensor per batch
+                    # instead pinned the allocator's heap between the forward's temporaries.
+                    rows = torch.empty(self.share * self.local_batches if self.keep_rows else 0, x.shape[-1], dtype=torch.float64)
+                    entry = self.stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0, "seen": 0}
+                torch.maximum(entry["absmax"], x.abs().amax(0), out=entry["absmax"])
+                if self.keep_rows:
+                    gen = torch.Generator().manual_seed(seed + self.first_batch + entry["seen"])
+                    pick = torch.randperm(x.shape[0], generator=gen)[: self.share]
+                    start = entry["filled"]
+                    entry["rows"][start : start + len(pick)] = x[pick]
+                    entry["filled"] = start + len(pick)
+                entry["seen"] += 1
+
+            hooks.append(first.register_forward_pre_hook(hook))
+        return hooks
+
+    def combine(self) -> None:
+        """Under torch.distributed: every rank's statistics on every rank (call before `finish`).
+        Keys go in attach order, the same on every rank; a key no sample of this rank's share
+        reached takes part with empty statistics."""
+        if world_size() == 1:
+            return
+        for key, n in self.channels.items():
+            entry = self.stats.get(key)
+            if not reduce_count(entry is not None):
+                continue
+            if entry is None:
+                rows = torch.empty(0, n, dtype=torch.float64)
+                entry = self.stats[key] = {"absmax": torch.zeros(n, dtype=torch.float64), "rows": rows, "filled": 0, "seen": 0}
+            all_reduce_(entry["absmax"], "max")
+            if self.keep_rows:
+                entry["rows"] = gather_rows(entry["rows"][: entry["filled"]])
+                entry["filled"] = entry["rows"].shape[0]
+
+    def finish(self, i: int | None = None) -> dict[tuple[int, str], dict]:
+        """Trim the sampled rows (of layer `i`, or of every layer) to `keep_rows`; the statistics."""
+        for key, entry in self.stats.items():
+            if (i is not None and key[0] != i) or "filled" not in entry:
+                continue
+            rows = entry["rows"][: entry.pop("filled")] if self.keep_rows else None
+            entry.pop("seen")
+            if rows is not None and rows.shape[0] > self.keep_rows:
+                r = [g.role for g in self.spec.input_groups].index(key[1])
+                gen = torch.Generator().manual_seed(((1000 * key[0] + r) << 32) + self.batches)  # an index no batch has
+                rows = rows[torch.randperm(rows.shape[0], generator=gen)[: self.keep_rows]]
+            entry["rows"] = rows
+        return self.stats
+
+
 @torch.no_grad()
 def collect_input_stats(
     model: nn.Module, spec: ArchSpec, batches: Iterable[torch.Tensor], keep_rows: int, progress: bool = True
 ) -> dict[tuple[int, str], dict]:
-    """Per (layer, group role): channel max |X_j| over the calibration tokens, and a sample of about
-    `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that size).
-
-    The rows a batch gives are drawn with a generator seeded by the batch's index, so the sample
-    does not depend on which process ran the batch: under torch.distributed each rank runs its
-    share of `batches` (the same list on every rank), the maxima are reduced and the rows gathered
-    in batch order, and every rank gets what one process would."""
-    stats: dict[tuple[int, str], dict] = {}
+    """`InputStats` of every decoder layer over `batches`, in forwards of the whole model. Under
+    torch.distributed (the same `batches` on every rank) each rank runs its contiguous share and
+    every rank gets the statistics of all of them."""
     batches = list(batches)
-    mine = range(len(batches))[share(len(batches))]
-    share_rows = -(-keep_rows // max(1, len(batches)))  # rows kept per batch
-    current = {"gen": torch.Generator()}
-    channels: dict[tuple[int, str], int] = {}
-    hooks = []
-    for i, layer in enumerate(decoder_layers(model, spec)):
-        for group in spec.input_groups:
-            key = (i, group.role)
-            first = get_module(layer, group.linears[0])
-            channels[key] = first.in_features
-
-            def hook(module, args, key=key):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                entry = stats.get(key)
-                if entry is None:
-                    # One buffer per group, allocated once: appending a small tensor per batch
-                    # instead pinned the allocator's heap between the forward's temporaries.
-                    rows = torch.empty(share_rows * len(mine) if keep_rows else 0, x.shape[-1], dtype=torch.float64)
-                    entry = stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0}
-                torch.maximum(entry["absmax"], x.abs().amax(0), out=entry["absmax"])
-                if keep_rows:
-                    pick = torch.randperm(x.shape[0], generator=current["gen"])[:share_rows]
-                    start = entry["filled"]
-                    entry["rows"][start : start + len(pick)] = x[pick]
-                    entry["filled"] = start + len(pick)
-
-            hooks.append(first.register_forward_pre_hook(hook))
+    mine = share(len(batches))
+    collector = InputStats(spec, len(batches), keep_rows, mine.start, mine.stop - mine.start)
+    hooks = [h for i, layer in enumerate(decoder_layers(model, spec)) for h in collector.attach(i, layer)]
     device = next(model.parameters()).device
     try:
-        for j in progress_bar(mine, desc="calibration statistics", unit="sample", disable=not progress, leave=False):
-            current["gen"].manual_seed(j)
-            model(input_ids=batches[j].to(device), use_cache=False)
+        for batch in progress_bar(batches[mine], desc="calibration statistics", unit="sample", disable=not progress, leave=False):
+            model(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    for entry in stats.values():
-        filled = entry.pop("filled")
-        entry["rows"] = entry["rows"][:filled] if keep_rows else None
-    if world_size() > 1:
-        _combine_input_stats(stats, channels, keep_rows)
-    gen = torch.Generator().manual_seed(len(batches))
-    for entry in stats.values():
-        rows = entry["rows"]
-        if rows is not None and rows.shape[0] > keep_rows:
-            entry["rows"] = rows[torch.randperm(rows.shape[0], generator=gen)[:keep_rows]]
-    return stats
-
-
-def _combine_input_stats(stats: dict[tuple[int, str], dict], channels: dict[tuple[int, str], int], keep_rows: int) -> None:
-    """Every rank's statistics into every rank's `stats`: channel maxima reduced (MAX), sample rows
-    gathered in rank order, which is batch order (contiguous shares). Keys go in one order on every
-    rank, a key this rank never saw with empty statistics (an input no sample of its share reached)."""
-    for key, n in channels.items():
-        entry = stats.get(key)
-        seen = reduce_count(entry is not None)
-        if not seen:
-            continue
-        if entry is None:
-            rows = torch.empty(0, n, dtype=torch.float64) if keep_rows else None
-            entry = stats[key] = {"absmax": torch.zeros(n, dtype=torch.float64), "rows": rows}
-        all_reduce_(entry["absmax"], "max")
-        if keep_rows:
-            entry["rows"] = gather_rows(entry["rows"])
+    collector.combine()
+    return collector.finish()
 
 
 def apply_transform(
@@ -216,39 +242,83 @@ def apply_transform(
     stats = {}
     if config.needs_calibration:
         stats = collect_input_stats(model, spec, calibration, SAMPLE_ROWS if config.alpha is None else 0, progress)
-    dim = head_dim(model.config)
-    n_rep = kv_groups(model.config)
-    signs_cache: dict[int, torch.Tensor | None] = {}
-
-    def signs(n: int) -> torch.Tensor | None:
-        if config.seed is None:
-            return None
-        if n not in signs_cache:
-            signs_cache[n] = random_signs(n, config.seed + n)
-        return signs_cache[n]
-
-    alphas: dict[str, float] = {}
-    offset = spec.norm_weight_offset
-    fused_r1 = (
-        config.rotates
-        and config.r1
-        and config.fuse_r1
-        and not spec.post_norms
-        and spec.rms_norm
-        and not (config.kind == "smoothrot" and config.smooth_all)
-    )
-    block = config.rotation_block
-    if fused_r1:
-        _rotate_residual_stream(model, spec, signs(model.config.hidden_size), block)
+    plan = LayerTransform(model.config, spec, config, scheme, stats)
+    if plan.fused_r1:
+        embed, lm_head = get_module(model, spec.embed), get_module(model, spec.lm_head)
+        if lm_head.weight.data_ptr() == embed.weight.data_ptr():  # tied: they will differ from now on
+            lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+        plan.transform_head(get_module(model, spec.final_norm), lm_head)
+        plan.transform_embedding(embed)
     layers = progress_bar(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)
     for i, layer in enumerate(layers):
+        plan.transform_layer(i, layer)
+    return plan.info()
+
+
+class LayerTransform:
+    """The transform of one model, applied a part at a time: the embedding, each decoder layer,
+    the final norm and head. The parts edit disjoint tensors, so any order gives the same weights;
+    the sequential onloading pipeline transforms each layer as it reads it from disk.
+
+    `stats` are the calibration statistics of `collect_input_stats` (smoothing only)."""
+
+    def __init__(self, model_config, spec: ArchSpec, config: TransformConfig, scheme: Scheme, stats: dict | None = None) -> None:
+        self.spec, self.config, self.scheme, self.stats = spec, config, scheme, stats or {}
+        self.dim, self.n_rep, self.hidden = head_dim(model_config), kv_groups(model_config), model_config.hidden_size
+        self.alphas: dict[str, float] = {}
+        self._signs: dict[int, torch.Tensor | None] = {}
+        self.fused_r1 = (
+            config.rotates
+            and config.r1
+            and config.fuse_r1
+            and not spec.post_norms
+            and spec.rms_norm
+            and not (config.kind == "smoothrot" and config.smooth_all)
+        )
+
+    def signs(self, n: int) -> torch.Tensor | None:
+        if self.config.seed is None:
+            return None
+        if n not in self._signs:
+            self._signs[n] = random_signs(n, self.config.seed + n)
+        return self._signs[n]
+
+    def info(self) -> dict:
+        return {"alphas": self.alphas} if self.alphas else {}
+
+    def transform_embedding(self, embed: nn.Module) -> None:
+        """Fused R1: the embedding writes the rotated residual stream."""
+        if self.fused_r1:
+            rotate_embedding(embed, self.signs(self.hidden), self.config.rotation_block)
+
+    def transform_head(self, final_norm: nn.Module, lm_head: nn.Module) -> None:
+        """Fused R1: the final norm's gain folds into lm_head (untied already), which reads the
+        rotated stream."""
+        if self.fused_r1:
+            fold_norm_into_readers(final_norm, [lm_head], self.spec.norm_weight_offset)
+            rotate_input_columns(lm_head, self.signs(self.hidden), self.config.rotation_block)
+
+    def transform_layer(self, i: int, layer: nn.Module) -> None:
+        """Everything the transform does inside decoder layer `i`."""
+        spec, config, block, offset = self.spec, self.config, self.config.rotation_block, self.spec.norm_weight_offset
+        dim, n_rep, signs = self.dim, self.n_rep, self.signs
+        if self.fused_r1:  # fold norm gains into the stream's readers; rotate readers and writers
+            for group in spec.input_groups:
+                if group.source not in spec.linears:
+                    readers = [get_module(layer, n) for n in group.linears]
+                    fold_norm_into_readers(get_module(layer, group.source), readers, offset)
+                    for lin in readers:
+                        rotate_input_columns(lin, signs(self.hidden), block)
+            for name in spec.residual_writers:
+                rotate_output_rows(get_module(layer, name), signs(self.hidden), block)
         for group in spec.input_groups:
             linears = [get_module(layer, n) for n in group.linears]
-            online_r1 = config.r1 and not fused_r1
+            online_r1 = config.r1 and not self.fused_r1
             rotate = config.rotates and {"r1": online_r1, "r2": config.r2, "r4": config.r4}[group.rotation]
             smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.massive_outliers))
             source_is_norm = group.source not in spec.linears
-            entry = stats.get((i, group.role))
+            entry = self.stats.get((i, group.role))
             act_absmax = entry["absmax"] if entry else None
             rows = entry["rows"] if entry else None
             if rotate and source_is_norm and config.fold_norms:
@@ -261,8 +331,8 @@ def apply_transform(
                     act_absmax = (act_absmax + shift) / gain.abs().clamp(min=1e-12)
                     rows = (rows - (bias if bias is not None else 0.0)) / gain if rows is not None else None
             if smooth:
-                s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate and block is None)
-                alphas[f"{i}.{group.role}"] = alpha
+                s, alpha = _smoothing(group, linears, act_absmax, rows, config, self.scheme, n_rep, dim, rotate and block is None)
+                self.alphas[f"{i}.{group.role}"] = alpha
                 if source_is_norm:
                     scale_norm_output(get_module(layer, group.source), 1 / s, offset)
                 else:
@@ -280,34 +350,8 @@ def apply_transform(
             for name, lin in zip(group.linears, linears):
                 rotate_input_columns(lin, signs(n), block)
                 set_module(layer, name, QuantLinear(lin.weight.detach(), lin.bias, None, None, OnlineHadamard(n, signs(n), block)))
-    if config.rotates and config.r3:
-        for attention in attention_modules(model, spec):
-            attention.lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
-    return {"alphas": alphas} if alphas else {}
-
-
-def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tensor | None, block: int | None) -> None:
-    """Fused R1: fold norm gains into their readers, then rotate everything that reads or writes
-    the residual stream, so that h R flows between layers at no run-time cost."""
-    offset = spec.norm_weight_offset
-    embed, lm_head = get_module(model, spec.embed), get_module(model, spec.lm_head)
-    if lm_head.weight.data_ptr() == embed.weight.data_ptr():  # tied: they will differ from now on
-        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-    readers = [(get_module(model, spec.final_norm), [lm_head])]
-    writers = []
-    for layer in decoder_layers(model, spec):
-        for group in spec.input_groups:
-            if group.source not in spec.linears:  # a norm feeding residual-stream readers
-                readers.append((get_module(layer, group.source), [get_module(layer, n) for n in group.linears]))
-        writers += [get_module(layer, n) for n in spec.residual_writers]
-    for norm, linears in readers:
-        fold_norm_into_readers(norm, linears, offset)
-        for lin in linears:
-            rotate_input_columns(lin, signs, block)
-    for lin in writers:
-        rotate_output_rows(lin, signs, block)
-    rotate_embedding(embed, signs, block)
+        if config.rotates and config.r3:
+            get_module(layer, spec.attention).lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
 
 
 def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate):

@@ -1,0 +1,163 @@
+"""Sequential onloading: a model whose weights stay on disk until the layer that needs them runs.
+
+The model is built from its config with every parameter on the meta device (buffers that no
+checkpoint holds, such as RoPE's inverse frequencies, are computed as usual). `Checkpoint` reads
+tensors by name from the folder's safetensors files (one file or shards with an index), converted
+to float32 as `from_pretrained(dtype=torch.float32)` would; `onload` fills one module's meta
+parameters from it and `offload` turns them back into meta tensors, so only the layers being
+worked on are resident. Names are the model's own state-dict names, which is what transformers
+writes for the dense families lowbit supports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger("lowbit")
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class Checkpoint:
+    """The safetensors tensors of a transformers model folder, read one at a time.
+
+    Tensors are read with plain file reads from the offsets in each file's header, not through a
+    memory map: mapped pages a process has touched count as its resident memory until the map is
+    closed, so reading a whole checkpoint through one would make it resident, layer after layer."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise UserError(f"{index} is not a safetensors index ({exc}); save the model again") from None
+            missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
+            if missing:
+                raise UserError(
+                    f"{self.folder} is incomplete: shard {missing[0]} listed in {INDEX_FILE} is missing ({len(missing)} in all); copy the folder"
+                )
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"{self.folder} has no .safetensors weights; lowbit never loads pickled weights (pytorch_model.bin)")
+        self._entries: dict[str, tuple[Path, str, list[int], int, int]] = {}  # name -> file, dtype, shape, start, end
+        for name in files:
+            self._read_header(self.folder / name)
+
+    def _read_header(self, path: Path) -> None:
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                length = struct.unpack("<Q", f.read(8))[0]
+                if length > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(length))
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path} is not a readable safetensors file ({exc}); the shard is truncated or corrupted") from None
+        base = 8 + length
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            if meta["dtype"] not in _DTYPES or base + end > size:
+                raise UserError(
+                    f"{path}: tensor {key} is {'truncated' if base + end > size else 'of unknown dtype ' + meta['dtype']}; the shard is damaged"
+                )
+            self._entries[key] = (path, meta["dtype"], meta["shape"], base + start, base + end)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def float32_bytes(self) -> int:
+        """Bytes the floating-point tensors take in float32."""
+        return sum(4 * math.prod(shape) for _, dtype, shape, _, _ in self._entries.values() if dtype in ("F64", "F32", "F16", "BF16"))
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor `name` in `dtype` (floating-point tensors only are converted)."""
+        if name not in self._entries:
+            raise UserError(f"{self.folder} holds no tensor {name!r}; the checkpoint does not match its config")
+        path, stored, shape, start, end = self._entries[name]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(start)
+            if f.readinto(memoryview(raw.numpy())) != end - start:
+                raise UserError(f"{path}: tensor {name} is truncated; the shard is damaged")
+        tensor = raw.view(_DTYPES[stored]).reshape(shape)
+        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def build_skeleton(source: str | Path):
+    """The stock transformers model of the folder's config, every parameter on the meta device,
+    in eval mode; `tie_word_embeddings` ties lm_head to the embedding as `from_pretrained` does."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def check_complete(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Every parameter of the model is in the checkpoint (a tied lm_head shares the embedding's):
+    checked before any work, so a missing tensor fails in the first second, not at the last layer."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # transformers 5: tied name -> its source
+    missing = [name for name, _ in model.named_parameters() if name not in checkpoint and tied.get(name) not in checkpoint]
+    if missing:
+        raise UserError(
+            f"{checkpoint.folder} lacks {len(missing)} of the model's tensors (first: {missing[0]}); a shard is incomplete or the checkpoint "
+            "names its tensors differently from this transformers version"
+        )
+
+
+def onload(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> None:
+    """Fill the meta parameters of `module` (whose path in the model is `prefix`) from the checkpoint."""
+    for local, param in list(module.named_parameters(remove_duplicate=False)):
+        if param.device.type != "meta":
+            continue
+        owner_path, _, attr = local.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        value = checkpoint.read(f"{prefix}.{local}" if prefix else local, dtype)
+        if tuple(value.shape) != tuple(param.shape):
+            raise UserError(f"{checkpoint.folder}: tensor {prefix}.{local} has shape {tuple(value.shape)}, the config says {tuple(param.shape)}")
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def offload(module: nn.Module) -> None:
+    """Turn every parameter and buffer of `module` into a meta tensor: its memory is released."""
+    module.to("meta")
+
+
+def is_onloaded(module: nn.Module) -> bool:
+    return all(p.device.type != "meta" for p in module.parameters())
