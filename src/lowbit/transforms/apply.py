@@ -19,6 +19,14 @@ sandwich norms normalise a block's output before the residual add, and smoothrot
 `smooth_all` puts a scale between norm and rotation) R1 runs online instead, an `OnlineHadamard`
 in front of the readers, which quantizes exactly the same rotated activations. R2 is fused; R3
 and R4 run online.
+
+Mixture of experts: the block's input norm is read by the router and by every expert's gate/up
+(and a shared expert): they are one group here (`arch.norm_merged_groups`). The router takes the
+folded norm gain, the fused R1 and any smoothing scale like every other reader, so it computes the
+same logits (up to rounding) and stays in full precision. Each expert's down is a residual writer
+and gets its own R4 online and its own smoothing scale (folded into that expert's up rows, from
+the tokens routed to it). Online R1 is refused for MoE models: the router would have to rotate
+its input online too.
 """
 
 from __future__ import annotations
@@ -35,14 +43,19 @@ from ..arch import (
     decoder_layers,
     get_module,
     head_dim,
+    is_linear_path,
     kv_groups,
     kv_head_channels,
+    layer_residual_writers,
+    linear_shapes,
+    norm_merged_groups,
     set_module,
     tie_kv_heads,
 )
 from ..errors import UserError
 from ..hadamard import check_block, factor_order, hadamard_transform, random_signs
 from ..progress import progress_bar
+from ..runtime.experts import swap_in_experts
 from ..runtime.linear import QuantLinear
 from ..runtime.rotation import OnlineHadamard
 from ..scheme import Scheme
@@ -112,9 +125,15 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
         raise UserError(f"transform {config.kind!r} needs calibration data (--calib) for its smoothing scales")
     if config.kind not in spec.transforms:
         raise UserError(f"transform {config.kind!r} is not supported for {spec.family} yet; supported: {', '.join(spec.transforms)}")
+    if spec.moe is not None and config.rotates and config.r1 and not _fuses_r1(spec, config):
+        raise UserError(
+            f"{spec.family} is a mixture of experts: R1 can only be fused there (its router reads the rotated residual stream), "
+            "not run online; drop fuse_r1=false / smooth_all, or turn R1 off (r1=false)"
+        )
     if config.rotates:
-        layer = decoder_layers(model, spec)[0]
-        sizes = {get_module(layer, g.linears[0]).in_features for g in spec.input_groups} | {head_dim(model.config)}
+        sizes = {head_dim(model.config)}
+        for layer in decoder_layers(model, spec):  # every layer: dense and expert MLPs differ in width
+            sizes |= {in_features for _, in_features in linear_shapes(layer, spec).values()}
         for n in sorted(sizes):
             if config.rotation_block is None:
                 factor_order(n)  # raises a UserError that says why
@@ -128,14 +147,14 @@ def collect_input_stats(
 ) -> dict[tuple[int, str], dict]:
     """Per (layer, group role): channel max |X_j| over the calibration tokens, and a sample of about
     `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that size)."""
-    stats: dict[tuple[int, str], dict] = {}
+    stats: dict[tuple[int, str, int | None], dict] = {}
     gen = torch.Generator().manual_seed(0)
     batches = list(batches)
     share = -(-keep_rows // max(1, len(batches)))  # rows kept per batch
     hooks = []
     for i, layer in enumerate(decoder_layers(model, spec)):
-        for group in spec.input_groups:
-            key = (i, group.role)
+        for group in norm_merged_groups(layer, spec):
+            key = (i, group.role, group.expert)
 
             def hook(module, args, key=key):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
@@ -152,7 +171,9 @@ def collect_input_stats(
                     entry["rows"][start : start + len(pick)] = x[pick]
                     entry["filled"] = start + len(pick)
 
-            hooks.append(get_module(layer, group.linears[0]).register_forward_pre_hook(hook))
+            # the router reads every token of its input; an expert's linear only those routed to it
+            site = group.readers[0] if group.readers else group.linears[0]
+            hooks.append(get_module(layer, site).register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
         for batch in progress_bar(batches, desc="calibration statistics", unit="sample", disable=not progress, leave=False):
@@ -180,6 +201,7 @@ def apply_transform(
     check_transform(model, spec, config, calibration)
     if config.kind == "none":
         return {}
+    swap_in_experts(model, spec)  # MoE: one linear per expert to transform (done already by `quantize`)
     stats = {}
     if config.needs_calibration:
         stats = collect_input_stats(model, spec, calibration, SAMPLE_ROWS if config.alpha is None else 0, progress)
@@ -196,26 +218,21 @@ def apply_transform(
 
     alphas: dict[str, float] = {}
     offset = spec.norm_weight_offset
-    fused_r1 = (
-        config.rotates
-        and config.r1
-        and config.fuse_r1
-        and not spec.post_norms
-        and spec.rms_norm
-        and not (config.kind == "smoothrot" and config.smooth_all)
-    )
+    fused_r1 = config.rotates and config.r1 and _fuses_r1(spec, config)
     block = config.rotation_block
     if fused_r1:
         _rotate_residual_stream(model, spec, signs(model.config.hidden_size), block)
     layers = progress_bar(decoder_layers(model, spec), desc=f"transform ({config.kind})", unit="layer", disable=not progress, leave=False)
     for i, layer in enumerate(layers):
-        for group in spec.input_groups:
+        for group in norm_merged_groups(layer, spec):
             linears = [get_module(layer, n) for n in group.linears]
             online_r1 = config.r1 and not fused_r1
             rotate = config.rotates and {"r1": online_r1, "r2": config.r2, "r4": config.r4}[group.rotation]
             smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.massive_outliers))
-            source_is_norm = group.source not in spec.linears
-            entry = stats.get((i, group.role))
+            source_is_norm = not is_linear_path(spec, group.source)
+            entry = stats.get((i, group.role, group.expert))
+            if smooth and entry is None and group.expert is not None:
+                smooth = False  # an expert no calibration token was routed to: no statistics, its input stays unscaled
             act_absmax = entry["absmax"] if entry else None
             rows = entry["rows"] if entry else None
             if rotate and source_is_norm and config.fold_norms:
@@ -229,9 +246,11 @@ def apply_transform(
                     rows = (rows - (bias if bias is not None else 0.0)) / gain if rows is not None else None
             if smooth:
                 s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate and block is None)
-                alphas[f"{i}.{group.role}"] = alpha
+                alphas[f"{i}.{group.role}" + (f".{group.expert}" if group.expert is not None else "")] = alpha
                 if source_is_norm:
                     scale_norm_output(get_module(layer, group.source), 1 / s, offset)
+                    for reader in group.readers:  # the router reads x / s now: its columns take s (exact, full precision)
+                        scale_input_columns(get_module(layer, reader), s)
                 else:
                     producer = get_module(layer, group.source)
                     scale_output_rows(producer, 1 / (kv_head_channels(s, n_rep, dim) if group.kv_tied else s))
@@ -253,6 +272,11 @@ def apply_transform(
     return {"alphas": alphas} if alphas else {}
 
 
+def _fuses_r1(spec: ArchSpec, config: TransformConfig) -> bool:
+    """R1 can be fused into the weights: RMSNorms with nothing between them and their readers."""
+    return config.fuse_r1 and not spec.post_norms and spec.rms_norm and not (config.kind == "smoothrot" and config.smooth_all)
+
+
 def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tensor | None, block: int | None) -> None:
     """Fused R1: fold norm gains into their readers, then rotate everything that reads or writes
     the residual stream, so that h R flows between layers at no run-time cost."""
@@ -264,10 +288,10 @@ def _rotate_residual_stream(model: nn.Module, spec: ArchSpec, signs: torch.Tenso
     readers = [(get_module(model, spec.final_norm), [lm_head])]
     writers = []
     for layer in decoder_layers(model, spec):
-        for group in spec.input_groups:
-            if group.source not in spec.linears:  # a norm feeding residual-stream readers
-                readers.append((get_module(layer, group.source), [get_module(layer, n) for n in group.linears]))
-        writers += [get_module(layer, n) for n in spec.residual_writers]
+        for group in norm_merged_groups(layer, spec):
+            if not is_linear_path(spec, group.source):  # a norm feeding residual-stream readers (and a router)
+                readers.append((get_module(layer, group.source), [get_module(layer, n) for n in group.linears + group.readers]))
+        writers += [get_module(layer, n) for n in layer_residual_writers(layer, spec)]
     for norm, linears in readers:
         fold_norm_into_readers(norm, linears, offset)
         for lin in linears:
