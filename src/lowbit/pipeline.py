@@ -55,6 +55,7 @@ from .arch import (
 from .errors import UserError
 from .memory import release_freed_memory, release_mapped_pages
 from .progress import progress_bar
+from .runtime.experts import swap_in_experts
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
 from .runtime.linear import QuantLinear, drop_dense_caches
 from .runtime.quantizer import TensorQuantizer
@@ -117,6 +118,7 @@ def quantize_sequential(
     home = next(model.parameters()).device
     device = torch.device(config.device) if config.device else home
     ids = _stack(calibration)
+    swap_in_experts(model, spec)  # MoE: per-expert linears to calibrate (`quantize` did it already)
     layers = decoder_layers(model, spec)
     t0 = time.time()
     store = torch.bfloat16 if config.dtype == "bfloat16" else None
@@ -410,6 +412,8 @@ def _quantize_experts(
     columns = linears[0][0].in_features
     w_args = scheme.weights
     static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
+    # every expert's statistics are alive during the pass (GPTQ: experts x columns^2 floats); a
+    # model with many wide experts could split the experts over several passes
     stats = [algorithm.statistics(columns, algorithm_config, runner.device) if w_args is not None else None for _ in groups]
     tokens = [0] * len(groups)
     ranges: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(groups)

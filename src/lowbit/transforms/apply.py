@@ -145,16 +145,16 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
 def collect_input_stats(
     model: nn.Module, spec: ArchSpec, batches: Iterable[torch.Tensor], keep_rows: int, progress: bool = True
 ) -> dict[tuple[int, str], dict]:
-    """Per (layer, group role): channel max |X_j| over the calibration tokens, and a sample of about
+    """Per (layer, group role; `role.<e>` for expert e's group): channel max |X_j| over the calibration tokens, and a sample of about
     `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that size)."""
-    stats: dict[tuple[int, str, int | None], dict] = {}
+    stats: dict[tuple[int, str], dict] = {}
     gen = torch.Generator().manual_seed(0)
     batches = list(batches)
     share = -(-keep_rows // max(1, len(batches)))  # rows kept per batch
     hooks = []
     for i, layer in enumerate(decoder_layers(model, spec)):
         for group in norm_merged_groups(layer, spec):
-            key = (i, group.role, group.expert)
+            key = _stats_key(i, group)
 
             def hook(module, args, key=key):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
@@ -230,7 +230,7 @@ def apply_transform(
             rotate = config.rotates and {"r1": online_r1, "r2": config.r2, "r4": config.r4}[group.rotation]
             smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.massive_outliers))
             source_is_norm = not is_linear_path(spec, group.source)
-            entry = stats.get((i, group.role, group.expert))
+            entry = stats.get(_stats_key(i, group))
             if smooth and entry is None and group.expert is not None:
                 smooth = False  # an expert no calibration token was routed to: no statistics, its input stays unscaled
             act_absmax = entry["absmax"] if entry else None
@@ -246,7 +246,7 @@ def apply_transform(
                     rows = (rows - (bias if bias is not None else 0.0)) / gain if rows is not None else None
             if smooth:
                 s, alpha = _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate and block is None)
-                alphas[f"{i}.{group.role}" + (f".{group.expert}" if group.expert is not None else "")] = alpha
+                alphas[".".join(map(str, _stats_key(i, group)))] = alpha
                 if source_is_norm:
                     scale_norm_output(get_module(layer, group.source), 1 / s, offset)
                     for reader in group.readers:  # the router reads x / s now: its columns take s (exact, full precision)
@@ -270,6 +270,11 @@ def apply_transform(
         for attention in attention_modules(model, spec):
             attention.lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
     return {"alphas": alphas} if alphas else {}
+
+
+def _stats_key(layer: int, group) -> tuple[int, str]:
+    """(layer, role), the role of one expert's group suffixed with the expert (`down.3`)."""
+    return (layer, group.role if group.expert is None else f"{group.role}.{group.expert}")
 
 
 def _fuses_r1(spec: ArchSpec, config: TransformConfig) -> bool:
