@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 
 from .algorithms.registry import get_algorithm
 from .api import check_scheme, check_scheme_for_config, quantize
-from .arch import decoder_layers, get_arch, head_dim, layer_linears
+from .arch import decoder_layers, expert_dims, get_arch, get_module, head_dim, is_moe_layer, layer_linear_names
 from .data import (
     DEFAULT_DATA,
     GENERATED,
@@ -365,7 +366,12 @@ def info_job(model_name: str, scheme: Scheme | None = None) -> dict:
     spec = get_arch(model)
     c = model.config
     layers = decoder_layers(model, spec)
-    linears = list(layer_linears(layers[0], spec))
+    # linear paths per layer, every expert's written once as experts.{0..E-1}
+    expert = re.compile(re.escape(spec.moe.experts + ".") + r"\d+\.") if spec.moe else None
+    by_layer = [
+        list(dict.fromkeys(expert.sub(spec.moe.experts + ".{e}.", n) if expert else n for n in layer_linear_names(layer, spec))) for layer in layers
+    ]
+    linears = list(dict.fromkeys(n for names in by_layer for n in names))
     params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
     info = {
         "model": model_name,
@@ -382,14 +388,30 @@ def info_job(model_name: str, scheme: Scheme | None = None) -> dict:
         "parameters": params,
         "linears_per_layer": linears,
     }
+    moe_layers = [i for i, layer in enumerate(layers) if is_moe_layer(layer, spec)]
+    if moe_layers:
+        n = expert_dims(get_module(layers[moe_layers[0]], spec.moe.experts), spec.moe)[0]
+        info["linears_per_layer"] = [name.replace("{e}", f"{{0..{n - 1}}}") for name in linears]
+        info["moe"] = {
+            "experts": n,
+            "experts_per_token": getattr(c, spec.moe.top_k),
+            "moe_layers": moe_layers,
+            "router": spec.moe.router,
+            "shared_expert": spec.moe.shared_expert,
+        }
     if scheme is not None:
-        touched = [f"{spec.layers}.{{0..{len(layers) - 1}}}.{n}" for n in linears] if (scheme.weights or scheme.inputs) else []
+        touched = []
+        if scheme.weights or scheme.inputs:
+            for name, shown in zip(linears, info["linears_per_layer"]):
+                where = [i for i, names in enumerate(by_layer) if name in names]
+                span = f"{{0..{len(layers) - 1}}}" if len(where) == len(layers) else "{" + ",".join(map(str, where)) + "}"
+                touched.append(f"{spec.layers}.{span}.{shown}")
         if scheme.quantize_lm_head:
             touched.append(spec.lm_head)
         info["scheme"] = scheme.name
         info["formats"] = scheme.formats()
         info["quantized_linears"] = touched
-        info["quantized_linear_count"] = len(layers) * len(linears) if touched else 0
+        info["quantized_linear_count"] = sum(len(layer_linear_names(layer, spec)) for layer in layers) if touched else 0
         info["kv_quantized"] = bool(scheme.keys or scheme.values)
         info.update(cost_summary(quantize(model, scheme, progress=False), scheme, 2048) if not scheme.needs_calibration else {})
     return info
