@@ -44,7 +44,7 @@ from .recipes import Recipe
 from .runtime.int_linear import check_integer_formats, convert_to_int_kernels
 from .runtime.state import quantization_state
 from .scheme import Scheme
-from .streaming import OnloadSettings, activation_bytes, check_offload_space, quantize_onloaded
+from .streaming import OnloadSettings, activation_bytes, check_offload_space, perplexity_onloaded, quantize_onloaded
 from .transforms.apply import check_transform
 from .version import __version__
 
@@ -295,14 +295,27 @@ def evaluate_job(
     evaluate_ppl: bool = True,
     progress: bool = True,
     dtype: str = "float32",
+    onload: OnloadSettings | None = None,
 ) -> dict:
     """Perplexity, zero-/few-shot tasks and costs of a model, optionally RTN-quantized in memory
     (`scheme`) and run on integer kernels (`int_kernels`), computed in `dtype` (as an engine serving
     an export in that dtype: `cast_model`). Costs of other schemes (`cost_schemes`) are computed
-    from the unquantized model, without quantizing it."""
+    from the unquantized model, without quantizing it. With `onload` (or when the model in float32
+    would not fit in memory) the perplexity of a model folder is computed one decoder layer at a time."""
     start = time.time()
     data, windows, seq_len = evaluation.data, evaluation.windows, evaluation.seq_len
     saved = saved_model_dir(model_name)  # a `lowbit quantize --out` folder, or its model/ folder
+    if saved is None:
+        onload = _choose_onload(model_name, onload)
+        if onload is not None:
+            if scheme is not None or int_kernels or harness is not None or dtype != "float32" or not evaluate_ppl:
+                raise UserError(
+                    "layer-by-layer onloading measures a model folder's perplexity in float32; --scheme, --int-kernels, --tasks and --dtype "
+                    "need the model in memory (--no-onload), and quantizing it is `lowbit quantize --onload`"
+                )
+            return _evaluate_onloaded_job(model_name, evaluation, cost_schemes, onload, progress, start)
+    elif onload is not None:
+        raise UserError(f"{model_name} is a saved quantized model, which loads whole (it is a fraction of its float size); drop --onload")
     if int_kernels and scheme is None and saved is None:
         raise UserError("--int-kernels runs quantized layers on integer kernels; give a --scheme (e.g. W8A8 or W4A16)")
     if int_kernels and scheme is not None:
@@ -356,6 +369,36 @@ def evaluate_job(
         report[part] = {"ppl": result.ppl, **report[part]}
     if harness is not None:
         report["tasks"] = evaluate_tasks(model, tokenizer, harness, progress=progress, loaded=tasks)
+    report["seconds"] = time.time() - start
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    return report
+
+
+def _evaluate_onloaded_job(model_name, evaluation, cost_schemes, onload, progress, start) -> dict:
+    """`evaluate_job`'s perplexity of a model folder read one decoder layer at a time."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(model_name)
+    if not Path(folder).is_dir():
+        raise UserError(
+            f"layer-by-layer onloading reads a local model folder; {model_name!r} is a hub id: download it first (huggingface-cli download)"
+        )
+    config = load_config(model_name)
+    check_window(config, evaluation.seq_len)
+    Checkpoint(folder)  # a missing or unreadable shard fails here
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    eval_ids = tokenize(tokenizer, load_text(evaluation.data, split="eval"))
+    release_freed_memory()
+    windows = eval_windows(eval_ids, evaluation.seq_len, evaluation.windows).shape[0]
+    check_offload_space(onload, activation_bytes(config, windows, evaluation.seq_len))
+    skeleton = build_skeleton(folder)
+    report: dict = {"lowbit_version": __version__, "model": model_name}
+    if cost_schemes is not None:
+        report["cost_table"] = [scheme_cost(skeleton, name, evaluation.seq_len) for name in [None, *cost_schemes]]
+    result = perplexity_onloaded(folder, eval_ids, evaluation.seq_len, evaluation.windows, onload, progress)
+    report["eval"] = {"data": evaluation.data or DEFAULT_DATA, "windows": result.windows, "seq_len": evaluation.seq_len, "tokens": result.tokens}
+    report["fp"] = {"ppl": result.ppl, **cost_summary(skeleton, None, evaluation.seq_len)}
+    report["onload"] = {"max_memory": onload.max_memory}
     report["seconds"] = time.time() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
