@@ -119,7 +119,12 @@ def run(model: Path, recipe: list[str], onload: bool, args, out: Path) -> dict:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     report = json.loads((out / "report.json").read_text())
-    return {"peak_rss_bytes": peak_kib * 1024, "wall_seconds": time.time() - t0, "ppl": report["quantized"]["ppl"], "fp_ppl": report.get("fp", {}).get("ppl")}
+    return {
+        "peak_rss_bytes": peak_kib * 1024,
+        "wall_seconds": time.time() - t0,
+        "ppl": report["quantized"]["ppl"],
+        "fp_ppl": report.get("fp", {}).get("ppl"),
+    }
 
 
 def main() -> None:
@@ -151,7 +156,8 @@ def main() -> None:
                 out = work / f"run-{layers}-{name.split()[0]}-{len(rows)}"
                 print(f"{layers} layers, {name}, {'onloaded' if onload else 'in memory'} ...", flush=True)
                 result = run(model, recipe, onload, args, out)
-                row = {"layers": layers, "parameters": params, "fp32_bytes": fp32, "recipe": name, "path": "onloaded" if onload else "in memory", **result}
+                path = "onloaded" if onload else "in memory"
+                row = {"layers": layers, "parameters": params, "fp32_bytes": fp32, "recipe": name, "path": path, **result}
                 row["peak_over_fp32"] = row["peak_rss_bytes"] / fp32
                 rows.append(row)
                 print(json.dumps(row), flush=True)

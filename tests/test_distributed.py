@@ -1,4 +1,5 @@
-"""Data-parallel calibration on torch.distributed: 2 processes (gloo, CPU) give the 1-process model.
+"""Data-parallel calibration on torch.distributed: 2 processes (gloo, CPU) give the 1-process model,
+dense and mixture-of-experts.
 
 Tolerance. The split is batch-aligned (each rank runs batches one process runs, on the same
 tokens), and what the ranks combine is combined exactly (channel maxima and static ranges by
@@ -42,6 +43,11 @@ CASES = {
     "awq-static": dict(scheme="W8A8sKV8s", algorithm="awq"),  # static input and KV ranges in the pipeline
     "smoothquant": dict(scheme="W8A8", algorithm="rtn", transform=TransformConfig(kind="smooth", alpha=None)),
     "static-rtn": dict(scheme="W8A8sKV8s", algorithm="rtn"),  # static ranges by calibrate_static
+    # mixtures of experts: each expert on its routed tokens, experts shared out over the ranks,
+    # some below the RTN fallback threshold (64 tokens) and some above
+    "moe-gptq": dict(scheme="W4A16", algorithm="gptq", family="qwen2_moe"),  # with a shared expert
+    "moe-gptq-static": dict(scheme="W8A8sKV8s", algorithm="gptq", family="mixtral"),
+    "moe-smoothquant": dict(scheme="W8A8", algorithm="rtn", transform=TransformConfig(kind="smooth", alpha=None), family="mixtral"),
 }
 
 
@@ -67,8 +73,12 @@ def outcome(model) -> dict:
 
 
 def quantize_case(name: str) -> dict:
+    from test_moe import tiny_moe
+
     case = dict(CASES[name])
-    return outcome(lowbit.quantize(tiny_model("llama"), case.pop("scheme"), calibration=calibration(), progress=False, **case))
+    family = case.pop("family", "llama")
+    model = tiny_model(family) if family == "llama" else tiny_moe(family)
+    return outcome(lowbit.quantize(model, case.pop("scheme"), calibration=calibration(), progress=False, **case))
 
 
 @torch.no_grad()
@@ -101,6 +111,12 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         lowbit.quantize(tiny_model("llama"), "W4A16", algorithm="gptq", calibration=calibration(1), progress=False)
     except UserError as exc:
         results["error"] = str(exc)
+    try:  # AWQ's per-row sample on routed tokens cannot be split
+        from test_moe import tiny_moe
+
+        lowbit.quantize(tiny_moe("mixtral"), "W4A16", algorithm="awq", calibration=calibration(), progress=False)
+    except UserError as exc:
+        results["moe-awq"] = str(exc)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -120,13 +136,21 @@ def max_delta(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(((a[k].float() - b[k].float()).abs().max().item() for k in a), default=0.0)
 
 
-def assert_errors_close(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for ea, eb in zip(a, b):
-        assert ea.keys() == eb.keys()
-        for role in ea:
-            if role != "layer":
-                assert eb[role] == pytest.approx(ea[role], rel=ERROR_RTOL), (ea["layer"], role)
+def assert_errors_close(a, b, where: str = "errors") -> None:
+    """Report errors (nested dicts and lists: layers, groups, experts): numbers within ERROR_RTOL,
+    everything else (token counts, fallback lists, flags) equal."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_errors_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_errors_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=ERROR_RTOL), where
+    else:
+        assert a == b, where
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -173,6 +197,7 @@ def test_statistics_reduce_to_the_one_process_statistics(two_processes):
 def test_more_processes_than_samples_is_refused(two_processes, tiny_model_dir, sample_text_file, capsys, monkeypatch):
     for r in two_processes:  # the Python API, on both ranks
         assert "2 processes but 1 calibration sample(s)" in r["error"]
+        assert "awq on a mixture of experts runs in one process" in r["moe-awq"]
     # the CLI under torchrun (WORLD_SIZE announces 2 processes): refused before the process group starts
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_cli(quantize_args(tiny_model_dir, sample_text_file, "--algorithm", "gptq", "--calib-samples", "1"), capsys)

@@ -10,7 +10,7 @@ from .algorithms import (
 )
 from .algorithms.registry import AlgorithmResult, GroupContext
 from .api import calibrate_static, check_scheme, quantize
-from .arch import ArchSpec, InputGroup, register_arch
+from .arch import ArchSpec, InputGroup, MoESpec, register_arch
 from .errors import UserError
 from .evaluation import kv_cache_bytes, model_ops, model_size_bytes, perplexity
 from .io import export_compressed_tensors, export_model, load_quantized, save_quantized
@@ -35,6 +35,7 @@ __all__ = [
     "Granularity",
     "GroupContext",
     "InputGroup",
+    "MoESpec",
     "Observer",
     "PipelineConfig",
     "QuantArgs",

@@ -24,13 +24,15 @@ from .arch import (
     get_module,
     head_dim,
     layer_linears,
+    linear_shapes,
     set_module,
 )
 from .distributed import all_reduce_, check_processes, rank, share, world_size
 from .errors import UserError
 from .memory import release_mapped_pages
-from .pipeline import PipelineConfig, quantize_sequential
+from .pipeline import PipelineConfig, check_distributed, quantize_sequential
 from .progress import progress_bar
+from .runtime.experts import swap_in_experts
 from .runtime.kv import install_kv_quantizers
 from .runtime.linear import QuantLinear
 from .runtime.quantizer import TensorQuantizer
@@ -41,8 +43,10 @@ from .transforms.apply import TransformConfig, apply_transform, check_transform
 
 def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
     """Fail before touching anything if the scheme cannot apply to this model."""
-    layer = decoder_layers(model, spec)[0]
-    inputs = {name: linear.in_features for name, linear in layer_linears(layer, spec).items()}
+    inputs = {}
+    for layer in decoder_layers(model, spec):  # every layer: an MoE model may mix dense and expert layers
+        for name, (_, in_features) in linear_shapes(layer, spec).items():
+            inputs.setdefault(name, in_features)
     _check_dims(inputs, head_dim(model.config), scheme)
 
 
@@ -53,6 +57,8 @@ def check_scheme_for_config(config, scheme: Scheme) -> None:
     inputs = {"hidden states (q/k/v, gate/up)": config.hidden_size, "attention output (o_proj)": config.num_attention_heads * dim}
     if getattr(config, "intermediate_size", None):
         inputs["MLP activations (down_proj)"] = config.intermediate_size
+    if getattr(config, "moe_intermediate_size", None):  # Qwen-MoE experts (Mixtral's use intermediate_size)
+        inputs["expert activations (experts' down_proj)"] = config.moe_intermediate_size
     _check_dims(inputs, dim, scheme)
 
 
@@ -136,11 +142,13 @@ def quantize(
         pipeline.check()
         if calibration is None:
             raise UserError(f"{algo.name} needs calibration data (--calib: a text file, a dataset, or 'generated')")
+        check_distributed(algo, algo_config, spec)  # torchrun: before any work
     if scheme.needs_calibration and calibration is None:
         raise UserError("static (s) activation or KV quantization needs calibration data (--calib)")
     if not inplace:
         model = copy.deepcopy(model)
     progress = progress and rank() == 0
+    swap_in_experts(model, spec)  # one linear per expert (MoE), before transforms and quantization see them
     if calibration is not None:
         calibration = list(calibration)
         if world_size() > 1:

@@ -307,6 +307,7 @@ def _recipe_from_options(o: dict):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of lm-eval's few-shot sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+@_onload_options
 @click.pass_context
 def evaluate(
     ctx,
@@ -328,6 +329,9 @@ def evaluate(
     overwrite,
     seed,
     as_json,
+    onload,
+    max_memory,
+    offload_dir,
 ):
     """Perplexity, zero-/few-shot tasks, size, OPs and KV-cache memory of a model, or of a saved
     quantized model (a `lowbit quantize --out` folder or its model/ folder)."""
@@ -375,6 +379,7 @@ def evaluate(
             evaluate_ppl=not no_ppl,
             progress=ctx.obj["progress"],
             dtype=dtype,
+            onload=_onload_settings({"onload": onload, "max_memory": max_memory, "offload_dir": offload_dir}),
         )
         run.finish(report)
     click.echo(json.dumps(report, indent=2) if as_json else report_markdown(report))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 
 from .algorithms.registry import get_algorithm
 from .api import check_scheme, check_scheme_for_config, quantize
-from .arch import decoder_layers, get_arch, head_dim, layer_linears
+from .arch import decoder_layers, expert_dims, get_arch, get_module, head_dim, is_moe_layer, layer_linear_names
 from .data import (
     DEFAULT_DATA,
     GENERATED,
@@ -44,7 +45,7 @@ from .recipes import Recipe
 from .runtime.int_linear import check_integer_formats, convert_to_int_kernels
 from .runtime.state import quantization_state
 from .scheme import Scheme
-from .streaming import OnloadSettings, activation_bytes, check_offload_space, quantize_onloaded
+from .streaming import OnloadSettings, activation_bytes, check_offload_space, perplexity_onloaded, quantize_onloaded
 from .transforms.apply import check_transform
 from .version import __version__
 
@@ -326,14 +327,27 @@ def evaluate_job(
     evaluate_ppl: bool = True,
     progress: bool = True,
     dtype: str = "float32",
+    onload: OnloadSettings | None = None,
 ) -> dict:
     """Perplexity, zero-/few-shot tasks and costs of a model, optionally RTN-quantized in memory
     (`scheme`) and run on integer kernels (`int_kernels`), computed in `dtype` (as an engine serving
     an export in that dtype: `cast_model`). Costs of other schemes (`cost_schemes`) are computed
-    from the unquantized model, without quantizing it."""
+    from the unquantized model, without quantizing it. With `onload` (or when the model in float32
+    would not fit in memory) the perplexity of a model folder is computed one decoder layer at a time."""
     start = time.time()
     data, windows, seq_len = evaluation.data, evaluation.windows, evaluation.seq_len
     saved = saved_model_dir(model_name)  # a `lowbit quantize --out` folder, or its model/ folder
+    if saved is None:
+        onload = _choose_onload(model_name, onload)
+        if onload is not None:
+            if scheme is not None or int_kernels or harness is not None or dtype != "float32" or not evaluate_ppl:
+                raise UserError(
+                    "layer-by-layer onloading measures a model folder's perplexity in float32; --scheme, --int-kernels, --tasks and --dtype "
+                    "need the model in memory (--no-onload), and quantizing it is `lowbit quantize --onload`"
+                )
+            return _evaluate_onloaded_job(model_name, evaluation, cost_schemes, onload, progress, start)
+    elif onload is not None:
+        raise UserError(f"{model_name} is a saved quantized model, which loads whole (it is a fraction of its float size); drop --onload")
     if int_kernels and scheme is None and saved is None:
         raise UserError("--int-kernels runs quantized layers on integer kernels; give a --scheme (e.g. W8A8 or W4A16)")
     if int_kernels and scheme is not None:
@@ -392,12 +406,47 @@ def evaluate_job(
     return report
 
 
+def _evaluate_onloaded_job(model_name, evaluation, cost_schemes, onload, progress, start) -> dict:
+    """`evaluate_job`'s perplexity of a model folder read one decoder layer at a time."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(model_name)
+    if not Path(folder).is_dir():
+        raise UserError(
+            f"layer-by-layer onloading reads a local model folder; {model_name!r} is a hub id: download it first (huggingface-cli download)"
+        )
+    config = load_config(model_name)
+    check_window(config, evaluation.seq_len)
+    Checkpoint(folder)  # a missing or unreadable shard fails here
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    eval_ids = tokenize(tokenizer, load_text(evaluation.data, split="eval"))
+    release_freed_memory()
+    windows = eval_windows(eval_ids, evaluation.seq_len, evaluation.windows).shape[0]
+    check_offload_space(onload, activation_bytes(config, windows, evaluation.seq_len))
+    skeleton = build_skeleton(folder)
+    report: dict = {"lowbit_version": __version__, "model": model_name}
+    if cost_schemes is not None:
+        report["cost_table"] = [scheme_cost(skeleton, name, evaluation.seq_len) for name in [None, *cost_schemes]]
+    result = perplexity_onloaded(folder, eval_ids, evaluation.seq_len, evaluation.windows, onload, progress)
+    report["eval"] = {"data": evaluation.data or DEFAULT_DATA, "windows": result.windows, "seq_len": evaluation.seq_len, "tokens": result.tokens}
+    report["fp"] = {"ppl": result.ppl, **cost_summary(skeleton, None, evaluation.seq_len)}
+    report["onload"] = {"max_memory": onload.max_memory}
+    report["seconds"] = time.time() - start
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    return report
+
+
 def info_job(model_name: str, scheme: Scheme | None = None) -> dict:
     model, _ = load_model(model_name)
     spec = get_arch(model)
     c = model.config
     layers = decoder_layers(model, spec)
-    linears = list(layer_linears(layers[0], spec))
+    # linear paths per layer, every expert's written once as experts.{0..E-1}
+    expert = re.compile(re.escape(spec.moe.experts + ".") + r"\d+\.") if spec.moe else None
+    by_layer = [
+        list(dict.fromkeys(expert.sub(spec.moe.experts + ".{e}.", n) if expert else n for n in layer_linear_names(layer, spec))) for layer in layers
+    ]
+    linears = list(dict.fromkeys(n for names in by_layer for n in names))
     params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
     info = {
         "model": model_name,
@@ -414,14 +463,30 @@ def info_job(model_name: str, scheme: Scheme | None = None) -> dict:
         "parameters": params,
         "linears_per_layer": linears,
     }
+    moe_layers = [i for i, layer in enumerate(layers) if is_moe_layer(layer, spec)]
+    if moe_layers:
+        n = expert_dims(get_module(layers[moe_layers[0]], spec.moe.experts), spec.moe)[0]
+        info["linears_per_layer"] = [name.replace("{e}", f"{{0..{n - 1}}}") for name in linears]
+        info["moe"] = {
+            "experts": n,
+            "experts_per_token": getattr(c, spec.moe.top_k),
+            "moe_layers": moe_layers,
+            "router": spec.moe.router,
+            "shared_expert": spec.moe.shared_expert,
+        }
     if scheme is not None:
-        touched = [f"{spec.layers}.{{0..{len(layers) - 1}}}.{n}" for n in linears] if (scheme.weights or scheme.inputs) else []
+        touched = []
+        if scheme.weights or scheme.inputs:
+            for name, shown in zip(linears, info["linears_per_layer"]):
+                where = [i for i, names in enumerate(by_layer) if name in names]
+                span = f"{{0..{len(layers) - 1}}}" if len(where) == len(layers) else "{" + ",".join(map(str, where)) + "}"
+                touched.append(f"{spec.layers}.{span}.{shown}")
         if scheme.quantize_lm_head:
             touched.append(spec.lm_head)
         info["scheme"] = scheme.name
         info["formats"] = scheme.formats()
         info["quantized_linears"] = touched
-        info["quantized_linear_count"] = len(layers) * len(linears) if touched else 0
+        info["quantized_linear_count"] = sum(len(layer_linear_names(layer, spec)) for layer in layers) if touched else 0
         info["kv_quantized"] = bool(scheme.keys or scheme.values)
         info.update(cost_summary(quantize(model, scheme, progress=False), scheme, 2048) if not scheme.needs_calibration else {})
     return info

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .arch import MoESpec
 from .errors import UserError
 
 log = logging.getLogger("lowbit")
@@ -129,11 +130,54 @@ def build_skeleton(source: str | Path):
     return model.eval()
 
 
-def check_complete(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """Every parameter of the model is in the checkpoint (a tied lm_head shares the embedding's):
-    checked before any work, so a missing tensor fails in the first second, not at the last layer."""
+def _checkpoint_names(name: str, moe: MoESpec | None) -> tuple[str, list[str]]:
+    """Where parameter `name` is in a checkpoint: its own name, or, for an MoE block, the name under
+    the checkpoint's block name and, for fused experts, the per-expert weights to stack (the
+    first expert's `{e}` left to fill)."""
+    if moe is None:
+        return name, []
+    renamed = name.replace(f".{moe.block}.", f".{moe.checkpoint_block}.", 1)
+    owner, _, attr = renamed.rpartition(".")
+    gate, up, down = moe.checkpoint_expert_linears
+    parts = {moe.gate_up: (gate, up), moe.down: (down,)}.get(attr, ()) if owner.endswith(moe.experts.rpartition(".")[2]) else ()
+    return renamed, [f"{owner}.{{e}}.{part}.weight" for part in parts]
+
+
+def _expert_count(checkpoint: Checkpoint, patterns: list[str]) -> int:
+    e = 0
+    while all(p.format(e=e) in checkpoint for p in patterns):
+        e += 1
+    return e
+
+
+def read_parameter(checkpoint: Checkpoint, name: str, moe: MoESpec | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Parameter `name` of the model from the checkpoint. Fused experts (`...experts.gate_up_proj`,
+    `...experts.down_proj`) of a checkpoint that stores one tensor per expert, as transformers 5
+    saves them, are stacked here as transformers stacks them when it loads."""
+    if name in checkpoint:
+        return checkpoint.read(name, dtype)
+    renamed, per_expert = _checkpoint_names(name, moe)
+    if renamed in checkpoint:
+        return checkpoint.read(renamed, dtype)
+    count = _expert_count(checkpoint, per_expert) if per_expert else 0
+    if count == 0:
+        return checkpoint.read(name, dtype)  # says which tensor is missing
+    return torch.stack([torch.cat([checkpoint.read(p.format(e=e), dtype) for p in per_expert]) for e in range(count)])
+
+
+def check_complete(model: nn.Module, checkpoint: Checkpoint, moe: MoESpec | None = None) -> None:
+    """Every parameter of the model is in the checkpoint (a tied lm_head shares the embedding's;
+    fused experts may be stored one tensor per expert): checked before any work, so a missing
+    tensor fails in the first second, not at the last layer."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}  # transformers 5: tied name -> its source
-    missing = [name for name, _ in model.named_parameters() if name not in checkpoint and tied.get(name) not in checkpoint]
+    missing = []
+    for name, param in model.named_parameters():
+        renamed, per_expert = _checkpoint_names(name, moe)
+        if name in checkpoint or tied.get(name) in checkpoint or renamed in checkpoint:
+            continue
+        if per_expert and _expert_count(checkpoint, per_expert) == param.shape[0]:
+            continue
+        missing.append(name)
     if missing:
         raise UserError(
             f"{checkpoint.folder} lacks {len(missing)} of the model's tensors (first: {missing[0]}); a shard is incomplete or the checkpoint "
@@ -141,14 +185,14 @@ def check_complete(model: nn.Module, checkpoint: Checkpoint) -> None:
         )
 
 
-def onload(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> None:
+def onload(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, moe: MoESpec | None = None) -> None:
     """Fill the meta parameters of `module` (whose path in the model is `prefix`) from the checkpoint."""
     for local, param in list(module.named_parameters(remove_duplicate=False)):
         if param.device.type != "meta":
             continue
         owner_path, _, attr = local.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
-        value = checkpoint.read(f"{prefix}.{local}" if prefix else local, dtype)
+        value = read_parameter(checkpoint, f"{prefix}.{local}" if prefix else local, moe, dtype)
         if tuple(value.shape) != tuple(param.shape):
             raise UserError(f"{checkpoint.folder}: tensor {prefix}.{local} has shape {tuple(value.shape)}, the config says {tuple(param.shape)}")
         owner._parameters[attr] = nn.Parameter(value, requires_grad=False)

@@ -18,10 +18,18 @@ reading that input into a `QuantizedWeight` (and, for AWQ, input scales folded i
 Only one layer's activations are alive at a time, and with `device` set only the current layer
 and one batch of samples move to that device; the model stays where it is.
 
+Mixture of experts: the experts' groups of one role (every expert's gate/up, then every
+expert's down) are calibrated in one pass, hooks on each expert's linear seeing only the tokens
+the router sent to it, so each expert's statistics (GPTQ's Hessian, AWQ's sample) come from its
+routed tokens alone (`_quantize_experts`). An expert routed fewer than `min_expert_tokens` tokens
+(default: its widest input, hidden or expert inner size, below which X^T X is singular) is
+quantized with RTN instead, and listed in the report and a log line.
+
 Under torch.distributed (`torchrun`) every rank gets the same calibration and runs its contiguous
 share of the batches (`lowbit.distributed.share`); after each input's pass the statistics are
-reduced (`reduce()`, static ranges MIN/MAX), the group's linears are quantized by the ranks they
-are assigned to and sent to all (`_quantize_shared`), so every rank holds the same quantized layer
+reduced (`reduce()`, static ranges MIN/MAX), the group's linears (or a block's experts, which are
+independent of each other) are quantized by the ranks they are assigned to and sent to all
+(`_quantize_shared`, `_quantize_experts_shared`), so every rank holds the same quantized layer
 before it produces the next layer's inputs from its own samples.
 """
 
@@ -37,14 +45,18 @@ from torch import nn
 
 from .activations import ActivationStore
 from .algorithms.registry import Algorithm, GroupContext
+from .algorithms.rtn import rtn_weight
 from .arch import (
     ArchSpec,
     InputGroup,
     decoder_layers,
+    expert_dims,
     get_module,
     head_dim,
+    is_linear_path,
     kv_groups,
     kv_head_channels,
+    layer_input_groups,
     set_module,
     tie_kv_heads,
 )
@@ -52,6 +64,7 @@ from .distributed import all_reduce_, assign_by_size, broadcast_object, check_de
 from .errors import UserError
 from .memory import release_freed_memory, release_mapped_pages
 from .progress import progress_bar
+from .runtime.experts import swap_in_experts
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
 from .runtime.linear import QuantLinear, drop_dense_caches
 from .runtime.quantizer import TensorQuantizer
@@ -75,12 +88,18 @@ class PipelineConfig:
     # "bfloat16" (autocast, ~4x faster matmuls on CPUs with bf16 units, and half the memory for
     # the [samples, tokens, hidden] buffer). Hessians and quantized weights are always fp32.
     dtype: str = "float32"
+    # Mixture of experts: an expert routed fewer calibration tokens than this is quantized with RTN
+    # (and reported). None: its widest input (hidden or expert inner size), the fewest tokens for
+    # which its inputs' X^T X can have full rank.
+    min_expert_tokens: int | None = None
 
     def check(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"pipeline dtype must be float32 or bfloat16; got {self.dtype!r}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1; got {self.batch_size}")
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
+            raise UserError(f"min_expert_tokens must be at least 0 (or None for the default); got {self.min_expert_tokens}")
         if self.device is not None:
             try:
                 torch.empty(0, device=self.device)
@@ -110,7 +129,8 @@ def quantize_sequential(
     device = torch.device(config.device) if config.device else home
     ids = _stack(calibration)
     ids, tokens_before = _local_share(ids, config.batch_size)
-    _check_reducible(algorithm, algorithm_config)
+    check_distributed(algorithm, algorithm_config, spec)
+    swap_in_experts(model, spec)  # MoE: per-expert linears to calibrate (`quantize` did it already)
     layers = decoder_layers(model, spec)
     t0 = time.time()
     store = torch.bfloat16 if config.dtype == "bfloat16" else None
@@ -124,7 +144,7 @@ def quantize_sequential(
         layer.to(device)
         kwargs = [_to(k, device) for k in kwargs_by_layer[i]]
         runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before)
-        entry = quantize_layer(i, layer, spec, scheme, algorithm, algorithm_config, runner, dim, n_rep)
+        entry = quantize_layer(i, layer, spec, scheme, algorithm, algorithm_config, runner, dim, n_rep, config.min_expert_tokens)
         runner.run_all()
         drop_dense_caches(layer)
         layer.to(home)
@@ -135,12 +155,27 @@ def quantize_sequential(
 
 
 def quantize_layer(
-    i: int, layer: nn.Module, spec: ArchSpec, scheme: Scheme, algorithm: Algorithm, algorithm_config, runner: _LayerRunner, dim: int, n_rep: int
+    i: int,
+    layer: nn.Module,
+    spec: ArchSpec,
+    scheme: Scheme,
+    algorithm: Algorithm,
+    algorithm_config,
+    runner: _LayerRunner,
+    dim: int,
+    n_rep: int,
+    min_expert_tokens: int | None = None,
 ) -> dict:
     """Quantize decoder layer `i` one input group at a time on the inputs `runner` holds; its report entry."""
     entry = {"layer": i}
-    for group in spec.input_groups:
-        entry[group.role] = _quantize_group(layer, spec, group, scheme, algorithm, algorithm_config, runner, n_rep, dim)
+    groups = layer_input_groups(layer, spec)
+    for group in groups:
+        if group.expert is None:
+            entry[group.role] = _quantize_group(layer, spec, group, scheme, algorithm, algorithm_config, runner, n_rep, dim)
+        elif group.expert == 0:  # this input of every expert, in one pass: each sees only its routed tokens
+            same = [g for g in groups if g.role == group.role and g.expert is not None]
+            args = (scheme, algorithm, algorithm_config, runner, n_rep, dim, min_expert_tokens, i)
+            entry[group.role] = _quantize_experts(layer, spec, same, *args)
     return entry
 
 
@@ -262,6 +297,24 @@ class _LayerRunner:
         finally:
             handle.remove()
 
+    def run_through(self, module: nn.Module) -> None:
+        """Forward every batch until `module` has run (the caller's hooks see inside it); the rest of
+        the layer is skipped."""
+
+        def hook(*_):
+            raise _StopForward
+
+        handle = module.register_forward_hook(hook)
+        try:
+            for x, kw in zip(self.hidden, self.kwargs):
+                try:
+                    with self._autocast():
+                        self.layer(x.to(self.device, self.feed_dtype), **kw)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+
     def run_all(self) -> None:
         """The whole layer on every batch; its outputs overwrite its inputs (the next layer's)."""
         for j, kw in enumerate(self.kwargs):
@@ -364,8 +417,10 @@ def _observe_static_kv(attention: nn.Module, o_proj: nn.Module, runner: _LayerRu
 def _scalable_source(layer, spec, group) -> bool:
     """Can the producer of this input absorb a per-channel 1/s? A linear can (its rows), a norm
     can if it has a gain. (An input rotated online cannot; the caller checks that.)"""
+    if group.readers:  # the router (and other experts) read this norm's output too: a scale folded into it would change them
+        return False
     source = get_module(layer, group.source)
-    if group.source in spec.linears:  # a quantized one needs a scale per row to take the factor
+    if is_linear_path(spec, group.source):  # a quantized one needs a scale per row to take the factor
         return not (isinstance(source, QuantLinear) and source.is_quantized and source.weight_args.granularity is Granularity.TENSOR)
     return getattr(source, "weight", None) is not None
 
@@ -373,7 +428,7 @@ def _scalable_source(layer, spec, group) -> bool:
 def _fold_input_scales(layer, spec, group: InputGroup, scales, n_rep, dim) -> None:
     """The input of the group is now divided by `scales`: fold 1/s into its producer."""
     source = get_module(layer, group.source)
-    if group.source in spec.linears:
+    if is_linear_path(spec, group.source):
         s = kv_head_channels(scales, n_rep, dim) if group.kv_tied else scales
         factor = 1 / s.to(scales.device)
         if isinstance(source, QuantLinear) and source.is_quantized:
@@ -385,6 +440,125 @@ def _fold_input_scales(layer, spec, group: InputGroup, scales, n_rep, dim) -> No
             scale_output_rows(source, factor)
     else:
         scale_norm_output(source, 1 / scales.to(source.weight.device).double(), spec.norm_weight_offset)
+
+
+def _quantize_experts(
+    layer, spec, groups: list[InputGroup], scheme, algorithm: Algorithm, algorithm_config, runner: _LayerRunner, n_rep, dim, min_tokens, index
+) -> dict:
+    """Quantize one input of every expert of an MoE block (each expert's gate/up, or each one's
+    down) in one pass over the calibration inputs: a hook on each expert's linear feeds that
+    expert's own statistics, and the stock router decides which tokens reach it, so the Hessian
+    (GPTQ) or sample (AWQ) of expert e holds only the tokens routed to e. Experts routed fewer
+    than `min_tokens` tokens fall back to RTN; the report lists them with every expert's token count."""
+    experts_module = get_module(layer, spec.moe.experts)
+    _, hidden, inner = expert_dims(experts_module, spec.moe)
+    threshold = max(hidden, inner) if min_tokens is None else min_tokens
+    linears = [[get_module(layer, n) for n in g.linears] for g in groups]
+    rotations = [getattr(lins[0], "input_rotation", None) for lins in linears]
+    columns = linears[0][0].in_features
+    w_args = scheme.weights
+    static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
+    # every expert's statistics are alive during the pass (GPTQ: experts x columns^2 floats); a
+    # model with many wide experts could split the experts over several passes
+    stats = [algorithm.statistics(columns, algorithm_config, runner.device) if w_args is not None else None for _ in groups]
+    tokens = [0] * len(groups)
+    ranges: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(groups)
+
+    def observer(k):
+        def hook(_, args):
+            x = args[0].float()
+            if rotations[k] is not None:
+                x = rotations[k](x)
+            x = x.reshape(-1, columns)
+            tokens[k] += x.shape[0]
+            if stats[k] is not None:
+                stats[k].add_batch(x)
+            if static_inputs:
+                lo, hi = x.amin(0), x.amax(0)
+                ranges[k] = (lo, hi) if ranges[k] is None else (torch.minimum(ranges[k][0], lo), torch.maximum(ranges[k][1], hi))
+
+        return hook
+
+    handles = [lins[0].register_forward_pre_hook(observer(k)) for k, lins in enumerate(linears)]
+    try:
+        runner.run_through(experts_module)
+    finally:
+        for handle in handles:
+            handle.remove()
+    shared = None
+    if world_size() > 1:  # every rank's tokens, statistics and ranges; experts shared out to quantize
+        _reduce_expert_statistics(stats, tokens, ranges if static_inputs else None, columns, runner.device)
+        if w_args is not None:
+            args = (layer, spec, groups, linears, rotations, stats, tokens, threshold, scheme, algorithm, algorithm_config)
+            shared = _quantize_experts_shared(*args)
+    seen = [r for r in ranges if r is not None]
+    # an expert below the threshold takes the range of all experts' inputs together (for gate/up:
+    # the norm's whole output) rather than one from its few tokens
+    union = (torch.stack([r[0] for r in seen]).amin(0), torch.stack([r[1] for r in seen]).amax(0)) if seen else None
+    fallback, errors = [], []
+    for k, (group, lins) in enumerate(zip(groups, linears)):
+        scales, found = None, None
+        if w_args is None:  # activations only: the weights stay
+            parts = [lin.weight.detach() for lin in lins]
+        else:
+            if shared is not None:  # torchrun: quantized by its owner rank
+                qweight, found, scales = shared[k]
+            else:
+                qweight, found, scales = _quantize_expert(
+                    layer, spec, group, lins, rotations[k], stats[k], tokens[k], threshold, scheme, algorithm, algorithm_config
+                )
+            if scales is not None:
+                _fold_input_scales(layer, spec, group, scales, n_rep, dim)
+            if found is None:
+                fallback.append(group.expert)
+            stats[k] = None  # this expert's statistics are done with
+            parts = qweight.split_rows([lin.out_features for lin in lins])
+        errors.append(found)
+        lo_hi = ranges[k] if tokens[k] >= threshold and ranges[k] is not None else union
+        for name, lin, part in zip(group.linears, lins, parts):
+            new = QuantLinear(part, lin.bias, None, scheme.inputs, rotations[k]).to(runner.device)
+            new.cache_dense = True  # dropped with the layer
+            if static_inputs and lo_hi is not None:
+                lo, hi = lo_hi
+                if scales is not None:
+                    lo, hi = lo / scales.to(lo.device), hi / scales.to(hi.device)
+                new.input_quant.observed_min.copy_(lo.min())
+                new.input_quant.observed_max.copy_(hi.max())
+            set_module(layer, name, new)
+    if fallback:
+        log.warning(
+            "layer %d: experts %s were routed fewer than %d calibration tokens (%s); their %s is quantized with RTN",
+            index,
+            fallback,
+            threshold,
+            ", ".join(str(tokens[e]) for e in fallback),
+            groups[0].role,
+        )
+    return _experts_report(algorithm.name, w_args is not None, tokens, threshold, fallback, errors)
+
+
+def _quantize_expert(layer, spec, group, lins, rotation, stats, tokens: int, threshold: int, scheme, algorithm: Algorithm, algorithm_config):
+    """One expert's group: (its `QuantizedWeight`, the algorithm's errors or None where it falls
+    back to RTN, input scales or None)."""
+    weight = torch.cat([lin.weight.detach().float() for lin in lins])
+    if tokens >= threshold and tokens > 0:
+        context = GroupContext(input_args=scheme.inputs, scalable=rotation is None and _scalable_source(layer, spec, group))
+        result = algorithm.quantize(weight, stats, scheme.weights, algorithm_config, context)
+        return result.qweight, result.errors, result.input_scales
+    return rtn_weight(weight, scheme.weights), None, None
+
+
+def _experts_report(name: str, weights: bool, tokens: list[int], threshold: int, fallback: list[int], errors: list[dict | None]) -> dict:
+    """One input of all experts: each error the algorithm reports, averaged over the calibrated
+    experts weighted by their routed tokens (so it estimates the whole block's relative error), and
+    per expert its tokens and errors; `rtn_fallback` lists the experts quantized with RTN."""
+    report: dict = {name: 0.0, "rtn": 0.0} if not weights else {}
+    calibrated = [(t, e) for t, e in zip(tokens, errors) if e is not None]
+    total = sum(t for t, _ in calibrated)
+    for key in {k for _, e in calibrated for k, v in e.items() if isinstance(v, float)}:
+        report[key] = sum(t * e[key] for t, e in calibrated if key in e) / total if total else 0.0
+    report["experts"] = {"tokens": tokens, "min_tokens": threshold, "rtn_fallback": fallback, "errors": errors}
+    return report
 
 
 # ---------------------------------------------------------------- torch.distributed (torchrun)
@@ -401,13 +575,21 @@ def _local_share(ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]
     return ids[mine], mine.start * ids.shape[1]
 
 
-def _check_reducible(algorithm: Algorithm, config: object) -> None:
-    """Under torch.distributed the algorithm's statistics must combine over ranks (`reduce()`)."""
+def check_distributed(algorithm: Algorithm, config: object, spec: ArchSpec) -> None:
+    """Under torch.distributed the algorithm's statistics must combine over ranks (`reduce()`);
+    statistics that draw per row in order (`skip`, AWQ's sample) cannot on a mixture of experts,
+    where no rank knows how many of an expert's routed rows the ranks before it saw."""
     if world_size() == 1 or algorithm.statistics is None:
         return
-    if not callable(getattr(algorithm.statistics(1, config, "cpu"), "reduce", None)):
+    probe = algorithm.statistics(1, config, "cpu")
+    if not callable(getattr(probe, "reduce", None)):
         raise UserError(
             f"algorithm {algorithm.name!r}: its statistics have no reduce(), so they cannot be combined over processes; run it in one process"
+        )
+    if spec.moe is not None and hasattr(probe, "skip"):
+        raise UserError(
+            f"{algorithm.name} on a mixture of experts runs in one process: each expert's sample is drawn over its routed tokens "
+            "in order, which a process cannot place without the others' counts; run it without torchrun, or use gptq"
         )
 
 
@@ -470,3 +652,50 @@ def _combine_errors(received: list[dict]) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             errors[key] = sum(got["errors"][key] * got["weight"] for got in received) / total if total > 0 else 0.0
     return errors
+
+
+def _reduce_expert_statistics(stats: list, tokens: list[int], ranges: list | None, columns: int, device: torch.device) -> None:
+    """One input of every expert over every rank's samples: routed token counts summed, statistics
+    reduced, static ranges MIN/MAX (None for an expert no rank routed a token to)."""
+    counts = all_reduce_(torch.tensor(tokens, dtype=torch.int64))
+    tokens[:] = counts.tolist()
+    for s in stats:
+        if s is not None:
+            s.reduce()
+    if ranges is None:
+        return
+    for k, found in enumerate(ranges):
+        lo, hi = (
+            found
+            if found is not None
+            else (torch.full((columns,), float("inf"), device=device), torch.full((columns,), float("-inf"), device=device))
+        )
+        all_reduce_(lo, "min")
+        all_reduce_(hi, "max")
+        ranges[k] = (lo, hi) if tokens[k] else None
+
+
+def _quantize_experts_shared(layer, spec, groups, linears, rotations, stats, tokens, threshold, scheme, algorithm: Algorithm, config) -> list:
+    """Under torch.distributed: one input of every expert, each expert quantized by one rank (the
+    experts' groups are independent of each other), assigned greedily by weight size, and sent to
+    all; per expert (`QuantizedWeight`, errors or None for RTN, input scales or None)."""
+    owners = assign_by_size([sum(lin.weight.numel() for lin in lins) for lins in linears])
+    payload, failure = {}, None
+    try:
+        for k, (group, lins) in enumerate(zip(groups, linears)):
+            if owners[k] == rank():
+                payload[k] = _quantize_expert(layer, spec, group, lins, rotations[k], stats[k], tokens[k], threshold, scheme, algorithm, config)
+            stats[k] = None  # quantized here or by its owner: done with
+    except Exception as exc:  # sent in place of the results: the other ranks raise too instead of waiting
+        failure = exc
+        payload = {"error": exc if isinstance(exc, UserError) else RuntimeError(f"rank {rank()} failed to quantize: {exc!r}")}
+    device = linears[0][0].weight.device
+    received = [broadcast_object(payload, src=r, device=device) for r in sorted(set(owners))]
+    if failure is not None:
+        raise failure
+    results = {}
+    for got in received:
+        if "error" in got:
+            raise got["error"]
+        results.update(got)
+    return [results[k] for k in range(len(groups))]

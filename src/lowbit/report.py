@@ -141,7 +141,7 @@ def report_markdown(report: dict) -> str:
 
 def layer_error_table(errors: list[dict], algorithm: str) -> list[str]:
     """Markdown rows: relative output error per layer and input group, the algorithm's beside RTN's."""
-    groups = [k for k in errors[0] if k != "layer"]
+    groups = list(dict.fromkeys(k for entry in errors for k in entry if k != "layer"))  # MoE models may mix layer kinds
     lines = [
         f"Relative output error on the calibration inputs, ||X dW||^2 / ||X W||^2, {algorithm} (RTN):",
         "",
@@ -149,9 +149,15 @@ def layer_error_table(errors: list[dict], algorithm: str) -> list[str]:
         "|---|" + "---|" * len(groups),
     ]
     for entry in errors:
-        cells = [f"{entry[g].get(algorithm, 0):.2e} ({entry[g].get('rtn', 0):.2e})" for g in groups]
+        cells = [f"{entry[g].get(algorithm, 0):.2e} ({entry[g].get('rtn', 0):.2e})" + _fallback_note(entry[g]) if g in entry else "-" for g in groups]
         lines.append(f"| {entry['layer']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _fallback_note(group: dict) -> str:
+    """For an MoE layer's experts: which fell back to RTN (too few routed calibration tokens)."""
+    fallback = group.get("experts", {}).get("rtn_fallback")
+    return f" experts {fallback} RTN" if fallback else ""
 
 
 def _metric(entry: dict, name: str) -> str:

@@ -46,6 +46,7 @@ from .memory import release_freed_memory
 from .onload import Checkpoint, build_skeleton, check_complete, offload, onload
 from .pipeline import PipelineConfig, _capture_layer_inputs, _LayerRunner, _log_layer, quantize_layer
 from .progress import progress_bar
+from .runtime.experts import swap_in_layer_experts
 from .runtime.kv import install_kv_quantizers, register_attention, set_attention_implementation
 from .runtime.linear import drop_dense_caches
 from .runtime.quantizer import TensorQuantizer
@@ -185,8 +186,8 @@ def quantize_onloaded(
     algo, algo_config = resolve_algorithm(algorithm)
     checkpoint = Checkpoint(folder)
     model = build_skeleton(folder)
-    check_complete(model, checkpoint)
     spec = get_arch(model)
+    check_complete(model, checkpoint, spec.moe)
     from .api import check_scheme
 
     check_scheme(model, spec, scheme)
@@ -245,7 +246,8 @@ def quantize_onloaded(
         bar = progress_bar(layers, desc=f"{algo.name} layer by layer (onloaded)", unit="layer", disable=not progress, leave=False)
         for i, layer in enumerate(bar):
             prefix = f"{spec.layers}.{i}"
-            onload(layer, prefix, checkpoint)
+            onload(layer, prefix, checkpoint, moe=spec.moe)
+            swap_in_layer_experts(layer, spec)  # MoE: one linear per expert (computes as the stock experts)
             if stats_fp is not None:
                 hooks = stats.attach(i, layer)
                 try:
@@ -261,7 +263,7 @@ def quantize_onloaded(
             install_kv_quantizers(model, [get_module(layer, spec.attention)], scheme.keys, scheme.values)
             if algo.calibrated:
                 runner = calib.through(layer, i, bf16)
-                entry = quantize_layer(i, layer, spec, scheme, algo, algo_config, runner, dim, n_rep)
+                entry = quantize_layer(i, layer, spec, scheme, algo, algo_config, runner, dim, n_rep, pipeline.min_expert_tokens)
                 runner.run_all()
                 drop_dense_caches(layer)
                 result.layer_errors.append(entry)
@@ -338,7 +340,7 @@ def quantize_onloaded(
             weights = {}
 
             def fill(tmp: Path) -> None:
-                weights.update(finish_weights(tmp, spill))
+                weights.update(finish_weights(tmp, spill, model))
                 write_description(tmp, model, weights, aliases, tokenizer)
 
             write_dir_atomically(save_to, fill, overwrite=overwrite)
@@ -363,8 +365,8 @@ def perplexity_onloaded(
     through layer i, then layer i+1 (the same numbers as `perplexity` on the loaded model)."""
     checkpoint = Checkpoint(folder)
     model = build_skeleton(folder)
-    check_complete(model, checkpoint)
     spec = get_arch(model)
+    check_complete(model, checkpoint, spec.moe)
     embed, norm = get_module(model, spec.embed), get_module(model, spec.final_norm)
     onload(embed, spec.embed, checkpoint)
     onload(norm, spec.final_norm, checkpoint)
@@ -375,7 +377,7 @@ def perplexity_onloaded(
         for i, layer in enumerate(
             progress_bar(decoder_layers(model, spec), desc="perplexity (onloaded)", unit="layer", disable=not progress, leave=False)
         ):
-            onload(layer, f"{spec.layers}.{i}", checkpoint)
+            onload(layer, f"{spec.layers}.{i}", checkpoint, moe=spec.moe)
             stream.through(layer, i).run_all()
             offload(layer)
             release_freed_memory()

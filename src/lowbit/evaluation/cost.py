@@ -9,6 +9,10 @@ Conventions (stated in every report):
   attention matmuls (Q K^T and P V, causal) at 16 x KV bits, for one sequence of `seq_len` tokens.
   The bits of a per-group or block format include its share of the scales (`bits_per_value`:
   NVFP4 4.5, MXFP4 4.25, MXFP8 8.25, INT4 in groups of 128 with float32 scales 4.25).
+- Mixture of experts: every expert's weights count in the size (all are stored); each token runs
+  only its top-k experts, so the experts' MACs are seq_len x top_k x one expert's MACs (exact, as
+  all experts of a block have one shape), not seq_len x every expert. The router's matmul
+  (hidden x experts per token) counts at 16 x 16 bits: it is never quantized.
 - KV cache: keys and values of every layer at their bit width plus one scale per token and head
   (and offset if asymmetric) in the scale format, for a full (not sliding-window) cache.
 
@@ -24,8 +28,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..arch import decoder_layers, get_arch, get_module, head_dim, layer_linears
+from ..arch import ArchSpec, decoder_layers, expert_dims, get_arch, get_module, head_dim, is_moe_layer, layer_linear_names
 from ..quant.qweight import quantized_nbytes, scale_count
+from ..runtime.experts import QuantExperts
 from ..runtime.int_linear import INT_LINEARS, Int8Linear
 from ..runtime.linear import QuantLinear
 from ..scheme import Granularity, QuantArgs, Scheme, parse_scheme
@@ -106,17 +111,49 @@ class OpsCount:
         return asdict(self)
 
 
+@dataclass
+class _MoEParts:
+    """What the cost conventions treat specially in a mixture-of-experts model."""
+
+    active: dict[int, float]  # id(expert linear) -> share of tokens that run it (top_k / experts)
+    stock: list[tuple[nn.Module, int, int, int]]  # stock fused experts modules: (module, experts, hidden, inner)
+    top_k: int
+    router_macs: int  # per token
+
+
+def _moe_parts(model: nn.Module, spec: ArchSpec) -> _MoEParts:
+    parts = _MoEParts({}, [], 0, 0)
+    if spec.moe is None:
+        return parts
+    parts.top_k = getattr(model.config, spec.moe.top_k)
+    for layer in decoder_layers(model, spec):
+        if not is_moe_layer(layer, spec):
+            continue
+        experts = get_module(layer, spec.moe.experts)
+        n, hidden, inner = expert_dims(experts, spec.moe)
+        if isinstance(experts, QuantExperts):
+            parts.active.update({id(m): parts.top_k / n for m in experts.modules() if _linear_bits(m) is not None})
+        else:
+            parts.stock.append((experts, n, hidden, inner))
+        parts.router_macs += get_module(layer, spec.moe.router).weight.numel()
+    return parts
+
+
 def model_ops(model: nn.Module, scheme: Scheme | None, seq_len: int) -> OpsCount:
+    moe = _moe_parts(model, get_arch(model))
     macs = ops = 0
     for module in model.modules():
         bits = _linear_bits(module)
         if bits is None:
             continue
-        n = module.in_features * module.out_features * seq_len
+        n = module.in_features * module.out_features * seq_len * moe.active.get(id(module), 1)
         macs += n
         ops += n * bits[0] * bits[1]
+    # stock fused experts (an unquantized model): top_k experts per token at 16 bits; the routers too
+    n = sum(3 * hidden * inner for _, _, hidden, inner in moe.stock) * moe.top_k * seq_len + moe.router_macs * seq_len
+    macs, ops = macs + n, ops + n * 16 * 16
     attn_macs, attn_ops = _attention_ops(model.config, scheme, seq_len)
-    return OpsCount(macs=macs + attn_macs, ops=round(ops + attn_ops), seq_len=seq_len)
+    return OpsCount(macs=round(macs) + attn_macs, ops=round(ops + attn_ops), seq_len=seq_len)
 
 
 def _attention_ops(config, scheme: Scheme | None, seq_len: int) -> tuple[int, int]:
@@ -134,44 +171,63 @@ def scheme_cost(model: nn.Module, scheme: Scheme | str | None, seq_len: int, con
     says so) at the scheme's bits, everything else at 16 bits."""
     scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
     spec = get_arch(model)
+    moe = _moe_parts(model, spec)
     quantized: dict[int, tuple[nn.Module, QuantArgs | None, QuantArgs | None]] = {}
-    if scheme is not None and (scheme.weights is not None or scheme.inputs is not None):
+    quantizes = scheme is not None and (scheme.weights is not None or scheme.inputs is not None)
+    w, a = (scheme.weights, scheme.inputs) if quantizes else (None, None)
+    if quantizes:
         for layer in decoder_layers(model, spec):
-            for linear in layer_linears(layer, spec).values():
+            for name in layer_linear_names(layer, spec):
+                try:
+                    linear = get_module(layer, name)
+                except AttributeError:  # an expert inside stock fused parameters: counted below
+                    continue
                 quantized[id(linear)] = (linear, scheme.weights, scheme.inputs)
         if scheme.quantize_lm_head:
             head = get_module(model, spec.lm_head)
             quantized[id(head)] = (head, scheme.weights, scheme.inputs)
     size = macs = ops = 0
-    weights = {id(m.weight): w for m, w, _ in quantized.values() if w is not None}
+    fused = {id(getattr(m, p)) for m, *_ in moe.stock for p in (spec.moe.gate_up, spec.moe.down)}
+    for _, n, hidden, inner in moe.stock:  # each expert's gate, up [inner, hidden] and down [hidden, inner]
+        size += n * (2 * _weight_bytes(inner, hidden, w) + _weight_bytes(hidden, inner, w))
+        expert_macs = 3 * hidden * inner * moe.top_k * seq_len
+        macs += expert_macs
+        ops += expert_macs * _bits(w) * _bits(a)
+    macs += moe.router_macs * seq_len
+    ops += moe.router_macs * seq_len * 16 * 16
+    weights = {id(m.weight): mw for m, mw, _ in quantized.values() if mw is not None}
     tied_head = (
         scheme is not None and scheme.quantize_lm_head and id(get_module(model, spec.lm_head).weight) == id(get_module(model, spec.embed).weight)
     )
     seen = set()
     for param in model.parameters():
-        if storage_key(param) in seen:
+        if storage_key(param) in seen or id(param) in fused:
             continue
         seen.add(storage_key(param))
-        w = weights.get(id(param))
-        size += param.numel() * 2 if w is None else quantized_weight_bytes(param.shape[0], param.shape[1], w)
+        pw = weights.get(id(param))
+        size += param.numel() * 2 if pw is None else quantized_weight_bytes(param.shape[0], param.shape[1], pw)
     if tied_head:  # quantize_model unties the head: the embeddings stay at 16 bits beside it
         size += get_module(model, spec.embed).weight.numel() * 2
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
-        _, w, a = quantized.get(id(module), (module, None, None))
-        n = module.in_features * module.out_features * seq_len
+        _, lw, la = quantized.get(id(module), (module, None, None))
+        n = module.in_features * module.out_features * seq_len * moe.active.get(id(module), 1)
         macs += n
-        ops += n * _bits(w) * _bits(a)
+        ops += n * _bits(lw) * _bits(la)
     attn_macs, attn_ops = _attention_ops(model.config, scheme, seq_len)
     return {
         "scheme": scheme.name if scheme else "FP16",
         "size_bytes": size,
         "ops": round(ops + attn_ops),
-        "macs": macs + attn_macs,
+        "macs": round(macs) + attn_macs,
         "ops_seq_len": seq_len,
         "kv_cache_bytes": {str(c): kv_cache_bytes(model.config, scheme, c) for c in contexts},
     }
+
+
+def _weight_bytes(rows: int, cols: int, args: QuantArgs | None) -> int:
+    return rows * cols * 2 if args is None else quantized_weight_bytes(rows, cols, args)
 
 
 def kv_cache_bytes(config, scheme: Scheme | None, context: int, batch: int = 1) -> int:

@@ -42,6 +42,7 @@ TOP_KEYS = {
 }
 LINEAR_KEYS = {"in_features", "out_features", "bias", "weight", "input", "input_rotation"}
 ATTENTION_KEYS = {"key", "value", "qk_rotation"}
+EXPERTS_KEYS = {"num_experts", "hidden_size", "inner_size"}
 
 
 def description_checksum(config: dict) -> str:
@@ -83,6 +84,8 @@ def check_description(config: dict, where: str) -> None:
         raise bad("scheme is not a mapping")
     Scheme.from_dict(config["scheme"])  # every QuantArgs field checked (UserError)
     _check_modules(config["modules"], bad)
+    if "experts" in config["modules"] and version < 4:
+        raise bad("modules.experts needs format version 4")
     aliases = config["aliases"]
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise bad("aliases is not a mapping of tensor names")
@@ -108,8 +111,16 @@ def check_description(config: dict, where: str) -> None:
 
 
 def _check_modules(modules, bad) -> None:
-    if not isinstance(modules, dict) or set(modules) != {"linears", "attention"}:
-        raise bad("modules must hold linears and attention")
+    if not isinstance(modules, dict) or set(modules) - {"experts"} != {"linears", "attention"}:
+        raise bad("modules must hold linears and attention (and, for a mixture of experts, experts)")
+    experts = modules.get("experts", {})
+    if not isinstance(experts, dict):
+        raise bad("modules.experts is not a mapping")
+    for path, entry in experts.items():
+        if not _PATH.fullmatch(path) or not isinstance(entry, dict) or set(entry) != EXPERTS_KEYS:
+            raise bad(f"the experts entry of {path}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in entry.values()):
+            raise bad(f"the sizes of experts {path}")
     for group in ("linears", "attention"):
         if not isinstance(modules[group], dict):
             raise bad(f"modules.{group} is not a mapping")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..runtime.experts import QuantExperts
 from ..runtime.kv import QK_ROTATION
 from ..runtime.linear import QuantLinear
 from ..runtime.state import require_state
@@ -41,6 +42,11 @@ def check_export_format(fmt: str) -> str:
 def quantized_linears(model: nn.Module, fmt: str) -> tuple[Scheme, dict[str, QuantLinear]]:
     """The model's scheme and its quantized linears, or a UserError for what no export can write."""
     scheme = require_state(model, "export").scheme
+    if any(isinstance(m, QuantExperts) for m in model.modules()):
+        raise UserError(
+            f"cannot export a mixture-of-experts model to {fmt} yet: its experts are lowbit's per-expert linears, not the fused "
+            "layout the format's loaders read; save it in lowbit's format instead (lowbit quantize --out)"
+        )
     if scheme.weights is None:
         raise UserError(f"cannot export {scheme.name} to {fmt}: the export writes quantized weights; quantize the weights (e.g. W4A16)")
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight_args is not None}

@@ -24,6 +24,11 @@ E8M0 or E4M3 (`F8_E8M0`, `F8_E4M3`), NVFP4's `<name>.weight_global_scale`, a `gl
 every quantizer's settings and block-diagonal rotations (`block`). Version 2 (integer formats
 only) and version 1 (lowbit 0.1 before the quantized weight became a value, which stored the same
 codes as `<name>.weight.codes` with float32 `.scale` / `.zero`) still load.
+
+Format version 4 added mixture-of-experts models: `modules.experts` lists every `QuantExperts`
+(per-expert linears in place of the stock fused experts) by path with its sizes; the loader swaps
+one in at that path of the stock model before the per-expert quantized linears go in. A model
+without experts is still written as version 3, which older lowbit reads.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..arch import get_arch, get_module, set_module
+from ..arch import expert_dims, get_arch, get_module, set_module
 from ..errors import UserError
 from ..files import write_dir_atomically
 from ..quant.qweight import QuantizedWeight
+from ..runtime.experts import ExpertMLP, QuantExperts
 from ..runtime.kv import (
     KEY_QUANT,
     PREFIX,
@@ -60,11 +66,12 @@ from .tensorfile import SafetensorsSpill, write_safetensors
 log = logging.getLogger("lowbit")
 
 FORMAT = "lowbit-quantized"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # the newest version this lowbit reads and writes
+DENSE_FORMAT_VERSION = 3  # what a model without experts is written as
 CONFIG_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
 RUN_SUBDIR = "model"  # where a run folder (`lowbit quantize --out DIR`) keeps the saved model
-LOWBIT_MODULES = (QuantLinear, TensorQuantizer, OnlineHadamard)
+LOWBIT_MODULES = (QuantLinear, TensorQuantizer, OnlineHadamard, QuantExperts, ExpertMLP)
 
 
 def is_saved_model(path: str | Path) -> bool:
@@ -114,8 +121,11 @@ def _check_savable(model: nn.Module) -> None:
 
 def describe_modules(model: nn.Module) -> dict:
     """The lowbit modules of `model` by path, enough to swap them into a fresh stock model."""
-    linears, attention, owners = {}, {}, {}
+    linears, attention, experts, owners = {}, {}, {}, {}
     for name, module in model.named_modules():
+        if isinstance(module, QuantExperts):
+            n, hidden, inner = module.dims
+            experts[name] = {"num_experts": n, "hidden_size": hidden, "inner_size": inner}
         if isinstance(module, QuantLinear):
             linears[name] = {
                 "in_features": module.in_features,
@@ -132,7 +142,7 @@ def describe_modules(model: nn.Module) -> dict:
                 "value": args_to_dict(extras[VALUE_QUANT].args) if extras[VALUE_QUANT] is not None else None,
                 "qk_rotation": _rotation_entry(extras[QK_ROTATION], owners, name),
             }
-    return {"linears": linears, "attention": attention}
+    return {"linears": linears, "attention": attention, **({"experts": experts} if experts else {})}
 
 
 def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -174,10 +184,11 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
     get_arch(model)
     require_state(model, "save")
     _check_savable(model)
+    version = saved_format_version(model)
 
     def fill(tmp: Path) -> None:
         tensors, aliases = _state_tensors(model)
-        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        metadata = {"format": FORMAT, "format_version": str(version)}
         digest, size = write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata)  # hashed as it is written
         del tensors
         write_description(tmp, model, {"sha256": digest, "bytes": size}, aliases, tokenizer)
@@ -187,10 +198,16 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
     return out
 
 
-def finish_weights(tmp: Path, spill: SafetensorsSpill) -> dict:
+def saved_format_version(model: nn.Module) -> int:
+    """The format version a save of `model` needs: the current one with experts, else the dense
+    version older lowbit reads."""
+    return FORMAT_VERSION if "experts" in describe_modules(model) else DENSE_FORMAT_VERSION
+
+
+def finish_weights(tmp: Path, spill: SafetensorsSpill, model: nn.Module) -> dict:
     """Write the weights file of a saved model from tensors spilled one layer at a time (the
     sequential onloading pipeline); its entry for `write_description`."""
-    digest, size = spill.finish(tmp / WEIGHTS_FILE, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    digest, size = spill.finish(tmp / WEIGHTS_FILE, {"format": FORMAT, "format_version": str(saved_format_version(model))})
     return {"sha256": digest, "bytes": size}
 
 
@@ -204,9 +221,10 @@ def write_description(tmp: Path, model: nn.Module, weights: dict, aliases: dict[
         tokenizer.save_pretrained(tmp)
     files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file() and p.name != WEIGHTS_FILE}
     files[WEIGHTS_FILE] = weights
+    modules = describe_modules(model)
     config = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": saved_format_version(model),
         "lowbit_version": __version__,
         "family": spec.family,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -214,7 +232,7 @@ def write_description(tmp: Path, model: nn.Module, weights: dict, aliases: dict[
         "hf_config": _hf_config(model),
         **state.to_dict(),
         "source": state.source or getattr(model, "lowbit_source", None),
-        "modules": describe_modules(model),
+        "modules": modules,
         "aliases": aliases,
         "files": files,
     }
@@ -293,6 +311,19 @@ def _build_model(config: dict) -> nn.Module:
 def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Swap the saved lowbit modules in; quantized linears take their codes and scales from `stored`."""
     rotations: dict[str, OnlineHadamard] = {}
+    if modules.get("experts"):  # first: the per-expert linears below live inside these
+        moe = get_arch(model).moe
+        if moe is None:
+            raise UserError(f"saved model does not match its config: {model.config.model_type} has no experts; save the model again")
+        for path, entry in modules["experts"].items():
+            stock = _module_at(model, path)
+            try:
+                dims = expert_dims(stock, moe, path)
+            except UserError:
+                dims = None
+            if dims != (entry["num_experts"], entry["hidden_size"], entry["inner_size"]):
+                raise UserError(f"saved model does not match its config: {path} is not the experts module it describes; save the model again")
+            set_module(model, path, QuantExperts.from_stock(stock, moe, copy_weights=False))
     for path, entry in modules["linears"].items():
         old = _module_at(model, path)
         shape = (entry["out_features"], entry["in_features"])

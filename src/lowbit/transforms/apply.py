@@ -19,6 +19,14 @@ sandwich norms normalise a block's output before the residual add, and smoothrot
 `smooth_all` puts a scale between norm and rotation) R1 runs online instead, an `OnlineHadamard`
 in front of the readers, which quantizes exactly the same rotated activations. R2 is fused; R3
 and R4 run online.
+
+Mixture of experts: the block's input norm is read by the router and by every expert's gate/up
+(and a shared expert): they are one group here (`arch.norm_merged_groups`). The router takes the
+folded norm gain, the fused R1 and any smoothing scale like every other reader, so it computes the
+same logits (up to rounding) and stays in full precision. Each expert's down is a residual writer
+and gets its own R4 online and its own smoothing scale (folded into that expert's up rows, from
+the tokens routed to it). Online R1 is refused for MoE models: the router would have to rotate
+its input online too.
 """
 
 from __future__ import annotations
@@ -34,8 +42,12 @@ from ..arch import (
     decoder_layers,
     get_module,
     head_dim,
+    is_linear_path,
     kv_groups,
     kv_head_channels,
+    layer_residual_writers,
+    linear_shapes,
+    norm_merged_groups,
     set_module,
     tie_kv_heads,
 )
@@ -43,6 +55,7 @@ from ..distributed import all_reduce_, gather_rows, reduce_count, share, world_s
 from ..errors import UserError
 from ..hadamard import check_block, factor_order, hadamard_transform, random_signs
 from ..progress import progress_bar
+from ..runtime.experts import swap_in_experts
 from ..runtime.linear import QuantLinear
 from ..runtime.rotation import OnlineHadamard
 from ..scheme import Scheme
@@ -112,9 +125,15 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
         raise UserError(f"transform {config.kind!r} needs calibration data (--calib) for its smoothing scales")
     if config.kind not in spec.transforms:
         raise UserError(f"transform {config.kind!r} is not supported for {spec.family} yet; supported: {', '.join(spec.transforms)}")
+    if spec.moe is not None and config.rotates and config.r1 and not _fuses_r1(spec, config):
+        raise UserError(
+            f"{spec.family} is a mixture of experts: R1 can only be fused there (its router reads the rotated residual stream), "
+            "not run online; drop fuse_r1=false / smooth_all, or turn R1 off (r1=false)"
+        )
     if config.rotates:
-        layer = decoder_layers(model, spec)[0]
-        sizes = {get_module(layer, g.linears[0]).in_features for g in spec.input_groups} | {head_dim(model.config)}
+        sizes = {head_dim(model.config)}
+        for layer in decoder_layers(model, spec):  # every layer: dense and expert MLPs differ in width
+            sizes |= {in_features for _, in_features in linear_shapes(layer, spec).values()}
         for n in sorted(sizes):
             if config.rotation_block is None:
                 factor_order(n)  # raises a UserError that says why
@@ -123,12 +142,14 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
 
 
 class InputStats:
-    """Per (layer, group role): channel max |X_j| over the calibration tokens, and a sample of about
-    `keep_rows` rows, an equal share taken from every batch as it passes (memory stays near that
-    size). Hooks attach to one layer at a time (`attach`), so a pass that holds one layer in memory
-    collects the same statistics as a forward of the whole model: each (layer, role) samples its
-    rows with generators of its own, one per batch, seeded by the batch's index, so the sample
-    does not depend on which process ran the batch either.
+    """Per (layer, group role; `role.<e>` for expert e's group): channel max |X_j| over the
+    calibration tokens, and a sample of about `keep_rows` rows, an equal share taken from every
+    batch as it passes (memory stays near that size). Hooks attach to one layer at a time
+    (`attach`), so a pass that holds one layer in memory collects the same statistics as a forward
+    of the whole model: each (layer, role) samples its rows with generators of its own, one per
+    batch, seeded by the batch's index (counted by the layer's own calls, which an expert's linear
+    also sees when no token of a batch is routed to it), so the sample does not depend on which
+    process ran the batch either.
 
     Under torch.distributed each rank runs its share of the batches (`first_batch` and
     `local_batches` of `batches`) and `combine()` gives every rank what one process collects:
@@ -141,16 +162,21 @@ class InputStats:
         self.first_batch = first_batch
         self.local_batches = batches if local_batches is None else local_batches
         self.stats: dict[tuple[int, str], dict] = {}
-        self.channels: dict[tuple[int, str], int] = {}  # every attached key, in attach order
+        # every attached key, in attach order (the same on every rank): its channels and seed
+        self.keys: dict[tuple[int, str], tuple[int, int]] = {}
 
     def attach(self, i: int, layer: nn.Module) -> list:
-        """Forward pre-hooks on the first linear of every input group of layer `i` (remove them after)."""
-        hooks = []
-        for r, group in enumerate(self.spec.input_groups):
-            key = (i, group.role)
-            first = get_module(layer, group.linears[0])
-            self.channels[key] = first.in_features
+        """Forward pre-hooks on every input group of layer `i` (remove them after)."""
+        calls = {"batch": self.first_batch - 1}
+
+        def count(module, args):  # runs before the layer's linears: the index of the batch they see
+            calls["batch"] += 1
+
+        hooks = [layer.register_forward_pre_hook(count)]
+        for r, group in enumerate(norm_merged_groups(layer, self.spec)):
+            key = _stats_key(i, group)
             seed = (1000 * i + r) << 32  # + the batch's index
+            self.keys[key] = (get_module(layer, group.linears[0]).in_features, seed)
 
             def hook(module, args, key=key, seed=seed):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
@@ -159,32 +185,31 @@ class InputStats:
                     # One buffer per group, allocated once: appending a small tensor per batch
                     # instead pinned the allocator's heap between the forward's temporaries.
                     rows = torch.empty(self.share * self.local_batches if self.keep_rows else 0, x.shape[-1], dtype=torch.float64)
-                    entry = self.stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0, "seen": 0}
+                    entry = self.stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0}
                 torch.maximum(entry["absmax"], x.abs().amax(0), out=entry["absmax"])
                 if self.keep_rows:
-                    gen = torch.Generator().manual_seed(seed + self.first_batch + entry["seen"])
+                    gen = torch.Generator().manual_seed(seed + calls["batch"])
                     pick = torch.randperm(x.shape[0], generator=gen)[: self.share]
                     start = entry["filled"]
                     entry["rows"][start : start + len(pick)] = x[pick]
                     entry["filled"] = start + len(pick)
-                entry["seen"] += 1
 
-            hooks.append(first.register_forward_pre_hook(hook))
+            # the router reads every token of its input; an expert's linear only those routed to it
+            site = group.readers[0] if group.readers else group.linears[0]
+            hooks.append(get_module(layer, site).register_forward_pre_hook(hook))
         return hooks
 
     def combine(self) -> None:
         """Under torch.distributed: every rank's statistics on every rank (call before `finish`).
-        Keys go in attach order, the same on every rank; a key no sample of this rank's share
-        reached takes part with empty statistics."""
+        A key no sample of this rank's share reached takes part with empty statistics."""
         if world_size() == 1:
             return
-        for key, n in self.channels.items():
+        for key, (n, _) in self.keys.items():
             entry = self.stats.get(key)
             if not reduce_count(entry is not None):
                 continue
             if entry is None:
-                rows = torch.empty(0, n, dtype=torch.float64)
-                entry = self.stats[key] = {"absmax": torch.zeros(n, dtype=torch.float64), "rows": rows, "filled": 0, "seen": 0}
+                entry = self.stats[key] = {"absmax": torch.zeros(n, dtype=torch.float64), "rows": torch.empty(0, n, dtype=torch.float64), "filled": 0}
             all_reduce_(entry["absmax"], "max")
             if self.keep_rows:
                 entry["rows"] = gather_rows(entry["rows"][: entry["filled"]])
@@ -196,10 +221,8 @@ class InputStats:
             if (i is not None and key[0] != i) or "filled" not in entry:
                 continue
             rows = entry["rows"][: entry.pop("filled")] if self.keep_rows else None
-            entry.pop("seen")
             if rows is not None and rows.shape[0] > self.keep_rows:
-                r = [g.role for g in self.spec.input_groups].index(key[1])
-                gen = torch.Generator().manual_seed(((1000 * key[0] + r) << 32) + self.batches)  # an index no batch has
+                gen = torch.Generator().manual_seed(self.keys[key][1] + self.batches)  # an index no batch has
                 rows = rows[torch.randperm(rows.shape[0], generator=gen)[: self.keep_rows]]
             entry["rows"] = rows
         return self.stats
@@ -239,6 +262,7 @@ def apply_transform(
     check_transform(model, spec, config, calibration)
     if config.kind == "none":
         return {}
+    swap_in_experts(model, spec)  # MoE: one linear per expert to transform (done already by `quantize`)
     stats = {}
     if config.needs_calibration:
         stats = collect_input_stats(model, spec, calibration, SAMPLE_ROWS if config.alpha is None else 0, progress)
@@ -268,14 +292,7 @@ class LayerTransform:
         self.dim, self.n_rep, self.hidden = head_dim(model_config), kv_groups(model_config), model_config.hidden_size
         self.alphas: dict[str, float] = {}
         self._signs: dict[int, torch.Tensor | None] = {}
-        self.fused_r1 = (
-            config.rotates
-            and config.r1
-            and config.fuse_r1
-            and not spec.post_norms
-            and spec.rms_norm
-            and not (config.kind == "smoothrot" and config.smooth_all)
-        )
+        self.fused_r1 = config.rotates and config.r1 and _fuses_r1(spec, config)
 
     def signs(self, n: int) -> torch.Tensor | None:
         if self.config.seed is None:
@@ -300,25 +317,27 @@ class LayerTransform:
             rotate_input_columns(lm_head, self.signs(self.hidden), self.config.rotation_block)
 
     def transform_layer(self, i: int, layer: nn.Module) -> None:
-        """Everything the transform does inside decoder layer `i`."""
+        """Everything the transform does inside decoder layer `i` (its experts swapped in already)."""
         spec, config, block, offset = self.spec, self.config, self.config.rotation_block, self.spec.norm_weight_offset
         dim, n_rep, signs = self.dim, self.n_rep, self.signs
-        if self.fused_r1:  # fold norm gains into the stream's readers; rotate readers and writers
-            for group in spec.input_groups:
-                if group.source not in spec.linears:
-                    readers = [get_module(layer, n) for n in group.linears]
+        if self.fused_r1:  # fold norm gains into the stream's readers (and a router); rotate readers and writers
+            for group in norm_merged_groups(layer, spec):
+                if not is_linear_path(spec, group.source):
+                    readers = [get_module(layer, n) for n in group.linears + group.readers]
                     fold_norm_into_readers(get_module(layer, group.source), readers, offset)
                     for lin in readers:
                         rotate_input_columns(lin, signs(self.hidden), block)
-            for name in spec.residual_writers:
+            for name in layer_residual_writers(layer, spec):
                 rotate_output_rows(get_module(layer, name), signs(self.hidden), block)
-        for group in spec.input_groups:
+        for group in norm_merged_groups(layer, spec):
             linears = [get_module(layer, n) for n in group.linears]
             online_r1 = config.r1 and not self.fused_r1
             rotate = config.rotates and {"r1": online_r1, "r2": config.r2, "r4": config.r4}[group.rotation]
             smooth = config.kind == "smooth" or (config.kind == "smoothrot" and (config.smooth_all or group.massive_outliers))
-            source_is_norm = group.source not in spec.linears
-            entry = self.stats.get((i, group.role))
+            source_is_norm = not is_linear_path(spec, group.source)
+            entry = self.stats.get(_stats_key(i, group))
+            if smooth and entry is None and group.expert is not None:
+                smooth = False  # an expert no calibration token was routed to: no statistics, its input stays unscaled
             act_absmax = entry["absmax"] if entry else None
             rows = entry["rows"] if entry else None
             if rotate and source_is_norm and config.fold_norms:
@@ -332,9 +351,11 @@ class LayerTransform:
                     rows = (rows - (bias if bias is not None else 0.0)) / gain if rows is not None else None
             if smooth:
                 s, alpha = _smoothing(group, linears, act_absmax, rows, config, self.scheme, n_rep, dim, rotate and block is None)
-                self.alphas[f"{i}.{group.role}"] = alpha
+                self.alphas[".".join(map(str, _stats_key(i, group)))] = alpha
                 if source_is_norm:
                     scale_norm_output(get_module(layer, group.source), 1 / s, offset)
+                    for reader in group.readers:  # the router reads x / s now: its columns take s (exact, full precision)
+                        scale_input_columns(get_module(layer, reader), s)
                 else:
                     producer = get_module(layer, group.source)
                     scale_output_rows(producer, 1 / (kv_head_channels(s, n_rep, dim) if group.kv_tied else s))
@@ -352,6 +373,16 @@ class LayerTransform:
                 set_module(layer, name, QuantLinear(lin.weight.detach(), lin.bias, None, None, OnlineHadamard(n, signs(n), block)))
         if config.rotates and config.r3:
             get_module(layer, spec.attention).lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
+
+
+def _stats_key(layer: int, group) -> tuple[int, str]:
+    """(layer, role), the role of one expert's group suffixed with the expert (`down.3`)."""
+    return (layer, group.role if group.expert is None else f"{group.role}.{group.expert}")
+
+
+def _fuses_r1(spec: ArchSpec, config: TransformConfig) -> bool:
+    """R1 can be fused into the weights: RMSNorms with nothing between them and their readers."""
+    return config.fuse_r1 and not spec.post_norms and spec.rms_norm and not (config.kind == "smoothrot" and config.smooth_all)
 
 
 def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate):
