@@ -286,16 +286,7 @@ class _LayerRunner:
             on_input(args[0])
             raise _StopForward
 
-        handle = module.register_forward_pre_hook(hook)
-        try:
-            for x, kw in zip(self.hidden, self.kwargs):
-                try:
-                    with self._autocast():
-                        self.layer(x.to(self.device, self.feed_dtype), **kw)
-                except _StopForward:
-                    pass
-        finally:
-            handle.remove()
+        self._run_stopped(module.register_forward_pre_hook(hook))
 
     def run_through(self, module: nn.Module) -> None:
         """Forward every batch until `module` has run (the caller's hooks see inside it); the rest of
@@ -304,7 +295,10 @@ class _LayerRunner:
         def hook(*_):
             raise _StopForward
 
-        handle = module.register_forward_hook(hook)
+        self._run_stopped(module.register_forward_hook(hook))
+
+    def _run_stopped(self, handle) -> None:
+        """Forward every batch up to where the hook behind `handle` raises; then remove it."""
         try:
             for x, kw in zip(self.hidden, self.kwargs):
                 try:
