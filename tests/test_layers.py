@@ -25,6 +25,7 @@ LAYERS = {
     "version": 1,
     "progress": 1,
     "activations": 1,
+    "distributed": 1,
     "arch": 2,
     "onload": 2,
     "runtime": 3,
