@@ -44,6 +44,20 @@ def release_freed_memory() -> None:
         trim(0)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 4 << 20) -> bool:
+    """Serve every allocation of `threshold` bytes or more with its own memory map (glibc), so that
+    freeing it returns it to the OS at once. By default glibc raises that threshold to the size of
+    the largest block freed so far (up to 32 MB), after which a layer's temporaries come from the
+    heap, fragment it and stay resident: measured on a 4-layer 2048-wide model quantized one layer
+    at a time, the peak grew by ~60 MB per layer without this and stayed flat with it. Process-wide;
+    returns whether it was set (False without glibc)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold))
+
+
 def available_memory_bytes() -> int | None:
     """Memory the kernel can give this process now (MemAvailable), or None where unknown."""
     try:

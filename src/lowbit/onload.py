@@ -26,6 +26,7 @@ from .errors import UserError
 log = logging.getLogger("lowbit")
 
 INDEX_FILE = "model.safetensors.index.json"
+READ_CHUNK = 16 << 20  # bytes read (and converted) at a time
 
 
 _DTYPES = {
@@ -109,13 +110,21 @@ class Checkpoint:
         if name not in self._entries:
             raise UserError(f"{self.folder} holds no tensor {name!r}; the checkpoint does not match its config")
         path, stored, shape, start, end = self._entries[name]
-        raw = torch.empty(end - start, dtype=torch.uint8)
+        source = _DTYPES[stored]
+        convert = source.is_floating_point and source != dtype
+        out = torch.empty(shape, dtype=dtype if convert else source)
+        flat = out.view(-1)
+        step = max(1, READ_CHUNK // source.itemsize)  # a bf16 matrix converts a chunk at a time, never whole twice
+        raw = torch.empty(min(step, flat.numel()) * source.itemsize, dtype=torch.uint8)
         with open(path, "rb") as f:
             f.seek(start)
-            if f.readinto(memoryview(raw.numpy())) != end - start:
-                raise UserError(f"{path}: tensor {name} is truncated; the shard is damaged")
-        tensor = raw.view(_DTYPES[stored]).reshape(shape)
-        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+            for first in range(0, flat.numel(), step):
+                count = min(step, flat.numel() - first)
+                chunk = raw[: count * source.itemsize]
+                if f.readinto(memoryview(chunk.numpy())) != chunk.numel():
+                    raise UserError(f"{path}: tensor {name} is truncated; the shard is damaged")
+                flat[first : first + count] = chunk.view(source)
+        return out
 
 
 def build_skeleton(source: str | Path):

@@ -42,7 +42,7 @@ from .evaluation.perplexity import PerplexityResult, eval_windows, head_nll
 from .files import write_dir_atomically
 from .io.native import _check_savable, finish_weights, write_description
 from .io.tensorfile import SafetensorsSpill
-from .memory import release_freed_memory
+from .memory import map_large_allocations, release_freed_memory
 from .onload import Checkpoint, build_skeleton, check_complete, offload, onload
 from .pipeline import PipelineConfig, _capture_layer_inputs, _LayerRunner, _log_layer, quantize_layer
 from .progress import progress_bar
@@ -141,6 +141,13 @@ def _nll(stream: _Stream, norm: nn.Module, lm_head: nn.Module, softcap) -> Perpl
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=len(stream.store), seq_len=stream.targets.shape[1])
 
 
+def _spill(spill: SafetensorsSpill, prefix: str, module: nn.Module) -> None:
+    """Write the module's tensors to the output (in a function of its own: a loop variable left
+    behind would keep the last tensor, say the whole embedding, alive)."""
+    for key, value in module.state_dict().items():
+        spill.add(f"{prefix}.{key}", value)
+
+
 def _observing(layer: nn.Module):
     """The uncalibrated static quantizers of `layer`, set to observe."""
     static = [m for m in layer.modules() if isinstance(m, TensorQuantizer) and not m.args.dynamic and not m.calibrated]
@@ -184,6 +191,7 @@ def quantize_onloaded(
     format) when given. The same computation as `lowbit.quantize` on the loaded model."""
     pipeline = pipeline or PipelineConfig()
     algo, algo_config = resolve_algorithm(algorithm)
+    map_large_allocations()  # a layer's freed temporaries go back to the OS, not into a growing heap
     checkpoint = Checkpoint(folder)
     model = build_skeleton(folder)
     spec = get_arch(model)
@@ -236,8 +244,7 @@ def quantize_onloaded(
     spill = SafetensorsSpill(spill_dir) if spill_dir else None
     try:
         if spill is not None:
-            for key, value in embed.state_dict().items():
-                spill.add(f"{spec.embed}.{key}", value)
+            _spill(spill, spec.embed, embed)
         offload(embed)
         release_freed_memory()
         dim, n_rep = head_dim(config), kv_groups(config)
@@ -288,8 +295,7 @@ def quantize_onloaded(
                     del stats.stats[key]
             if spill is not None:
                 _check_savable(layer)
-                for key, value in layer.state_dict().items():
-                    spill.add(f"{prefix}.{key}", value)
+                _spill(spill, prefix, layer)
             offload(layer)
             release_freed_memory()  # the layer's float weights and temporaries, before the next layer's peak
         softcap = getattr(config, "final_logit_softcapping", None)
@@ -363,6 +369,7 @@ def perplexity_onloaded(
 ) -> PerplexityResult:
     """Perplexity of the model in `folder` with one decoder layer in memory at a time: every window
     through layer i, then layer i+1 (the same numbers as `perplexity` on the loaded model)."""
+    map_large_allocations()
     checkpoint = Checkpoint(folder)
     model = build_skeleton(folder)
     spec = get_arch(model)

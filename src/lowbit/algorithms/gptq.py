@@ -11,6 +11,7 @@ update ("static groups"), so the result stores like any group-quantized weight.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +82,8 @@ class GPTQ:
     def hessian(self) -> torch.Tensor:
         """H = 2/n sum x x^T in fp32, made from the sum once, which it replaces (GPTQ's peak
         memory is the quantizing, not the summing); setting it replaces the sum too."""
-        if self._hessian is None:
-            self._hessian = (self._sum * (2 / max(self.samples, 1))).float()
+        if self._hessian is None:  # scaled in place: a second float64 matrix would be the peak
+            self._hessian = self._sum.mul_(2 / max(self.samples, 1)).float()
             self._sum = None
         return self._hessian
 
@@ -135,14 +136,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     dead = diag == 0  # inputs that are always zero: their weights do not matter
     diag[dead] = 1
     W[:, dead] = 0
-    # H is copied once (permuted, or cloned) and then damped and factored in place: at 14k inputs
-    # each [in, in] float32 copy is 0.8 GB, and the layer-by-layer peak is this function's.
     perm = torch.argsort(diag, descending=True) if config.act_order else None
-    H = hessian.float()[perm] if perm is not None else hessian.float().clone()
-    if perm is not None:
-        H = H[:, perm]
     dead_in_order = dead[perm] if perm is not None else dead
-    H[dead_in_order, dead_in_order] = 1
+
+    def prepared() -> torch.Tensor:
+        """A copy of H (permuted, dead inputs' diagonal set to 1) to damp and factor in place: at
+        14k inputs each [in, in] float32 copy is 0.8 GB, and the layer-by-layer peak is GPTQ's."""
+        H = hessian.float()[perm][:, perm] if perm is not None else hessian.float().clone()
+        H[dead_in_order, dead_in_order] = 1
+        return H
 
     group = args.group_size if args.granularity is Granularity.GROUP else None
     # Scales before any update: always for per-channel / per-tensor, with act-order (static groups),
@@ -162,8 +164,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
 
     if perm is not None:
         W = W[:, perm]
-    Hinv = _inverse_hessian_factor(H, config.damp)
-    del H
+    Hinv = _inverse_hessian_factor(prepared, config.damp)
     codes = torch.zeros_like(W)
     qp = fixed if group is None else None
     for i1 in range(0, cols, config.block_size):
@@ -196,20 +197,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     return QuantizedWeight.from_qparams(as_rows(codes, args), kept, weight.shape, args)
 
 
-def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + lambda I)^-1, lambda = damp * mean diag(H); H's diagonal is
-    overwritten. A Hessian that is not positive definite (too few or degenerate samples) is retried
-    with ten times the damping."""
+def _inverse_hessian_factor(prepared: Callable[[], torch.Tensor], damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + lambda I)^-1, lambda = damp * mean diag(H), H from
+    `prepared()` (a fresh copy: it is damped and factored in place, so one [in, in] matrix is
+    alive beside the result). A Hessian that is not positive definite (too few or degenerate
+    samples) is retried with ten times the damping."""
+    H = prepared()
     undamped = torch.diag(H).clone()
     mean_diag = torch.mean(undamped).item()
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(MAX_DAMP_RETRIES + 1):
         d = damp * 10**attempt
-        H.diagonal().copy_(undamped + d * mean_diag)  # H + lambda I, in place (H is the caller's copy)
-        L, info = torch.linalg.cholesky_ex(H)
+        if H is None:  # the failed attempt factored it in place
+            H = prepared()
+        H.diagonal().copy_(undamped + d * mean_diag)  # H + lambda I
+        L, info = torch.linalg.cholesky_ex(H, out=(H, info))
+        H = None
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
             del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, info))
             if info == 0:
                 if attempt:
                     log.warning(
@@ -234,8 +241,8 @@ def _gptq_statistics(columns: int, config: GPTQConfig, device) -> GPTQ:
 def gptq(weight: torch.Tensor, stats: GPTQ, args: QuantArgs, config: GPTQConfig, context: GroupContext) -> AlgorithmResult:
     qweight = stats.quantize(weight, args, config)
     h = stats.hessian
-    rtn = quantize_weight(weight, args).dequantize()
     energy = output_energy(weight, h)  # the errors' denominator, once
-    errors = {"gptq": output_error(weight, qweight.dequantize(), h, energy), "rtn": output_error(weight, rtn, h, energy)}
+    errors = {"gptq": output_error(weight, qweight.dequantize(), h, energy)}  # one dequantized copy alive at a time
+    errors["rtn"] = output_error(weight, quantize_weight(weight, args).dequantize(), h, energy)
     del stats.hessian
     return AlgorithmResult(qweight, errors=errors, error_weight=energy)
