@@ -140,27 +140,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "onload_memory")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lowbit-onload-bench-"))
-    rows = []
+    models = {}
     for layers in (args.layers, 2 * args.layers):
         model = work / f"llama-synthetic-{layers}l"
-        params = write_checkpoint(model, layers) if not model.exists() else None
-        if params is None:
-            from lowbit.onload import Checkpoint
+        if not model.exists():
+            write_checkpoint(model, layers)
+        from lowbit.onload import Checkpoint
 
-            params = Checkpoint(model).float32_bytes() // 4
-        fp32 = params * 4
-        for name, recipe in RECIPES:
-            for onload in (True, False):
-                if not onload and layers != args.layers and args.skip_in_memory_double:
-                    continue
-                out = work / f"run-{layers}-{name.split()[0]}-{len(rows)}"
-                print(f"{layers} layers, {name}, {'onloaded' if onload else 'in memory'} ...", flush=True)
-                result = run(model, recipe, onload, args, out)
-                path = "onloaded" if onload else "in memory"
-                row = {"layers": layers, "parameters": params, "fp32_bytes": fp32, "recipe": name, "path": path, **result}
-                row["peak_over_fp32"] = row["peak_rss_bytes"] / fp32
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        models[layers] = (model, Checkpoint(model).float32_bytes() // 4)
+    rows = []
+    # onloaded rows first (both sizes), then the in-memory path beside them; the tables are
+    # rewritten after every row
+    plan = [(True, layers, recipe) for layers in models for recipe in RECIPES]
+    plan += [(False, layers, recipe) for layers in models for recipe in RECIPES if layers == args.layers or not args.skip_in_memory_double]
+    for onload, layers, (name, recipe) in plan:
+        model, params = models[layers]
+        out = work / f"run-{len(rows)}"
+        print(f"{layers} layers, {name}, {'onloaded' if onload else 'in memory'} ...", flush=True)
+        result = run(model, recipe, onload, args, out)
+        path = "onloaded" if onload else "in memory"
+        row = {"layers": layers, "parameters": params, "fp32_bytes": params * 4, "recipe": name, "path": path, **result}
+        row["peak_over_fp32"] = row["peak_rss_bytes"] / row["fp32_bytes"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_tables(rows, args)
+
+
+def write_tables(rows: list[dict], args) -> None:
     import torch
     import transformers
 
@@ -183,23 +189,23 @@ def main() -> None:
         f"Synthetic Llama checkpoints (hidden {SHAPE['hidden_size']}, MLP {SHAPE['intermediate_size']}, {SHAPE['num_attention_heads']} heads, "
         f"{SHAPE['num_key_value_heads']} KV heads, untied head, bf16 shards), random weights. Calibration {meta['calibration']}; "
         f"evaluation {meta['evaluation']} (FP and quantized). Peak RSS from /usr/bin/time -v. lowbit {meta['lowbit']}, torch {meta['torch']}, "
-        f"transformers {meta['transformers']}. `python benchmarks/onload_memory.py`.",
+        f"transformers {meta['transformers']}, {meta['cpu_threads']} CPU threads. `python benchmarks/onload_memory.py`.",
         "",
-        "| layers | parameters | fp32 size | recipe | path | peak RSS | peak / fp32 | wall (s) | quantized PPL |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| layers | parameters | fp32 size | recipe | path | peak RSS | peak / fp32 | wall (s) | FP PPL | quantized PPL |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['layers']} | {r['parameters'] / 1e9:.2f} B | {r['fp32_bytes'] / 2**30:.2f} GiB | {r['recipe']} | {r['path']} | "
-            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['peak_over_fp32']:.2f}x | {r['wall_seconds']:.0f} | {r['ppl']:.6g} |"
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['peak_over_fp32']:.2f}x | {r['wall_seconds']:.0f} | {r['fp_ppl']:.6g} | {r['ppl']:.6g} |"
         )
     onloaded = {(r["recipe"], r["layers"]): r["peak_rss_bytes"] for r in rows if r["path"] == "onloaded"}
     lines.append("")
     for name, _ in RECIPES:
-        a, b = onloaded[(name, args.layers)], onloaded[(name, 2 * args.layers)]
-        lines.append(f"- {name}, onloaded: {2 * args.layers} layers peak {b / a - 1:+.1%} against {args.layers} layers.")
+        if (name, args.layers) in onloaded and (name, 2 * args.layers) in onloaded:
+            a, b = onloaded[(name, args.layers)], onloaded[(name, 2 * args.layers)]
+            lines.append(f"- {name}, onloaded: {2 * args.layers} layers peak {b / a - 1:+.1%} against {args.layers} layers.")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
