@@ -92,9 +92,13 @@ def test_onloaded_quantization_is_bit_identical_to_the_in_memory_path(tmp_path, 
     assert result.quantized.ppl == qppl.ppl
     if case.max_memory is not None:
         assert result.offloaded_bytes > 0
-    assert not list(tmp_path.glob(".lowbit-*")), "offloaded activations and spilled tensors are removed"
+    assert not list(tmp_path.glob(".*lowbit-*")), "offloaded activations and staged tensors are removed"
     loaded, _ = load_quantized(tmp_path / "out")
     assert_same_state(q, loaded)
+    with pytest.raises(UserError, match="exists; pass overwrite=True"):  # refused before any work, the first output kept
+        quantize_onloaded(
+            folder, parse_scheme(case.scheme), TransformConfig(kind=case.transform), case.algorithm, calib, ids, save_to=tmp_path / "out"
+        )
     x = torch.randint(0, VOCAB, (1, 40))
     with torch.no_grad():
         assert torch.equal(q(x).logits, loaded(x).logits)

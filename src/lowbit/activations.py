@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .files import temporary_dir
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}  # bf16 as its bits
 _BITS = {torch.bfloat16: torch.int16}
@@ -52,9 +53,9 @@ class ActivationStore:
 
     def _spill_dir(self) -> Path:
         if self._folder is None:
+            # named per process, so a killed run's files are removed by the next run (`sweep_stale`)
             root = self._folder_root or Path(tempfile.gettempdir())
-            root.mkdir(parents=True, exist_ok=True)
-            self._folder = Path(tempfile.mkdtemp(prefix=".lowbit-activations-", dir=root))
+            self._folder = temporary_dir(root / "activations")
         return self._folder
 
     def append(self, tensor: torch.Tensor) -> None:

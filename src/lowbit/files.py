@@ -104,7 +104,9 @@ def ensure_writable_dir(folder: str | Path) -> Path:
     return folder
 
 
-def _temporary_dir(out: Path, tag: str = "") -> Path:
+def temporary_dir(out: Path, tag: str = "") -> Path:
+    """A fresh folder beside `out`, named so that once this process is dead the next run writing
+    beside `out` removes it (`sweep_stale`); stale ones are swept now."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(out)
@@ -119,14 +121,14 @@ def write_dir_atomically(out: str | Path, fill: Callable[[Path], None], *, overw
     An existing `out` is replaced (with `overwrite`) only after the new one is complete; without
     `overwrite`, an `out` that appeared meanwhile is kept and `OutputExistsError` raised."""
     out = Path(out)
-    tmp = _temporary_dir(out)
+    tmp = temporary_dir(out)
     try:
         fill(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs get the usual mode
         if out.exists():
             if not overwrite:
                 raise OutputExistsError(f"{out} was created by another run while this one worked; its output is kept, this one is not written")
-            old = _temporary_dir(out, "old-")
+            old = temporary_dir(out, "old-")
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -161,7 +163,7 @@ def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Pa
 def staging_dir(out: str | Path) -> Iterator[Path]:
     """A temporary folder beside `out` (same filesystem, so its contents move into `out` by
     rename), removed when the block ends, whatever happened."""
-    tmp = _temporary_dir(Path(out), "staging-")
+    tmp = temporary_dir(Path(out), "staging-")
     os.chmod(tmp, 0o777 & ~_umask())  # what moves out of it keeps the usual modes
     try:
         yield tmp

@@ -223,7 +223,7 @@ def quantize_job(
 def _choose_onload(model_name: str, onload: OnloadSettings | None, processes: int = 1) -> OnloadSettings | None:
     """`onload` as given; None (automatic) turns into onloading when the model in float32 (once per
     process) would take more than 80% of the memory available now."""
-    if onload is not None or model_name in ("",):
+    if onload is not None:
         return onload
     folder = Path(resolve_model(model_name))
     if not folder.is_dir():

@@ -98,9 +98,6 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
     def float32_bytes(self) -> int:
         """Bytes the floating-point tensors take in float32."""
         return sum(4 * math.prod(shape) for _, dtype, shape, _, _ in self._entries.values() if dtype in ("F64", "F32", "F16", "BF16"))
@@ -210,7 +207,3 @@ def onload(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.
 def offload(module: nn.Module) -> None:
     """Turn every parameter and buffer of `module` into a meta tensor: its memory is released."""
     module.to("meta")
-
-
-def is_onloaded(module: nn.Module) -> bool:
-    return all(p.device.type != "meta" for p in module.parameters())

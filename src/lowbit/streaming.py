@@ -23,9 +23,9 @@ kept in memory: it does not grow with the number of layers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,10 +36,11 @@ from torch import nn
 
 from .activations import ActivationStore, check_free_space
 from .algorithms.registry import resolve_algorithm
+from .api import _quant_linear, check_scheme
 from .arch import decoder_layers, get_arch, get_module, head_dim, kv_groups, layer_linears, set_module
 from .errors import UserError
 from .evaluation.perplexity import PerplexityResult, eval_windows, head_nll
-from .files import write_dir_atomically
+from .files import staging_dir, write_dir_atomically
 from .io.native import _check_savable, finish_weights, write_description
 from .io.tensorfile import SafetensorsSpill
 from .memory import map_large_allocations, release_freed_memory
@@ -183,7 +184,7 @@ def quantize_onloaded(
     save_to: str | Path | None = None,
     tokenizer=None,
     source_name: str | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> OnloadedResult:
     """Quantize the model in `folder` reading one decoder layer at a time; evaluate perplexity on
@@ -191,13 +192,13 @@ def quantize_onloaded(
     format) when given. The same computation as `lowbit.quantize` on the loaded model."""
     pipeline = pipeline or PipelineConfig()
     algo, algo_config = resolve_algorithm(algorithm)
+    if save_to is not None and Path(save_to).exists() and not overwrite:  # before hours of work, not after
+        raise UserError(f"{save_to} exists; pass overwrite=True or choose another folder")
     map_large_allocations()  # a layer's freed temporaries go back to the OS, not into a growing heap
     checkpoint = Checkpoint(folder)
     model = build_skeleton(folder)
     spec = get_arch(model)
     check_complete(model, checkpoint, spec.moe)
-    from .api import check_scheme
-
     check_scheme(model, spec, scheme)
     check_transform(model, spec, transform, calibration)
     algo.check(algo_config, scheme.weights)
@@ -240,9 +241,11 @@ def quantize_onloaded(
         _capture(model, spec, calib_ids, pipeline.batch_size if algo.calibrated else 1, budget, store_dtype) if (algo.calibrated or observe) else None
     )
     eval_q = _capture(model, spec, windows_ids, 1, budget, targets=windows_ids) if windows_ids is not None else None
-    spill_dir = Path(tempfile.mkdtemp(prefix=".lowbit-spill-", dir=Path(save_to).parent if save_to else None)) if save_to else None
-    spill = SafetensorsSpill(spill_dir) if spill_dir else None
-    try:
+    # the output's tensors go to a staging folder beside it as each layer finishes (a killed run's
+    # is removed by the next run writing there), and into the saved model at the end
+    staging = staging_dir(save_to) if save_to is not None else contextlib.nullcontext()
+    with staging as spill_dir:
+        spill = SafetensorsSpill(spill_dir) if spill_dir is not None else None
         if spill is not None:
             _spill(spill, spec.embed, embed)
         offload(embed)
@@ -276,8 +279,6 @@ def quantize_onloaded(
                 result.layer_errors.append(entry)
                 bar.set_postfix_str(_log_layer(entry, algo))
             else:
-                from .api import _quant_linear
-
                 if scheme.weights is not None or scheme.inputs is not None:
                     for name, linear in layer_linears(layer, spec).items():
                         set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, algo, algo_config, False))
@@ -309,8 +310,6 @@ def quantize_onloaded(
             tied = False
         aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
         if scheme.quantize_lm_head:
-            from .api import _quant_linear
-
             rtn, rtn_config = resolve_algorithm("rtn")
             lm_head = _quant_linear(lm_head, scheme.weights, scheme.inputs, rtn, rtn_config, False)
             set_module(model, spec.lm_head, lm_head)
@@ -351,9 +350,6 @@ def quantize_onloaded(
 
             write_dir_atomically(save_to, fill, overwrite=overwrite)
             log.info("saved quantized model (%s) to %s", scheme.name, save_to)
-    finally:
-        if spill_dir is not None:
-            shutil.rmtree(spill_dir, ignore_errors=True)
     result.model = model
     return result
 
