@@ -5,12 +5,18 @@ pipeline and recipe knob end to end."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import quantize_args, run_cli, tiny_model
+from test_moe import tiny_moe
 
+import lowbit
 from lowbit import UserError
 from lowbit.algorithms.gptq import GPTQ, GPTQConfig
 from lowbit.quant.fake import QParams, as_rows, compute_qparams, fake_rows
+from lowbit.recipes import load_recipe
 from lowbit.scheme import Granularity, parse_scheme
 
 
@@ -150,3 +156,73 @@ def test_gptaq_settings_are_checked():
     stats.add_batch(torch.randn(16, 8), torch.randn(16, 8))
     with pytest.raises(RuntimeError, match="disagree"):
         stats.quantize(torch.randn(2, 8), parse_scheme("W4A16").weights, GPTQConfig())
+
+
+# ---------------------------------------------------------------- the pipeline, recipes and CLI
+
+
+def _calibration(n=48, length=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (1, length), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs():
+    """A tiny Llama at W3 quantized by GPTQ and by GPTAQ on the same calibration, and the FP logits
+    of the calibration tokens."""
+    calib = _calibration()
+    ids = torch.cat(calib[:8])
+    with torch.no_grad():
+        fp = tiny_model("llama")(ids).logits
+    runs = {}
+    for asymmetric in (False, True):
+        model = lowbit.quantize(tiny_model("llama"), "W3A16", algorithm=GPTQConfig(asymmetric=asymmetric), calibration=calib, progress=False)
+        with torch.no_grad():
+            runs[asymmetric] = (model, model(ids).logits)
+    return fp, runs
+
+
+def _weight(model, name):
+    return model.get_submodule(name).quantized_weight.dequantize()
+
+
+def test_the_pipeline_feeds_gptaq_both_streams(tiny_runs):
+    """Layer 0's q/k/v read the embeddings in both streams (dX = 0): GPTQ's codes exactly; every
+    later group sees a quantized stream that drifted, and the whole model's outputs on the
+    calibration tokens come closer to the full-precision model's than GPTQ's do."""
+    fp, runs = tiny_runs
+    (plain, plain_logits), (asym, asym_logits) = runs[False], runs[True]
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
+        assert torch.equal(_weight(plain, name), _weight(asym, name))
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
+        assert not torch.equal(_weight(plain, name), _weight(asym, name))
+    plain_error, asym_error = ((plain_logits - fp) ** 2).mean().item(), ((asym_logits - fp) ** 2).mean().item()
+    assert asym_error < 0.9 * plain_error, (asym_error, plain_error)
+
+
+def test_recipe_knobs_parse(tmp_path):
+    path = tmp_path / "gptaq.yaml"
+    path.write_text("scheme: W4A16\nalgorithm: gptq\nasymmetric: true\nasymmetric_alpha: 0.5\n")
+    recipe = load_recipe(str(path))
+    assert recipe.algorithm == "gptq" and recipe.algorithm_config.asymmetric and recipe.algorithm_config.asymmetric_alpha == 0.5
+    path.write_text("scheme: W4A16\nalgorithm: gptq\nasymmetric: maybe\n")
+    with pytest.raises(UserError, match="asymmetric must be true/false"):
+        load_recipe(str(path))
+
+
+def test_gptaq_from_the_cli(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(sample_text_file.read_text()[::-1])
+    out = tmp_path / "run"
+    extra = ["--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "16", "--out", str(out)]
+    args = quantize_args(tiny_model_dir, sample_text_file, *extra, "--algorithm", "gptq", "--scheme", "W4A16", "--set", "asymmetric=true")
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["algorithm"] == "gptq" and report["algorithm_args"]["asymmetric"] is True
+    assert len(report["layer_errors"]) == 2
+
+
+def test_mixture_of_experts_is_refused_in_one_line():
+    with pytest.raises(UserError, match="does not support mixture-of-experts"):
+        lowbit.quantize(tiny_moe("mixtral"), "W4A16", algorithm=GPTQConfig(asymmetric=True), calibration=_calibration(4), progress=False)
