@@ -26,7 +26,7 @@ from conftest import quantize_args, run_cli, tiny_model
 import lowbit
 from lowbit import UserError
 from lowbit.algorithms.awq import AWQ
-from lowbit.algorithms.gptq import GPTQ
+from lowbit.algorithms.gptq import GPTQ, GPTQConfig
 from lowbit.arch import get_arch
 from lowbit.distributed import assign_by_size, share
 from lowbit.runtime import QuantLinear
@@ -39,6 +39,8 @@ ERROR_RTOL = 1e-5  # report errors of groups quantized in parts (measured ~1e-7)
 CASES = {
     "gptq": dict(scheme="W4A16", algorithm="gptq"),
     "gptq-per-tensor": dict(scheme="W4tA16", algorithm="gptq"),  # one scale for q/k/v: the group stays whole
+    # GPTAQ: each rank runs its share of both streams; the Hessian and dX X^T sums are reduced
+    "gptaq": dict(scheme="W4A4KV4", algorithm=GPTQConfig(asymmetric=True), transform=TransformConfig(kind="rotate")),
     "awq": dict(scheme="W4A16", algorithm="awq"),
     "awq-static": dict(scheme="W8A8sKV8s", algorithm="awq"),  # static input and KV ranges in the pipeline
     "smoothquant": dict(scheme="W8A8", algorithm="rtn", transform=TransformConfig(kind="smooth", alpha=None)),
@@ -88,16 +90,24 @@ def statistics_parts() -> dict:
     batches = [torch.randn(2, 30, 8, generator=g) for _ in range(6)]  # 60 rows each
     mine = batches[share(len(batches), 1)]
     before = sum(b.shape[0] * b.shape[1] for b in batches[: share(len(batches), 1).start])
-    awq, gptq = AWQ(8, sample_rows=50, seed=1), GPTQ(8)
+    awq, gptq, gptaq = AWQ(8, sample_rows=50, seed=1), GPTQ(8), GPTQ(8, asymmetric=True)
     awq.skip(before)
     for b in mine:
         awq.add_batch(b)
         gptq.add_batch(b)
+        gptaq.add_batch(b, b.flip(0))  # some other "full-precision" inputs
     awq.reduce()
     gptq.reduce()
+    gptaq.reduce()
     model = tiny_model("llama")
     stats = collect_input_stats(model, get_arch(model), calibration(), keep_rows=6, progress=False)
-    return {"awq_rows": awq.sample().clone(), "awq_mean": awq.abs_sum / awq.count, "hessian": gptq.hessian, "transform": stats}
+    return {
+        "awq_rows": awq.sample().clone(),
+        "awq_mean": awq.abs_sum / awq.count,
+        "hessian": gptq.hessian,
+        "gptaq": (gptaq.hessian, gptaq.cross()),
+        "transform": stats,
+    }
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
@@ -177,10 +187,12 @@ def test_statistics_reduce_to_the_one_process_statistics(two_processes):
     same order; GPTQ's Hessian and the transform's maxima and sampled rows are those of one process."""
     g = torch.Generator().manual_seed(3)
     batches = [torch.randn(2, 30, 8, generator=g) for _ in range(6)]
-    awq, gptq = AWQ(8, sample_rows=50, seed=1), GPTQ(8)
+    awq, gptq, gptaq = AWQ(8, sample_rows=50, seed=1), GPTQ(8), GPTQ(8, asymmetric=True)
     for b in batches:
         awq.add_batch(b)
         gptq.add_batch(b)
+        gptaq.add_batch(b, b.flip(0))
+    gptaq_sums = (gptaq.hessian, gptaq.cross())
     model = tiny_model("llama")
     stats = collect_input_stats(model, get_arch(model), calibration(), keep_rows=6, progress=False)
     for r in two_processes:
@@ -188,6 +200,7 @@ def test_statistics_reduce_to_the_one_process_statistics(two_processes):
         assert torch.equal(got["awq_rows"], awq.sample())
         assert torch.allclose(got["awq_mean"], awq.abs_sum / awq.count, rtol=1e-15)
         assert torch.equal(got["hessian"], gptq.hessian)
+        assert torch.equal(got["gptaq"][0], gptaq_sums[0]) and torch.equal(got["gptaq"][1], gptaq_sums[1])
         assert got["transform"].keys() == stats.keys()
         for key, entry in stats.items():
             assert torch.equal(got["transform"][key]["absmax"], entry["absmax"])

@@ -257,9 +257,9 @@ def test_gptq_hessian_of_each_expert_uses_only_its_routed_tokens(monkeypatch):
     hessians = []
     original = gptq_module.gptq_quantize
 
-    def spy(weight, hessian, args, config):
+    def spy(weight, hessian, args, config, cross=None):
         hessians.append(hessian.clone())
-        return original(weight, hessian, args, config)
+        return original(weight, hessian, args, config, cross)
 
     monkeypatch.setattr(gptq_module, "gptq_quantize", spy)
     model = tiny_moe("mixtral", num_hidden_layers=1)

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import lowbit
 from lowbit.activations import ActivationStore
+from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.errors import UserError
 from lowbit.evaluation.perplexity import perplexity
 from lowbit.io.native import load_quantized
@@ -68,10 +69,17 @@ CASES = [
     Case("gemma2", "W4A8KV4", "rotate", "gptq", None),  # online R1, tied embeddings
     Case("gemma3", "W8A8KV8s", "smooth", "gptq", 20000),  # static KV calibrated in the pipeline
     Case("qwen2", "W8A8s", "none", "rtn", None),  # RTN with static input scales observed layer by layer
+    # GPTAQ: the calibration samples' full-precision stream through each layer's FP twin, on disk
+    Case("llama", "W4A4KV4", "rotate", GPTQConfig(asymmetric=True), 4096),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.family}-{c.scheme}-{c.transform}-{c.algorithm}")
+def _case_id(c: Case) -> str:
+    algorithm = c.algorithm if isinstance(c.algorithm, str) else "gptaq"
+    return f"{c.family}-{c.scheme}-{c.transform}-{algorithm}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_onloaded_quantization_is_bit_identical_to_the_in_memory_path(tmp_path, case):
     folder = saved_folder(tmp_path, case.family)
     calib, ids = calibration(), eval_ids()

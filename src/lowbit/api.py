@@ -30,7 +30,7 @@ from .arch import (
 from .distributed import all_reduce_, check_processes, rank, share, world_size
 from .errors import UserError
 from .memory import release_mapped_pages
-from .pipeline import PipelineConfig, check_distributed, quantize_sequential
+from .pipeline import PipelineConfig, check_distributed, check_fp_inputs, quantize_sequential
 from .progress import progress_bar
 from .runtime.experts import swap_in_experts
 from .runtime.kv import install_kv_quantizers
@@ -143,6 +143,7 @@ def quantize(
         if calibration is None:
             raise UserError(f"{algo.name} needs calibration data (--calib: a text file, a dataset, or 'generated')")
         check_distributed(algo, algo_config, spec)  # torchrun: before any work
+        check_fp_inputs(algo, algo_config, spec)  # GPTAQ on experts: before any work
     if scheme.needs_calibration and calibration is None:
         raise UserError("static (s) activation or KV quantization needs calibration data (--calib)")
     if not inplace:

@@ -41,7 +41,7 @@ from .io.native import RUN_SUBDIR, load_quantized, save_quantized, saved_model_d
 from .memory import available_memory_bytes, peak_rss_bytes, release_freed_memory
 from .models import cast_model, check_window, load_config, load_model, resolve_model
 from .onload import Checkpoint, build_skeleton
-from .pipeline import PipelineConfig
+from .pipeline import PipelineConfig, needs_fp_inputs
 from .recipes import Recipe
 from .runtime.int_linear import check_integer_formats, convert_to_int_kernels
 from .runtime.state import quantization_state
@@ -260,7 +260,8 @@ def _quantize_onloaded_job(
     windows = eval_windows(eval_ids, evaluation.seq_len, evaluation.windows).shape[0]
     streams = (2 if evaluate_fp else 1) * windows * evaluation.seq_len
     if needs_calib:
-        streams += (2 if recipe.transform.needs_calibration else 1) * calibration.samples * calibration.seq_len
+        copies = 1 + recipe.transform.needs_calibration + needs_fp_inputs(algorithm, recipe.algorithm_config)  # GPTAQ: a FP stream too
+        streams += copies * calibration.samples * calibration.seq_len
     check_offload_space(onload, activation_bytes(config, 1, streams))
     del checkpoint
     report = recipe_report(model_name, recipe)

@@ -15,6 +15,17 @@ The algorithm comes from the registry (`lowbit.algorithms.registry`): its statis
 every calibration batch of an input, its function turns the stacked weights of the linears
 reading that input into a `QuantizedWeight` (and, for AWQ, input scales folded into the producer).
 
+Full-precision stream (GPTAQ, `GPTQConfig(asymmetric=True)`): an algorithm whose statistics ask
+for it (`fp_inputs`) fits the full-precision model's outputs, so it needs each input's value in the
+full-precision model beside the quantized one, for the same tokens. A second buffer holds the
+layer inputs of the full-precision (transformed, unquantized) model; each layer runs beside a
+full-precision twin (a copy taken before any of its groups is quantized, without activation or
+KV quantizers), and for each group and batch the twin's input to the group and the quantized
+layer's are handed to `add_batch(x, x_fp)` together (`_LayerRunner.run_until_paired`); the twin
+then produces the next layer's full-precision inputs. The cost: one more [samples, tokens, hidden]
+buffer, one more layer's float weights, and the twin's forwards. Mixtures of experts are refused
+(the two streams' routers send different tokens to an expert, so no expert has paired inputs).
+
 Only one layer's activations are alive at a time, and with `device` set only the current layer
 and one batch of samples move to that device; the model stays where it is.
 
@@ -35,6 +46,7 @@ before it produces the next layer's inputs from its own samples.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -130,12 +142,18 @@ def quantize_sequential(
     ids = _stack(calibration)
     ids, tokens_before = _local_share(ids, config.batch_size)
     check_distributed(algorithm, algorithm_config, spec)
+    check_fp_inputs(algorithm, algorithm_config, spec)
     swap_in_experts(model, spec)  # MoE: per-expert linears to calibrate (`quantize` did it already)
     layers = decoder_layers(model, spec)
     t0 = time.time()
     store = torch.bfloat16 if config.dtype == "bfloat16" else None
     hidden, kwargs_by_layer = _capture_layer_inputs(model, spec, ids, config.batch_size, store, ActivationStore())
     feed = next(model.parameters()).dtype  # stored inputs go back to the layers in the model's dtype
+    fp_hidden = None
+    if needs_fp_inputs(algorithm, algorithm_config):  # GPTAQ: the full-precision model's layer inputs too
+        fp_hidden = ActivationStore()
+        for x in hidden:
+            fp_hidden.append(x)
     log.debug("captured layer-0 inputs for %d samples in %.1f s", ids.shape[0], time.time() - t0)
     dim, n_rep = head_dim(model.config), kv_groups(model.config)
     report = []
@@ -143,9 +161,13 @@ def quantize_sequential(
     for i, layer in enumerate(bar):
         layer.to(device)
         kwargs = [_to(k, device) for k in kwargs_by_layer[i]]
-        runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before)
+        reference = None
+        if fp_hidden is not None:
+            reference = _LayerRunner(fp_twin(layer), fp_hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before)
+        runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before, reference)
         entry = quantize_layer(i, layer, spec, scheme, algorithm, algorithm_config, runner, dim, n_rep, config.min_expert_tokens)
-        runner.run_all()
+        runner.run_all()  # and the full-precision twin's, if any
+        del runner, reference
         drop_dense_caches(layer)
         layer.to(home)
         release_freed_memory()  # this layer's temporaries, before the next layer's peak
@@ -258,9 +280,25 @@ def _to(obj, device):
     return obj
 
 
+def fp_twin(layer: nn.Module) -> nn.Module:
+    """A full-precision copy of a decoder layer before its groups are quantized (GPTAQ's reference):
+    transforms and online rotations kept, activation and KV quantizers dropped."""
+    twin = copy.deepcopy(layer)
+    for module in twin.modules():
+        if isinstance(module, QuantLinear):
+            if module.is_quantized:
+                raise RuntimeError("the full-precision twin must be taken before the layer is quantized")
+            module.input_quant = None
+        for name in (KEY_QUANT, VALUE_QUANT):
+            if getattr(module, name, None) is not None:
+                setattr(module, name, None)
+    return twin
+
+
 class _LayerRunner:
     """Runs one layer over every batch of the current inputs, fed in the model's dtype whatever
-    they are stored in (so an fp32 model keeps an fp32 residual stream under bf16 autocast)."""
+    they are stored in (so an fp32 model keeps an fp32 residual stream under bf16 autocast).
+    `reference`: the full-precision twin's runner on the full-precision stream (GPTAQ), or None."""
 
     def __init__(
         self,
@@ -271,10 +309,12 @@ class _LayerRunner:
         feed_dtype: torch.dtype = torch.float32,
         bf16: bool = False,
         tokens_before: int = 0,
+        reference: _LayerRunner | None = None,
     ) -> None:
         self.layer, self.hidden, self.kwargs, self.device = layer, hidden, kwargs, device
         self.feed_dtype, self.bf16 = feed_dtype, bf16
         self.tokens_before = tokens_before  # calibration tokens the ranks before this one run (torchrun)
+        self.reference = reference
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -297,25 +337,57 @@ class _LayerRunner:
 
         self._run_stopped(module.register_forward_hook(hook))
 
+    def run_until_paired(self, module: nn.Module, twin_module: nn.Module, on_inputs: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Forward every batch through this layer until `module` is about to run and through the
+        full-precision twin (`reference`) until its `twin_module` is; `on_inputs(x, x_fp)` sees both
+        inputs of the batch's tokens."""
+        if self.reference is None:
+            raise UserError("this algorithm needs the full-precision model's inputs, and this pipeline runs no full-precision stream")
+        seen: dict[str, torch.Tensor] = {}
+
+        def catcher(key):
+            def hook(_, args):
+                seen[key] = args[0]
+                raise _StopForward
+
+            return hook
+
+        handles = [module.register_forward_pre_hook(catcher("x")), twin_module.register_forward_pre_hook(catcher("fp"))]
+        try:
+            for j in range(len(self.kwargs)):
+                self.reference._forward_stopped(j)
+                self._forward_stopped(j)
+                on_inputs(seen.pop("x"), seen.pop("fp"))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _forward_stopped(self, j: int) -> None:
+        """Batch j forward, up to where a hook raises."""
+        try:
+            with self._autocast():
+                self.layer(self.hidden[j].to(self.device, self.feed_dtype), **self.kwargs[j])
+        except _StopForward:
+            pass
+
     def _run_stopped(self, handle) -> None:
         """Forward every batch up to where the hook behind `handle` raises; then remove it."""
         try:
-            for x, kw in zip(self.hidden, self.kwargs):
-                try:
-                    with self._autocast():
-                        self.layer(x.to(self.device, self.feed_dtype), **kw)
-                except _StopForward:
-                    pass
+            for j in range(len(self.kwargs)):
+                self._forward_stopped(j)
         finally:
             handle.remove()
 
     def run_all(self) -> None:
-        """The whole layer on every batch; its outputs overwrite its inputs (the next layer's)."""
+        """The whole layer on every batch; its outputs overwrite its inputs (the next layer's).
+        The full-precision twin, if any, does the same on its stream."""
         for j, kw in enumerate(self.kwargs):
             x = self.hidden[j]
             with self._autocast():
                 out = self.layer(x.to(self.device, self.feed_dtype), **kw)
             self.hidden[j] = out[0] if isinstance(out, tuple) else out
+        if self.reference is not None:
+            self.reference.run_all()
 
 
 def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm, algorithm_config, runner: _LayerRunner, n_rep, dim) -> dict:
@@ -333,11 +405,16 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
         stats.skip(runner.tokens_before)
     channel_range = {"lo": None, "hi": None}
 
-    def on_input(x):
+    def on_input(x, x_fp=None):
         x = x.float()
         if rotation is not None:
             x = rotation(x)
-        if stats is not None:
+        if x_fp is not None:  # GPTAQ: the twin's input, rotated alike (its online rotation is the same)
+            x_fp = x_fp.float()
+            x_fp = rotation(x_fp) if rotation is not None else x_fp
+        if stats is not None and x_fp is not None:
+            stats.add_batch(x, x_fp)
+        elif stats is not None:
             stats.add_batch(x)
         if static_inputs:  # per-channel extremes: the per-tensor range after any AWQ scaling follows exactly
             flat = x.reshape(-1, columns)
@@ -345,7 +422,10 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
             channel_range["lo"] = lo if channel_range["lo"] is None else torch.minimum(channel_range["lo"], lo)
             channel_range["hi"] = hi if channel_range["hi"] is None else torch.maximum(channel_range["hi"], hi)
 
-    runner.run_until(first, on_input)
+    if getattr(stats, "fp_inputs", False):
+        runner.run_until_paired(first, get_module(runner.reference.layer, group.linears[0]) if runner.reference else first, on_input)
+    else:
+        runner.run_until(first, on_input)
     if world_size() > 1:
         _reduce_group_statistics(stats, channel_range if static_inputs else None, columns, runner.device)
     scales = None
@@ -455,6 +535,8 @@ def _quantize_experts(
     # every expert's statistics are alive during the pass (GPTQ: experts x columns^2 floats); a
     # model with many wide experts could split the experts over several passes
     stats = [algorithm.statistics(columns, algorithm_config, runner.device) if w_args is not None else None for _ in groups]
+    if any(getattr(s, "fp_inputs", False) for s in stats):  # check_fp_inputs refuses this before any work
+        raise UserError(_MOE_FP_INPUTS.format(name=algorithm.name))
     tokens = [0] * len(groups)
     ranges: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(groups)
 
@@ -585,6 +667,26 @@ def check_distributed(algorithm: Algorithm, config: object, spec: ArchSpec) -> N
             f"{algorithm.name} on a mixture of experts runs in one process: each expert's sample is drawn over its routed tokens "
             "in order, which a process cannot place without the others' counts; run it without torchrun, or use gptq"
         )
+
+
+_MOE_FP_INPUTS = (
+    "{name} with asymmetric=true (GPTAQ) does not support mixture-of-experts models: the full-precision and quantized "
+    "streams route tokens to different experts, so an expert has no paired inputs; use asymmetric=false"
+)
+
+
+def needs_fp_inputs(algorithm: Algorithm, config: object) -> bool:
+    """Do the algorithm's statistics take the full-precision model's inputs beside the quantized
+    model's (`add_batch(x, x_fp)`, GPTAQ)? The pipelines then run a full-precision stream."""
+    if algorithm.statistics is None:
+        return False
+    return bool(getattr(algorithm.statistics(1, config, "cpu"), "fp_inputs", False))
+
+
+def check_fp_inputs(algorithm: Algorithm, config: object, spec: ArchSpec) -> None:
+    """Before any work: an algorithm that needs the full-precision stream cannot calibrate experts."""
+    if spec.moe is not None and needs_fp_inputs(algorithm, config):
+        raise UserError(_MOE_FP_INPUTS.format(name=algorithm.name))
 
 
 def _reduce_group_statistics(stats, channel_range: dict | None, columns: int, device: torch.device) -> None:

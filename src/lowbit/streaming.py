@@ -11,7 +11,9 @@ model as the in-memory pipeline captures them. For each decoder layer, in order:
    evaluation windows of the full-precision perplexity;
 3. the transform edits the layer (smoothing, rotation), its KV quantizers are attached, and the
    algorithm quantizes it on the calibration stream (`quantize_layer`, GPTQ/AWQ) or each linear
-   by itself (RTN), static quantizers observing their ranges;
+   by itself (RTN), static quantizers observing their ranges; GPTAQ also runs the calibration
+   samples' full-precision stream through a full-precision twin of the transformed layer, as the
+   in-memory pipeline does;
 4. the quantized layer produces the next inputs of the calibration and evaluation streams;
 5. its tensors (codes, scales, norms) go to the output file, and the layer returns to meta.
 
@@ -45,7 +47,7 @@ from .io.native import _check_savable, finish_weights, write_description
 from .io.tensorfile import SafetensorsSpill
 from .memory import map_large_allocations, release_freed_memory
 from .onload import Checkpoint, build_skeleton, check_complete, offload, onload
-from .pipeline import PipelineConfig, _capture_layer_inputs, _LayerRunner, _log_layer, quantize_layer
+from .pipeline import PipelineConfig, _capture_layer_inputs, _LayerRunner, _log_layer, check_fp_inputs, fp_twin, needs_fp_inputs, quantize_layer
 from .progress import progress_bar
 from .runtime.experts import swap_in_layer_experts
 from .runtime.kv import install_kv_quantizers, register_attention, set_attention_implementation
@@ -78,8 +80,8 @@ class _Stream:
     kwargs: list[list[dict]]
     targets: torch.Tensor | None = None  # evaluation windows: the token ids the perplexity predicts
 
-    def through(self, layer: nn.Module, i: int, bf16: bool = False) -> _LayerRunner:
-        return _LayerRunner(layer, self.store, self.kwargs[i], torch.device("cpu"), torch.float32, bf16)
+    def through(self, layer: nn.Module, i: int, bf16: bool = False, reference: _LayerRunner | None = None) -> _LayerRunner:
+        return _LayerRunner(layer, self.store, self.kwargs[i], torch.device("cpu"), torch.float32, bf16, reference=reference)
 
 
 @dataclass
@@ -203,6 +205,7 @@ def quantize_onloaded(
     check_transform(model, spec, transform, calibration)
     algo.check(algo_config, scheme.weights)
     if algo.calibrated:
+        check_fp_inputs(algo, algo_config, spec)
         pipeline.check()
         if pipeline.device is not None:
             raise UserError("layer-by-layer onloading runs on the CPU; drop --device (or load the model whole)")
@@ -240,6 +243,10 @@ def quantize_onloaded(
     calib = (
         _capture(model, spec, calib_ids, pipeline.batch_size if algo.calibrated else 1, budget, store_dtype) if (algo.calibrated or observe) else None
     )
+    # GPTAQ: the calibration samples' full-precision stream, in the transformed basis like `calib`
+    calib_fp = None
+    if algo.calibrated and needs_fp_inputs(algo, algo_config):
+        calib_fp = _capture(model, spec, calib_ids, pipeline.batch_size, budget, store_dtype)
     eval_q = _capture(model, spec, windows_ids, 1, budget, targets=windows_ids) if windows_ids is not None else None
     # the output's tensors go to a staging folder beside it as each layer finishes (a killed run's
     # is removed by the next run writing there), and into the saved model at the end
@@ -272,9 +279,11 @@ def quantize_onloaded(
                 plan.transform_layer(i, layer)
             install_kv_quantizers(model, [get_module(layer, spec.attention)], scheme.keys, scheme.values)
             if algo.calibrated:
-                runner = calib.through(layer, i, bf16)
+                reference = calib_fp.through(fp_twin(layer), i, bf16) if calib_fp is not None else None
+                runner = calib.through(layer, i, bf16, reference)
                 entry = quantize_layer(i, layer, spec, scheme, algo, algo_config, runner, dim, n_rep, pipeline.min_expert_tokens)
-                runner.run_all()
+                runner.run_all()  # and the full-precision twin's, if any
+                del runner, reference
                 drop_dense_caches(layer)
                 result.layer_errors.append(entry)
                 bar.set_postfix_str(_log_layer(entry, algo))
@@ -324,7 +333,7 @@ def quantize_onloaded(
             result.quantized = _nll(eval_q, norm, lm_head, softcap)
         result.quantize_seconds = time.time() - t0
         result.transform_info = plan.info() if plan is not None else {}
-        for stream in (stats_fp, calib, eval_q):
+        for stream in (stats_fp, calib, calib_fp, eval_q):
             if stream is not None:
                 result.offloaded_bytes += stream.store.disk_bytes
                 stream.store.close()

@@ -12,11 +12,18 @@ def clip_token_norms(x: torch.Tensor, factor: float | None) -> torch.Tensor:
     """Rows (tokens) of x [n, d] whose norm exceeds `factor` x the median row norm, scaled down
     to that norm. Squared-error objectives are otherwise owned by a few massive-activation
     tokens ("Turning LLM Activations Quantization-Friendly"), and fitting those makes every other token worse. None: unchanged."""
+    weights = token_weights(x, factor)
+    return x if weights is None else x * weights
+
+
+def token_weights(x: torch.Tensor, factor: float | None) -> torch.Tensor | None:
+    """The factors [n, 1] `clip_token_norms` scales the rows of x by (None: all 1), so that
+    another tensor of the same tokens (GPTAQ's full-precision inputs) can be weighted alike."""
     if factor is None:
-        return x
+        return None
     norms = x.norm(dim=1, keepdim=True)
     limit = factor * norms.median()
-    return x * torch.clamp(limit / norms.clamp(min=1e-30), max=1.0)
+    return torch.clamp(limit / norms.clamp(min=1e-30), max=1.0)
 
 
 def output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor, energy: float | None = None) -> float:
