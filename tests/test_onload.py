@@ -68,6 +68,8 @@ CASES = [
     Case("gemma2", "W4A8KV4", "rotate", "gptq", None),  # online R1, tied embeddings
     Case("gemma3", "W8A8KV8s", "smooth", "gptq", 20000),  # static KV calibrated in the pipeline
     Case("qwen2", "W8A8s", "none", "rtn", None),  # RTN with static input scales observed layer by layer
+    Case("llama", "W8A8sKV8sP1", "none", "rtn", None),  # full-precision prefix: static ranges without it
+    Case("qwen3", "W4A8sKV4P2", "rotate", "gptq", None),  # the pipeline's static input ranges without it
 ]
 
 
