@@ -180,7 +180,7 @@ def test_an_exception_inside_a_forward_leaves_no_offset_behind():
     model = lowbit.quantize(tiny_model("llama"), "W4A4KV4P1", progress=False)
     cache = DynamicCache(config=model.config)
     model(input_ids=tokens(batch=1, length=3), cache=cache, use_cache=True)
-    with pytest.raises(Exception):
+    with pytest.raises(IndexError):
         model(input_ids=torch.full((1, 1), 10**6), cache=cache, use_cache=True)  # an index out of the embedding
     assert token_offset() == 0
 
@@ -361,3 +361,10 @@ def test_kv_quantizers_get_the_prefix():
     model = lowbit.quantize(tiny_model("llama"), "W16A16KV4P3", progress=False)
     attention = model.model.layers[0].self_attn
     assert getattr(attention, KEY_QUANT).fp_prefix == 3 and getattr(attention, VALUE_QUANT).fp_prefix == 3
+
+
+def test_the_analysis_refuses_a_prefix():
+    from lowbit.analysis.job import AnalysisConfig
+
+    with pytest.raises(UserError, match="drop the P1 suffix"):
+        AnalysisConfig(scheme="W4A4P1").quant_args()
