@@ -71,6 +71,8 @@ CASES = [
     Case("qwen2", "W8A8s", "none", "rtn", None),  # RTN with static input scales observed layer by layer
     # GPTAQ: the calibration samples' full-precision stream through each layer's FP twin, on disk
     Case("llama", "W4A4KV4", "rotate", GPTQConfig(asymmetric=True), 4096),
+    Case("llama", "W8A8sKV8sP1", "none", "rtn", None),  # full-precision prefix: static ranges without it
+    Case("qwen3", "W4A8sKV4P2", "rotate", "gptq", None),  # the pipeline's static input ranges without it
 ]
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from .algorithms.registry import GroupContext, resolve_algorithm
 from .arch import (
     ArchSpec,
+    arch_for_model_type,
     attention_modules,
     decoder_layers,
     get_arch,
@@ -35,6 +36,7 @@ from .progress import progress_bar
 from .runtime.experts import swap_in_experts
 from .runtime.kv import install_kv_quantizers
 from .runtime.linear import QuantLinear
+from .runtime.prefix import install_prefix_hooks
 from .runtime.quantizer import TensorQuantizer
 from .runtime.state import QuantizationState, set_quantization_state
 from .scheme import Granularity, QuantArgs, Scheme, parse_scheme
@@ -47,12 +49,15 @@ def check_scheme(model: nn.Module, spec: ArchSpec, scheme: Scheme) -> None:
     for layer in decoder_layers(model, spec):  # every layer: an MoE model may mix dense and expert layers
         for name, (_, in_features) in linear_shapes(layer, spec).items():
             inputs.setdefault(name, in_features)
+    _check_prefix(scheme, spec)
     _check_dims(inputs, head_dim(model.config), scheme)
 
 
 def check_scheme_for_config(config, scheme: Scheme) -> None:
     """`check_scheme` from a model's config alone, before its weights load: the inputs of the
     attention and MLP linears and the head dimension."""
+    if scheme.fp_prefix:
+        _check_prefix(scheme, arch_for_model_type(getattr(config, "model_type", None)))
     dim = head_dim(config)
     inputs = {"hidden states (q/k/v, gate/up)": config.hidden_size, "attention output (o_proj)": config.num_attention_heads * dim}
     if getattr(config, "intermediate_size", None):
@@ -60,6 +65,15 @@ def check_scheme_for_config(config, scheme: Scheme) -> None:
     if getattr(config, "moe_intermediate_size", None):  # Qwen-MoE experts (Mixtral's use intermediate_size)
         inputs["expert activations (experts' down_proj)"] = config.moe_intermediate_size
     _check_dims(inputs, dim, scheme)
+
+
+def _check_prefix(scheme: Scheme, spec: ArchSpec) -> None:
+    """Full-precision prefix tokens need every quantized linear to see its tokens in sequence order."""
+    if scheme.fp_prefix and spec.moe is not None:
+        raise UserError(
+            f"{scheme.name}: P{scheme.fp_prefix} (full-precision prefix tokens) is not supported for mixture-of-experts models "
+            "(the experts see their routed tokens regrouped, not in sequence order); drop the P suffix"
+        )
 
 
 def _block_name(args) -> str:
@@ -155,7 +169,9 @@ def quantize(
         if world_size() > 1:
             check_processes(len(calibration))
     transform_info = apply_transform(model, spec, transform, scheme, calibration, progress)
-    install_kv_quantizers(model, attention_modules(model, spec), scheme.keys, scheme.values)
+    install_kv_quantizers(model, attention_modules(model, spec), scheme.keys, scheme.values, scheme.fp_prefix)
+    if scheme.fp_prefix:  # linears learn where each forward's tokens start (incremental decoding)
+        install_prefix_hooks(model)
     layer_errors = []
     if algo.calibrated:
         layer_errors = quantize_sequential(model, spec, scheme, calibration, algo, algo_config, pipeline, progress)
@@ -166,14 +182,14 @@ def quantize(
     elif scheme.weights is not None or scheme.inputs is not None:
         for layer in progress_bar(decoder_layers(model, spec), desc=f"quantizing ({algo.name})", unit="layer", disable=not progress, leave=False):
             for name, linear in layer_linears(layer, spec).items():
-                set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, algo, algo_config, trainable))
+                set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, algo, algo_config, trainable, scheme.fp_prefix))
     if scheme.quantize_lm_head:  # RTN: the head's input is the last layer's output, no pipeline step
         head = get_module(model, spec.lm_head)
         if head.weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr():
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # tied: keep the embeddings exact
             model.config.tie_word_embeddings = False
         rtn, rtn_config = resolve_algorithm("rtn")
-        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, rtn, rtn_config, trainable))
+        set_module(model, spec.lm_head, _quant_linear(head, scheme.weights, scheme.inputs, rtn, rtn_config, trainable, scheme.fp_prefix))
     if scheme.needs_calibration:  # the pipeline calibrated the decoder layers' quantizers already
         calibrate_static(model, calibration, progress=progress, only_uncalibrated=True)
     set_quantization_state(
@@ -189,20 +205,20 @@ def quantize(
     return model
 
 
-def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, algo, config, trainable: bool) -> QuantLinear:
+def _quant_linear(linear: nn.Module, w: QuantArgs | None, a: QuantArgs | None, algo, config, trainable: bool, fp_prefix: int = 0) -> QuantLinear:
     """Quantize a linear (an nn.Linear, or a QuantLinear a transform made, keeping its rotation)
     with an algorithm that needs no calibration. A memory-mapped checkpoint's
     pages of the float weight are given back once the codes replace it."""
     weight = linear.weight.detach()
     rotation = getattr(linear, "input_rotation", None)
     if w is None:
-        return QuantLinear(weight, linear.bias, None, a, rotation)
+        return QuantLinear(weight, linear.bias, None, a, rotation, fp_prefix=fp_prefix)
     if trainable:  # the latent weight stays full precision; forward fake-quantizes it
-        return QuantLinear(weight, linear.bias, w, a, rotation, trainable=True)
+        return QuantLinear(weight, linear.bias, w, a, rotation, trainable=True, fp_prefix=fp_prefix)
     with torch.no_grad():
         qweight = algo.quantize(weight.float(), None, w, config, GroupContext(input_args=a)).qweight
     release_mapped_pages(weight)
-    return QuantLinear(qweight, linear.bias, None, a, rotation)
+    return QuantLinear(qweight, linear.bias, None, a, rotation, fp_prefix=fp_prefix)
 
 
 @torch.no_grad()

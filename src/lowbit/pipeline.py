@@ -417,7 +417,8 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
         elif stats is not None:
             stats.add_batch(x)
         if static_inputs:  # per-channel extremes: the per-tensor range after any AWQ scaling follows exactly
-            flat = x.reshape(-1, columns)
+            # (without the full-precision prefix tokens, which the quantizer passes through: PrefixQuant)
+            flat = x[..., scheme.fp_prefix :, :].reshape(-1, columns)
             lo, hi = flat.amin(0), flat.amax(0)
             channel_range["lo"] = lo if channel_range["lo"] is None else torch.minimum(channel_range["lo"], lo)
             channel_range["hi"] = hi if channel_range["hi"] is None else torch.maximum(channel_range["hi"], hi)
@@ -448,7 +449,7 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
         if scales is not None:
             _fold_input_scales(layer, spec, group, scales, n_rep, dim)
     for name, lin, part in zip(group.linears, linears, parts):
-        new = QuantLinear(part, lin.bias, None, scheme.inputs, rotation).to(runner.device)
+        new = QuantLinear(part, lin.bias, None, scheme.inputs, rotation, fp_prefix=scheme.fp_prefix).to(runner.device)
         new.cache_dense = True  # the layer runs again for every later group: dequantize once (dropped with the layer)
         if static_inputs:
             lo, hi = channel_range["lo"], channel_range["hi"]
@@ -592,7 +593,7 @@ def _quantize_experts(
         errors.append(found)
         lo_hi = ranges[k] if tokens[k] >= threshold and ranges[k] is not None else union
         for name, lin, part in zip(group.linears, lins, parts):
-            new = QuantLinear(part, lin.bias, None, scheme.inputs, rotations[k]).to(runner.device)
+            new = QuantLinear(part, lin.bias, None, scheme.inputs, rotations[k], fp_prefix=scheme.fp_prefix).to(runner.device)
             new.cache_dense = True  # dropped with the layer
             if static_inputs and lo_hi is not None:
                 lo, hi = lo_hi

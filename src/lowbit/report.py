@@ -130,7 +130,12 @@ def report_markdown(report: dict) -> str:
     lines += [
         "",
         "Size counts quantized weights packed at their bit width plus their scales in the scale format, other tensors at 16 bits. "
-        "OPs = MACs x W_bits x A_bits (LLM-QAT), linears incl. lm_head plus attention matmuls at 16 x KV bits.",
+        "OPs = MACs x W_bits x A_bits (LLM-QAT), linears incl. lm_head plus attention matmuls at 16 x KV bits"
+        + (
+            f"; the first {report['scheme_args']['fp_prefix']} tokens (P<N>) at 16-bit activations, keys and values, in OPs and KV cache."
+            if (report.get("scheme_args") or {}).get("fp_prefix")
+            else "."
+        ),
         "",
         f"Wall time: {report.get('seconds', 0):.1f} s, peak resident memory {_gb(report.get('peak_rss_bytes'))} "
         f"(lowbit {report.get('lowbit_version')})",

@@ -25,6 +25,10 @@ Floating-point formats are symmetric (a sign bit); the block formats fix their b
 scale format, so they take only m, c and (NVFP4 activations) s. Mixtures work: ``Wnvfp4Afp8KV8``.
 
 16 (or a missing part) means "not quantized". ``K4V8`` sets keys and values separately.
+A trailing ``P<N>`` (``W4A4KV4P1``) keeps the first N tokens of every sequence (the attention
+sink) in full precision: their linear inputs and their keys and values, as IntactKV ("IntactKV:
+Improving Large Language Model Quantization by Keeping Pivot Tokens Intact") and PrefixQuant
+("PrefixQuant: Eliminating Outliers by Prefixed Tokens for Large Language Models Quantization") do.
 Defaults follow LLM-QAT: per-channel symmetric weights, per-token dynamic activations and
 per-token (per-head) keys and values.
 """
@@ -220,6 +224,20 @@ class Scheme:
     keys: QuantArgs | None = None
     values: QuantArgs | None = None
     quantize_lm_head: bool = False
+    # The first `fp_prefix` tokens of every sequence keep full-precision linear inputs and keys /
+    # values (weights are unaffected): the massive activations of the attention sink then no
+    # longer set the per-tensor ranges, and its KV entries, which every later token attends to,
+    # stay exact (IntactKV; PrefixQuant).
+    fp_prefix: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.fp_prefix
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise UserError(f"fp_prefix must be a whole number of tokens, 0 or more; got {n!r}")
+        if n and self.inputs is None and self.keys is None and self.values is None:
+            raise UserError(
+                f"P{n} keeps the first tokens' activations and KV cache in full precision, but {self.name} quantizes neither: nothing to keep"
+            )
 
     @property
     def w_bits(self) -> int:
@@ -253,7 +271,8 @@ class Scheme:
         k = self.keys.name() if self.keys else "16"
         v = self.values.name() if self.values else "16"
         kv = f"KV{k}" if k == v else f"K{k}V{v}"
-        return f"W{w}A{a}{kv}"
+        prefix = f"P{self.fp_prefix}" if self.fp_prefix else ""
+        return f"W{w}A{a}{kv}{prefix}"
 
     def formats(self) -> dict[str, dict]:
         """Per quantized tensor kind, its number format and the bits a value takes at rest."""
@@ -272,6 +291,7 @@ class Scheme:
             "keys": args_to_dict(self.keys),
             "values": args_to_dict(self.values),
             "quantize_lm_head": self.quantize_lm_head,
+            "fp_prefix": self.fp_prefix,
         }
 
     @classmethod
@@ -283,6 +303,7 @@ class Scheme:
             keys=args_from_dict(data.get("keys")),
             values=args_from_dict(data.get("values")),
             quantize_lm_head=bool(data.get("quantize_lm_head", False)),
+            fp_prefix=data.get("fp_prefix", 0),  # absent before prefix tokens existed: none
         )
 
 
@@ -322,6 +343,7 @@ _FORMAT_TOKEN = r"nvfp4|mxfp8|mxfp4|fp8e5m2|fp8|\d+"
 _PART = re.compile(rf"(W|A|KV|K|V)({_FORMAT_TOKEN})([a-z0-9]*)")
 _SUFFIX = re.compile(r"g(\d+)|c(\d+)|a|t|s|m|f|h|b")
 _SCALE_SUFFIX = {"float16": "h", "bfloat16": "b"}
+_PREFIX = re.compile(r"[-_]?P(\d+)$")  # the trailing P<N>: full-precision prefix tokens
 
 
 def parse_scheme(name: str) -> Scheme:
@@ -333,8 +355,14 @@ def parse_scheme(name: str) -> Scheme:
         raise UserError("empty scheme name; expected something like W4A8KV4")
     parts: dict[str, QuantArgs | None] = {}
     pos = 0
+    fp_prefix, body = 0, text
+    prefix = _PREFIX.search(text)
+    if prefix:
+        fp_prefix, body = int(prefix.group(1)), text[: prefix.start()]
+        if fp_prefix < 1:
+            raise UserError(f"scheme {text!r}: P<N> keeps the first N >= 1 tokens in full precision; drop P0")
     # '-' or '_' may separate the parts (W4-A8-KV4), nothing else: W4g-64 is a typo, not W4g64
-    compact = re.sub(rf"[-_](?=(?:W|A|KV|K|V)(?:{_FORMAT_TOKEN}))", "", text)
+    compact = re.sub(rf"[-_](?=(?:W|A|KV|K|V)(?:{_FORMAT_TOKEN}))", "", body)
     if "-" in compact or "_" in compact:
         raise UserError(f"scheme {text!r}: '-' or '_' may only separate the parts (W4-A8-KV4), not stand inside one")
     for m in _PART.finditer(compact):
@@ -350,7 +378,8 @@ def parse_scheme(name: str) -> Scheme:
             f"cannot parse scheme {text!r}: expected W<bits>A<bits>KV<bits> with optional suffixes "
             "g<N> (group size), a (asymmetric), t (per-tensor), s (static), m (MSE clip search), c<percent> "
             "(clip ratio), f (full signed range), h/b (float16/bfloat16 scales), or a format name instead of the bits "
-            "(fp8, fp8e5m2, mxfp8, mxfp4, nvfp4), e.g. W4A8KV4, W4g64A16, W4mA4c90KV4 or Wnvfp4Afp8KV8"
+            "(fp8, fp8e5m2, mxfp8, mxfp4, nvfp4), and a trailing P<N> (the first N tokens in full precision), "
+            "e.g. W4A8KV4, W4g64A16, W4mA4c90KV4, Wnvfp4Afp8KV8 or W4A4KV4P1"
         )
     kv = parts.pop("KV", None)
     return Scheme(
@@ -358,6 +387,7 @@ def parse_scheme(name: str) -> Scheme:
         inputs=parts.get("A"),
         keys=parts.get("K", kv),
         values=parts.get("V", kv),
+        fp_prefix=fp_prefix,
     )
 
 

@@ -52,6 +52,7 @@ from .progress import progress_bar
 from .runtime.experts import swap_in_layer_experts
 from .runtime.kv import install_kv_quantizers, register_attention, set_attention_implementation
 from .runtime.linear import drop_dense_caches
+from .runtime.prefix import install_prefix_hooks
 from .runtime.quantizer import TensorQuantizer
 from .runtime.state import QuantizationState, set_quantization_state
 from .scheme import Scheme
@@ -277,7 +278,7 @@ def quantize_onloaded(
                 eval_fp.through(layer, i).run_all()
             if plan is not None:
                 plan.transform_layer(i, layer)
-            install_kv_quantizers(model, [get_module(layer, spec.attention)], scheme.keys, scheme.values)
+            install_kv_quantizers(model, [get_module(layer, spec.attention)], scheme.keys, scheme.values, scheme.fp_prefix)
             if algo.calibrated:
                 reference = calib_fp.through(fp_twin(layer), i, bf16) if calib_fp is not None else None
                 runner = calib.through(layer, i, bf16, reference)
@@ -290,7 +291,7 @@ def quantize_onloaded(
             else:
                 if scheme.weights is not None or scheme.inputs is not None:
                     for name, linear in layer_linears(layer, spec).items():
-                        set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, algo, algo_config, False))
+                        set_module(layer, name, _quant_linear(linear, scheme.weights, scheme.inputs, algo, algo_config, False, scheme.fp_prefix))
                 if observe:
                     static = _observing(layer)
                     try:
@@ -320,7 +321,7 @@ def quantize_onloaded(
         aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
         if scheme.quantize_lm_head:
             rtn, rtn_config = resolve_algorithm("rtn")
-            lm_head = _quant_linear(lm_head, scheme.weights, scheme.inputs, rtn, rtn_config, False)
+            lm_head = _quant_linear(lm_head, scheme.weights, scheme.inputs, rtn, rtn_config, False, scheme.fp_prefix)
             set_module(model, spec.lm_head, lm_head)
             config.tie_word_embeddings = False
             aliases = {}
@@ -337,6 +338,8 @@ def quantize_onloaded(
             if stream is not None:
                 result.offloaded_bytes += stream.store.disk_bytes
                 stream.store.close()
+        if scheme.fp_prefix:  # incremental decoding of the model in memory: linears learn where tokens start
+            install_prefix_hooks(model)
         set_quantization_state(
             model,
             QuantizationState(

@@ -80,6 +80,8 @@ class AnalysisConfig:
             raise UserError(f"scheme {self.scheme!r} quantizes neither weights nor activations; e.g. W4A4 (the default) or W8A8")
         if scheme.inputs is not None and not scheme.inputs.dynamic:
             raise UserError(f"scheme {self.scheme!r}: the analysis quantizes each captured input from itself; drop the 's' (static) suffix")
+        if scheme.fp_prefix:
+            raise UserError(f"scheme {self.scheme!r}: the analysis quantizes every token of the captured inputs; drop the P{scheme.fp_prefix} suffix")
         return scheme.weights, scheme.inputs
 
 

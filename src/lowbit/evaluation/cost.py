@@ -15,6 +15,10 @@ Conventions (stated in every report):
   (hidden x experts per token) counts at 16 x 16 bits: it is never quantized.
 - KV cache: keys and values of every layer at their bit width plus one scale per token and head
   (and offset if asymmetric) in the scale format, for a full (not sliding-window) cache.
+- Full-precision prefix (a scheme with P<N>): the first N tokens of the sequence (of the
+  `seq_len`, or of each KV-cache context) are counted at 16 bits: their linear MACs at W_bits x
+  16, the attention MACs against their keys / values at 16 x 16, their keys and values at 16 bits
+  with no scales.
 
 `scheme_cost` gives the same numbers for any scheme from the unquantized model, without
 quantizing it (a table comparing schemes); `stored_bytes` is what the tensors really take in
@@ -42,6 +46,16 @@ def quantized_weight_bytes(rows: int, cols: int, args: QuantArgs) -> int:
 
 def _bits(args: QuantArgs | None) -> float:
     return 16 if args is None else args.bits_per_value
+
+
+def _prefix_tokens(scheme: Scheme | None, tokens: int) -> int:
+    """How many of a sequence's `tokens` the scheme keeps in full precision."""
+    return min(scheme.fp_prefix, tokens) if scheme is not None else 0
+
+
+def _linear_ops(macs_per_token: float, seq_len: int, w_bits: float, a_bits: float, prefix: int) -> float:
+    """OPs of a linear over `seq_len` tokens, the first `prefix` of them with 16-bit inputs."""
+    return macs_per_token * ((seq_len - prefix) * w_bits * a_bits + prefix * w_bits * 16)
 
 
 def weight_bits(model: nn.Module) -> float | None:
@@ -146,9 +160,11 @@ def model_ops(model: nn.Module, scheme: Scheme | None, seq_len: int) -> OpsCount
         bits = _linear_bits(module)
         if bits is None:
             continue
-        n = module.in_features * module.out_features * seq_len * moe.active.get(id(module), 1)
-        macs += n
-        ops += n * bits[0] * bits[1]
+        per_token = module.in_features * module.out_features * moe.active.get(id(module), 1)
+        quantizer = getattr(module, "input_quant", None)
+        prefix = min(quantizer.fp_prefix, seq_len) if quantizer is not None else 0  # what the module really keeps
+        macs += per_token * seq_len
+        ops += _linear_ops(per_token, seq_len, bits[0], bits[1], prefix)
     # stock fused experts (an unquantized model): top_k experts per token at 16 bits; the routers too
     n = sum(3 * hidden * inner for _, _, hidden, inner in moe.stock) * moe.top_k * seq_len + moe.router_macs * seq_len
     macs, ops = macs + n, ops + n * 16 * 16
@@ -157,11 +173,16 @@ def model_ops(model: nn.Module, scheme: Scheme | None, seq_len: int) -> OpsCount
 
 
 def _attention_ops(config, scheme: Scheme | None, seq_len: int) -> tuple[int, int]:
-    """MACs and OPs of Q K^T and P V (causal) over all layers, queries at 16 bits."""
-    per_matmul = config.num_hidden_layers * config.num_attention_heads * head_dim(config) * seq_len * (seq_len + 1) // 2
+    """MACs and OPs of Q K^T and P V (causal) over all layers, queries at 16 bits; the products
+    with a full-precision prefix token's key or value at 16 x 16."""
+    per_pair = config.num_hidden_layers * config.num_attention_heads * head_dim(config)
+    per_matmul = per_pair * seq_len * (seq_len + 1) // 2
+    p = _prefix_tokens(scheme, seq_len)
+    prefix = per_pair * (p * seq_len - p * (p - 1) // 2)  # key j is read by the seq_len - j queries at and after it
     k_bits = _bits(scheme.keys if scheme else None)
     v_bits = _bits(scheme.values if scheme else None)
-    return 2 * per_matmul, per_matmul * 16 * k_bits + per_matmul * 16 * v_bits
+    ops = sum((per_matmul - prefix) * 16 * bits + prefix * 16 * 16 for bits in (k_bits, v_bits))
+    return 2 * per_matmul, ops
 
 
 def scheme_cost(model: nn.Module, scheme: Scheme | str | None, seq_len: int, contexts=(2048, 8192, 32768)) -> dict:
@@ -212,9 +233,9 @@ def scheme_cost(model: nn.Module, scheme: Scheme | str | None, seq_len: int, con
         if not isinstance(module, nn.Linear):
             continue
         _, lw, la = quantized.get(id(module), (module, None, None))
-        n = module.in_features * module.out_features * seq_len * moe.active.get(id(module), 1)
-        macs += n
-        ops += n * _bits(lw) * _bits(la)
+        per_token = module.in_features * module.out_features * moe.active.get(id(module), 1)
+        macs += per_token * seq_len
+        ops += _linear_ops(per_token, seq_len, _bits(lw), _bits(la), _prefix_tokens(scheme, seq_len) if la is not None else 0)
     attn_macs, attn_ops = _attention_ops(model.config, scheme, seq_len)
     return {
         "scheme": scheme.name if scheme else "FP16",
@@ -231,14 +252,19 @@ def _weight_bytes(rows: int, cols: int, args: QuantArgs | None) -> int:
 
 
 def kv_cache_bytes(config, scheme: Scheme | None, context: int, batch: int = 1) -> int:
+    """Bytes of the keys and values of `batch` sequences of `context` tokens (the first
+    `scheme.fp_prefix` tokens of each at 16 bits)."""
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     dim = head_dim(config)
-    vectors = config.num_hidden_layers * kv_heads * context * batch  # per K and per V
+    per_token = config.num_hidden_layers * kv_heads * batch  # head_dim vectors per K and per V
+    exact = per_token * _prefix_tokens(scheme, context)  # full-precision prefix vectors
+    vectors = per_token * context - exact  # quantized ones
     total = 0
     for args in (scheme.keys, scheme.values) if scheme else (None, None):
         if args is None:
-            total += vectors * dim * 2
+            total += (vectors + exact) * dim * 2
         else:
+            total += exact * dim * 2
             scales = 1 if args.granularity is Granularity.TENSOR else vectors * scale_count(1, dim, args)
             global_scales = {"token": vectors, "tensor": 1}.get(args.global_scale, 0)
             total += quantized_nbytes(vectors * dim, scales, args, global_scales)

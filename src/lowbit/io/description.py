@@ -82,7 +82,8 @@ def check_description(config: dict, where: str) -> None:
         raise bad("source is not a string")
     if not isinstance(config["scheme"], dict):
         raise bad("scheme is not a mapping")
-    Scheme.from_dict(config["scheme"])  # every QuantArgs field checked (UserError)
+    if Scheme.from_dict(config["scheme"]).fp_prefix and version < 5:  # every QuantArgs field checked (UserError)
+        raise bad("a full-precision prefix (scheme fp_prefix) needs format version 5")
     _check_modules(config["modules"], bad)
     if "experts" in config["modules"] and version < 4:
         raise bad("modules.experts needs format version 4")

@@ -49,11 +49,22 @@ def quantized_linears(model: nn.Module, fmt: str) -> tuple[Scheme, dict[str, Qua
         )
     if scheme.weights is None:
         raise UserError(f"cannot export {scheme.name} to {fmt}: the export writes quantized weights; quantize the weights (e.g. W4A16)")
+    check_no_prefix(scheme, fmt)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight_args is not None}
     trainable = [n for n, m in quantized.items() if not m.is_quantized]
     if trainable:
         raise UserError(f"cannot export: {trainable[0]} still trains a latent weight; call lowbit.qat.freeze_student(model) first")
     return scheme, quantized
+
+
+def check_no_prefix(scheme: Scheme, fmt: str) -> None:
+    """Full-precision prefix tokens (P<N>) are lowbit's own: no serving format can say that a
+    sequence's first tokens skip activation and KV quantization."""
+    if scheme.fp_prefix:
+        raise UserError(
+            f"cannot export {scheme.name} to {fmt}: the format cannot express full-precision prefix tokens (P{scheme.fp_prefix}); "
+            "quantize without the P suffix to export, or save in lowbit's format (lowbit quantize --out)"
+        )
 
 
 def online_rotations(model: nn.Module) -> list[str]:

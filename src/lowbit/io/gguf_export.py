@@ -51,7 +51,7 @@ from ..runtime.kv import KEY_QUANT, VALUE_QUANT
 from ..runtime.linear import QuantLinear
 from ..runtime.state import require_state
 from ..scheme import Granularity, Observer, QuantArgs
-from .export import export_dtype, online_rotations
+from .export import check_no_prefix, export_dtype, online_rotations
 
 log = logging.getLogger("lowbit")
 
@@ -128,6 +128,7 @@ def check_gguf_exportable(model: nn.Module) -> dict[str, str]:
     if model_type not in GGUF_ARCHS:
         raise UserError(f"cannot export {model_type!r} to GGUF: the GGUF export writes {', '.join(sorted(GGUF_ARCHS))} models")
     get_arch(model)
+    check_no_prefix(scheme, "GGUF")
     if scheme.weights is None:
         raise UserError(f"cannot export {name} to GGUF: GGUF stores quantized weights and {name} has none; {_RECIPE_HINT[4]}")
     if _gguf_type(scheme.weights) is None:

@@ -29,6 +29,11 @@ Format version 4 added mixture-of-experts models: `modules.experts` lists every 
 (per-expert linears in place of the stock fused experts) by path with its sizes; the loader swaps
 one in at that path of the stock model before the per-expert quantized linears go in. A model
 without experts is still written as version 3, which older lowbit reads.
+
+Format version 5 added full-precision prefix tokens (a scheme with ``P<N>``): the scheme's
+`fp_prefix`, which every input and KV quantizer takes on loading (and the loaded model's forward
+hooks that tell linears where incremental decoding stands). Only a model with a prefix is written
+as version 5, so that an older lowbit refuses it instead of quantizing the prefix.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from ..runtime.kv import (
     set_attention_implementation,
 )
 from ..runtime.linear import CODES, GLOBAL_SCALE, SCALE, ZERO, QuantLinear
+from ..runtime.prefix import install_prefix_hooks
 from ..runtime.quantizer import TensorQuantizer
 from ..runtime.rotation import OnlineHadamard
 from ..runtime.state import QuantizationState, require_state, set_quantization_state
@@ -66,8 +72,10 @@ from .tensorfile import SafetensorsSpill, write_safetensors
 log = logging.getLogger("lowbit")
 
 FORMAT = "lowbit-quantized"
-FORMAT_VERSION = 4  # the newest version this lowbit reads and writes
+FORMAT_VERSION = 5  # the newest version this lowbit reads and writes
+EXPERTS_FORMAT_VERSION = 4  # what a model with experts (and no full-precision prefix) is written as
 DENSE_FORMAT_VERSION = 3  # what a model without experts is written as
+PREFIX_FORMAT_VERSION = 5  # a scheme with full-precision prefix tokens (P<N>)
 CONFIG_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
 RUN_SUBDIR = "model"  # where a run folder (`lowbit quantize --out DIR`) keeps the saved model
@@ -199,9 +207,11 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
 
 
 def saved_format_version(model: nn.Module) -> int:
-    """The format version a save of `model` needs: the current one with experts, else the dense
-    version older lowbit reads."""
-    return FORMAT_VERSION if "experts" in describe_modules(model) else DENSE_FORMAT_VERSION
+    """The oldest format version that describes `model`: 5 with full-precision prefix tokens, 4
+    with experts, else the dense version 3, so that older lowbit reads what it can compute."""
+    if require_state(model, "save").scheme.fp_prefix:
+        return PREFIX_FORMAT_VERSION
+    return EXPERTS_FORMAT_VERSION if "experts" in describe_modules(model) else DENSE_FORMAT_VERSION
 
 
 def finish_weights(tmp: Path, spill: SafetensorsSpill, model: nn.Module) -> dict:
@@ -308,8 +318,9 @@ def _build_model(config: dict) -> nn.Module:
     return model.eval()
 
 
-def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Swap the saved lowbit modules in; quantized linears take their codes and scales from `stored`."""
+def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tensor], dtype: torch.dtype, fp_prefix: int = 0) -> None:
+    """Swap the saved lowbit modules in; quantized linears take their codes and scales from `stored`;
+    input and KV quantizers keep the scheme's first `fp_prefix` tokens in full precision."""
     rotations: dict[str, OnlineHadamard] = {}
     if modules.get("experts"):  # first: the per-expert linears below live inside these
         moe = get_arch(model).moe
@@ -345,14 +356,15 @@ def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tenso
                 )
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise UserError(f"quantized weight {path} is damaged ({exc}); save the model again") from None
-        new = QuantLinear(weight, bias, None, args_from_dict(entry["input"]), _rotation(entry["input_rotation"], rotations, path))
+        rotation = _rotation(entry["input_rotation"], rotations, path)
+        new = QuantLinear(weight, bias, None, args_from_dict(entry["input"]), rotation, fp_prefix=fp_prefix)
         set_module(model, path, new)
     if modules["attention"]:
         for path, entry in modules["attention"].items():
             attention = _module_at(model, path)
             for attr, key in ((KEY_QUANT, "key"), (VALUE_QUANT, "value")):
                 if entry[key] is not None:
-                    setattr(attention, attr, TensorQuantizer(args_from_dict(entry[key])))
+                    setattr(attention, attr, TensorQuantizer(args_from_dict(entry[key]), fp_prefix))
             if entry["qk_rotation"] is not None:
                 setattr(attention, QK_ROTATION, _rotation(entry["qk_rotation"], rotations, path))
         set_attention_implementation(model, register_attention(model.config._attn_implementation or "eager"))
@@ -405,7 +417,10 @@ def load_quantized(path: str | Path, *, device: str | None = None):
     model = _build_model(config)
     dtype = getattr(torch, config["dtype"])
     state = _read_tensors(found, config)
-    _swap_modules(model, config["modules"], state, dtype)
+    scheme = Scheme.from_dict(config["scheme"])
+    _swap_modules(model, config["modules"], state, dtype, scheme.fp_prefix)
+    if scheme.fp_prefix:  # linears learn where each forward's tokens start (incremental decoding)
+        install_prefix_hooks(model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -416,7 +431,7 @@ def load_quantized(path: str | Path, *, device: str | None = None):
     set_quantization_state(
         model,
         QuantizationState(
-            scheme=Scheme.from_dict(config["scheme"]),
+            scheme=scheme,
             transform=config.get("transform") or {"kind": "none"},
             algorithm=config.get("algorithm", "unknown"),  # format version 1 did not record it
             algorithm_config=config.get("algorithm_config", {}),

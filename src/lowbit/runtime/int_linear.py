@@ -134,9 +134,17 @@ def _per_output(scale: torch.Tensor, out_features: int) -> torch.Tensor:
     return scale.reshape(-1).expand(out_features) if scale.numel() == 1 else scale.reshape(out_features)
 
 
+_PREFIX_REFUSAL = (
+    "{name}: the CPU integer kernels quantize every token's input; full-precision prefix tokens (P<N>) run in emulation only: "
+    "drop --int-kernels or the P suffix"
+)
+
+
 def check_integer_formats(scheme) -> None:
     """The integer kernels run integer codes only: a floating-point format (FP8, MXFP, NVFP4) is
     refused, before any model loads, with what to do instead."""
+    if scheme.fp_prefix:
+        raise UserError(_PREFIX_REFUSAL.format(name=scheme.name))
     for part, args in (("weights", scheme.weights), ("activations", scheme.inputs)):
         if args is not None and args.is_float:
             raise UserError(
@@ -154,6 +162,8 @@ def int_kernel_for(linear: QuantLinear) -> str:
         raise UserError(f"{name}: unquantized weights have no integer kernel; quantize weights too (e.g. W8A8)")
     if w.is_float or (a is not None and a.is_float):
         raise UserError(f"{name}: the CPU integer kernels run integer formats only; drop --int-kernels for FP8, MXFP and NVFP4")
+    if a is not None and linear.input_quant.fp_prefix:
+        raise UserError(_PREFIX_REFUSAL.format(name=f"{name}P{linear.input_quant.fp_prefix}"))
     if getattr(linear, "trainable", False):  # its weight is the latent full-precision one
         raise UserError(f"{name}: a QAT student still holds latent weights; call lowbit.qat.freeze_student(model) first")
     if a is not None:

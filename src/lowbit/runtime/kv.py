@@ -9,6 +9,11 @@ Keys and values are quantized per token and head (one scale per head_dim vector)
 per-tensor scales. Each token's values then depend only on that token, so quantizing the whole
 cache at every step gives exactly the numbers that quantize-on-write would give, in a full
 forward pass and in incremental decoding alike.
+
+With a full-precision prefix (``P<N>``) the first N tokens of the sequence keep exact keys and
+values. transformers 5 hands the attention function the whole cache, position 0 first, except
+that a sliding-window cache past its window has dropped its oldest entries: `kv_offset` gives
+the position of the first key either way.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..scheme import QuantArgs
+from .prefix import kv_offset
 from .quantizer import TensorQuantizer
 
 PREFIX = "lowbit_"
@@ -45,10 +51,11 @@ def _make_attention(base: str):
             query, key = qk_rotation(query), qk_rotation(key)
         key_quant = getattr(module, KEY_QUANT, None)
         value_quant = getattr(module, VALUE_QUANT, None)
+        offset = kv_offset(query, key)  # position of key[..., 0, :] in the sequence (fp_prefix)
         if key_quant is not None:
-            key = key_quant(key)
+            key = key_quant(key, offset)
         if value_quant is not None:
-            value = value_quant(value)
+            value = value_quant(value, offset)
         return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{base}"
@@ -74,9 +81,12 @@ def set_attention_implementation(model: nn.Module, name: str) -> None:
         config._attn_implementation = name
 
 
-def install_kv_quantizers(model: nn.Module, attentions: list[nn.Module], keys: QuantArgs | None, values: QuantArgs | None) -> None:
+def install_kv_quantizers(
+    model: nn.Module, attentions: list[nn.Module], keys: QuantArgs | None, values: QuantArgs | None, fp_prefix: int = 0
+) -> None:
     """Attach key/value quantizers to each attention module and switch the model to the wrapper
-    (also needed, with no quantizers, when a transform rotated queries and keys)."""
+    (also needed, with no quantizers, when a transform rotated queries and keys); the first
+    `fp_prefix` tokens' keys and values stay in full precision."""
     rotated = any(getattr(a, QK_ROTATION, None) is not None for a in attentions)
     if keys is None and values is None and not rotated:
         return
@@ -84,7 +94,7 @@ def install_kv_quantizers(model: nn.Module, attentions: list[nn.Module], keys: Q
     name = register_attention(base)
     for attention in attentions:
         if keys is not None:
-            setattr(attention, KEY_QUANT, TensorQuantizer(keys))
+            setattr(attention, KEY_QUANT, TensorQuantizer(keys, fp_prefix))
         if values is not None:
-            setattr(attention, VALUE_QUANT, TensorQuantizer(values))
+            setattr(attention, VALUE_QUANT, TensorQuantizer(values, fp_prefix))
     set_attention_implementation(model, name)

@@ -35,6 +35,7 @@ from ..quant import fake_quantize
 from ..quant.fake import QParams, as_rows, at_least_float32, compute_qparams, in_scale_format
 from ..quant.qweight import QuantizedWeight, quantize_weight
 from ..scheme import QuantArgs
+from .prefix import token_offset
 from .quantizer import TensorQuantizer
 
 CODES, SCALE, ZERO, GLOBAL_SCALE = "weight_codes", "weight_scale", "weight_zero", "weight_global_scale"
@@ -50,14 +51,16 @@ class QuantLinear(nn.Module):
         input_args: QuantArgs | None = None,
         input_rotation: nn.Module | None = None,
         trainable: bool = False,
+        fp_prefix: int = 0,
     ) -> None:
         """`weight` is a `QuantizedWeight` (the quantized form), or a float tensor: with
-        `weight_args` and `trainable` the latent weight of QAT, without `weight_args` a float weight."""
+        `weight_args` and `trainable` the latent weight of QAT, without `weight_args` a float weight.
+        `fp_prefix`: the first tokens of each sequence whose inputs stay in full precision."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.input_rotation = input_rotation
-        self.input_quant = TensorQuantizer(input_args) if input_args is not None else None
+        self.input_quant = TensorQuantizer(input_args, fp_prefix) if input_args is not None else None
         self.trainable = False
         self.cache_dense = False  # keep the dequantized weight between forwards (dense_weights_cached)
         self._dense_cache: torch.Tensor | None = None
@@ -208,14 +211,15 @@ class QuantLinear(nn.Module):
         if self.input_rotation is not None:
             x = self.input_rotation(x)
         if self.input_quant is not None:
+            offset = token_offset() if self.input_quant.fp_prefix else 0  # tokens before x's (incremental decoding)
             wide = at_least_float32(x)
             if wide is not x and self.is_quantized:
                 # quantized activations times quantized weights in a bfloat16 / float16 model: serving
                 # engines multiply the codes exactly (int8 / FP8 GEMMs accumulate in int32 / float32)
                 # and scale in float32, and only the output takes the model's dtype
                 bias = None if self.bias is None else self.bias.float()
-                return F.linear(self.input_quant(wide), self.dense_weight(torch.float32), bias).to(x.dtype)
-            x = self.input_quant(x)
+                return F.linear(self.input_quant(wide, offset), self.dense_weight(torch.float32), bias).to(x.dtype)
+            x = self.input_quant(x, offset)
         weight = self.dense_weight(x.dtype) if self.is_quantized else self.dense_weight()
         return F.linear(x, weight, self.bias)
 
