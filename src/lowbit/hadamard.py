@@ -25,17 +25,18 @@ With doubling these reach every multiple of 4 up to 256 except six orders 4m, wh
 stored first rows (checked when built, below):
 
 - m = 23, 29, 39, 43 (orders 92, 116, 156, 172; and 184, 232 by doubling): Williamson
-  matrices. 23 is from "Discovery of an Hadamard matrix of order 92" (Baumert, Golomb, Hall);
-  23, 29 and 43 as tabulated in "Combinatorial Theory", 2nd edition (Hall); 39 is from
-  "Williamson matrices of order 4n for n = 33, 35, 39" (Đoković), as tabulated in "Constructing
-  new Turyn type sequences, T-sequences and Hadamard matrices" (London).
+  matrices, the rows for 23, 29 and 43 as tabulated in "Combinatorial Theory", 2nd edition
+  (Hall), for 39 as tabulated in "Constructing new Turyn type sequences, T-sequences and
+  Hadamard matrices" (London). Order 23 was first found in "Discovery of an Hadamard matrix of
+  order 92" (Baumert, Golomb, Hall), order 39 in "Williamson matrices of order 4n for n = 33,
+  35, 39" (Đoković).
 - m = 47, 59 (orders 188, 236), where Williamson matrices do not exist ("Williamson matrices up
   to order 59" (Holzmann, Kharaghani, Tayfeh-Rezaie)): Goethals-Seidel from the Turyn-type
   sequences TT(16) and TT(20) of "Turyn-type sequences: classification, enumeration and
   construction" (Best, Đoković, Kharaghani, Ramp).
 
-Every base matrix B is checked to satisfy B B^T = b I exactly when it is built (then cached),
-so a wrong stored row fails loudly instead of giving a non-orthogonal rotation.
+Every base matrix B is checked to be +-1 with B B^T = b I exactly when it is built (then
+cached), so a wrong stored row fails loudly instead of giving a non-orthogonal rotation.
 
 Among the reachable bases the smallest is used, so the dense part of the fast transform stays
 small (576 = 2^4 x 36, 1536 = 2^7 x 12, 11008 = 2^6 x 172, 14336 = 2^9 x 28). Above 256 an
