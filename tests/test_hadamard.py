@@ -10,6 +10,7 @@ from lowbit.hadamard import (
     _paley1,
     _paley2,
     _primitive_powers,
+    _quadratic_character,
     factor_order,
     hadamard_matrix,
     hadamard_transform,
@@ -74,7 +75,8 @@ def test_bases_are_the_smallest_and_the_stored_data_is_used_where_needed():
     assert factor_order(11008) == (172, 64) and _base_construction(172) == "williamson"
     assert factor_order(52) == (52, 1) and _base_construction(52) == "paley2"  # GF(25)
     assert factor_order(244) == (244, 1) and _base_construction(244) == "paley1"  # GF(243)
-    assert factor_order(224) == (28, 8)  # GF(27)
+    assert factor_order(224) == (28, 8) and _base_construction(28) == "paley2"  # GF(13), not GF(27): as before prime powers
+    assert factor_order(100) == (100, 1) and _base_construction(100) == "paley2"  # GF(49)
     assert factor_order(29568) == (924, 32)  # 231 * 4 is past the stored orders: Paley II over GF(461)
 
 
@@ -82,6 +84,13 @@ def test_bases_are_the_smallest_and_the_stored_data_is_used_where_needed():
 def test_field_generator_lists_every_nonzero_element_once(p, e):
     powers = _primitive_powers(p, e)
     assert sorted(powers) == list(range(1, p**e))
+
+
+@pytest.mark.parametrize("q", [3, 7, 11, 13, 17, 19, 43, 53, 139, 461, 5503])
+def test_prime_field_character_is_the_squares(q):
+    # saved models rebuild H from its order: prime-field matrices must stay as they were before prime powers
+    squares = {x * x % q for x in range(1, q)}
+    assert _quadratic_character(q, 1) == [0] + [1 if a in squares else -1 for a in range(1, q)]
 
 
 @pytest.mark.parametrize("q", [9, 25, 27, 49, 81, 121, 125, 169, 243, 343])

@@ -9,7 +9,9 @@ four squares" (Williamson); "A skew Hadamard matrix of order 36" (Goethals, Seid
 - Paley I: order q + 1 for a prime power q = 3 (mod 4), from the quadratic character of GF(q);
 - Paley II: order 2(q + 1) for a prime power q = 1 (mod 4). GF(p^e) is built as GF(p)[x]/(f)
   with the first monic f, in a fixed search order, in which x generates every nonzero element,
-  so 28 (GF(27)), 52 (GF(25)), 100 (GF(49)) and 244 (GF(243)) need no stored data;
+  so 52 (GF(25)), 100 (GF(49)) and 244 (GF(243)) need no stored data. Where a prime field also
+  works it is preferred (28 stays Paley II over GF(13), not Paley I over GF(27)), so orders
+  built before prime powers were supported keep the same matrix;
 - Williamson: order 4m from four symmetric circulant +-1 matrices A, B, C, D of order m with
   A^2 + B^2 + C^2 + D^2 = 4m I, in the array [[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B],
   [-D, -C, B, A]];
@@ -228,10 +230,18 @@ def _negated(seq: list[int]) -> list[int]:
 
 
 def _base_construction(b: int) -> str | None:
-    """How order b (not a power of two) can be built, if it can."""
-    if (b - 1) % 4 == 3 and _prime_power(b - 1):
+    """How order b (not a power of two) can be built, if it can.
+
+    Prime fields come first, as before prime powers were supported: a saved model records only the
+    order of each online rotation and rebuilds H from it, so an order that had a matrix must keep it."""
+    paley1, paley2 = (b - 1) % 4 == 3, b % 2 == 0 and (b // 2 - 1) % 4 == 1
+    if paley1 and _prime_power(b - 1) and _prime_power(b - 1)[1] == 1:
         return "paley1"
-    if b % 2 == 0 and (b // 2 - 1) % 4 == 1 and _prime_power(b // 2 - 1):
+    if paley2 and _prime_power(b // 2 - 1) and _prime_power(b // 2 - 1)[1] == 1:
+        return "paley2"
+    if paley1 and _prime_power(b - 1):
+        return "paley1"
+    if paley2 and _prime_power(b // 2 - 1):
         return "paley2"
     if b % 4 == 0 and b // 4 in _WILLIAMSON:
         return "williamson"
