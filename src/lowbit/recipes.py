@@ -38,6 +38,16 @@ class Recipe:
 
 
 NAMED: dict[str, dict] = {
+    # Recommended: the best lowbit knows for each target, chosen by the side-by-side comparison
+    # (benchmarks/compare). Symmetric grids use the full signed range (`f`: scale max/7.5, codes
+    # -8..7), as compressed-tensors does: after a rotation the narrower max/7 grid costs up to 2x
+    # in perplexity. R1 is applied online with the norm gains left in place, which beats the fused
+    # rotation at 4-bit activations.
+    "w4a16": {"scheme": "W4fA16", "algorithm": "gptq"},
+    "w8a8": {"scheme": "W8fA8f", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
+    "w4a8kv4": {"scheme": "W4fA8fKV4f", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
+    "w4a4kv4": {"scheme": "W4fA4fKV4f", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
+    # explicit variants
     "w8a8kv8-rtn": {"scheme": "W8A8KV8"},
     "w8a8-rtn": {"scheme": "W8A8"},
     "w4a16-rtn": {"scheme": "W4A16"},
@@ -102,7 +112,7 @@ TRANSFORM_KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fol
 
 def load_recipe(name_or_file: str) -> Recipe:
     if name_or_file in NAMED:
-        return _from_dict(NAMED[name_or_file], name_or_file)
+        return recipe_from_dict(NAMED[name_or_file], name_or_file)
     path = Path(name_or_file)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -115,11 +125,11 @@ def load_recipe(name_or_file: str) -> Recipe:
             raise UserError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise UserError(f"{path} must hold a mapping with keys scheme, transform, algorithm")
-        return _from_dict(data, str(path))
+        return recipe_from_dict(data, str(path))
     raise UserError(f"unknown recipe {name_or_file!r}; named recipes: {', '.join(NAMED)}, or a .yaml file")
 
 
-def _from_dict(data: dict, where: str) -> Recipe:
+def recipe_from_dict(data: dict, where: str) -> Recipe:
     """scheme, transform, algorithm, alpha, the transform's knobs and the algorithm's config fields."""
     if "scheme" not in data:
         raise UserError(f"recipe {where}: missing 'scheme'")

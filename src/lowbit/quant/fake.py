@@ -77,7 +77,8 @@ def minmax_qparams(
     if args.is_float:
         return float_qparams(rows.abs().amax(dim=1, keepdim=True) * ratio, args, global_scale if global_scale is not None else _global_of(rows, args))
     if args.symmetric:
-        amax = rows.abs().amax(dim=1, keepdim=True) * ratio
+        lo, hi = torch.aminmax(rows, dim=1, keepdim=True)  # one pass, no |rows| copy
+        amax = torch.maximum(-lo, hi) * ratio
         scale = amax / args.max_steps
         zero = torch.zeros_like(scale)
     else:
@@ -206,7 +207,9 @@ def quantize_rows(rows: torch.Tensor, qp: QParams, args: QuantArgs) -> torch.Ten
     0..2^N-1 for asymmetric, or the element format's values (`quant.formats`)."""
     if args.is_float:
         return FLOAT_ELEMENTS[args.element].round(rows / qp.step)
-    return torch.clamp(torch.round((rows - qp.zero) / qp.scale), args.qmin, args.qmax)
+    # symmetric offsets are zero: subtracting them would be a pass over the tensor for nothing
+    scaled = rows / qp.scale if args.symmetric else (rows - qp.zero) / qp.scale
+    return scaled.round_().clamp_(args.qmin, args.qmax)
 
 
 def dequantize_rows(values: torch.Tensor, qp: QParams) -> torch.Tensor:

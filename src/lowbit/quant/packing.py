@@ -14,7 +14,8 @@ _BYTE_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
 def unsigned_codes(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Map signed symmetric codes [-2^(N-1), 2^(N-1)-1] to [0, 2^N-1] (asymmetric codes already are)."""
     offset = 2 ** (bits - 1) if symmetric else 0
-    return (codes.to(torch.int32) + offset).to(torch.uint8)
+    wide = codes if codes.dtype in (torch.int16, torch.int32, torch.int64) else codes.to(torch.int16)
+    return (wide + offset).to(torch.uint8)  # one pass, no int32 copy: these run once per weight
 
 
 def signed_codes(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -30,15 +31,22 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (< 2^bits) into a flat uint8 tensor of ceil(numel * bits / 8) bytes."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be 1..8, got {bits}")
-    flat = codes.reshape(-1).to(torch.int32)
-    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
+    flat = codes.reshape(-1)
+    if flat.dtype != torch.uint8:  # uint8 codes (the usual case) need neither the copy nor a sign check
+        flat = flat.to(torch.int32)
+        if flat.numel() and flat.min() < 0:
+            raise ValueError(f"codes out of range for {bits}-bit packing")
+    if flat.numel() and (flat.dtype != torch.uint8 or bits < 8) and int(flat.max()) >= 2**bits:
         raise ValueError(f"codes out of range for {bits}-bit packing")
     if bits == 8:  # fast paths, the same layout as the bit stream
         return flat.to(torch.uint8)
     if bits == 4:
-        pairs = torch.cat([flat, flat.new_zeros(flat.numel() % 2)]).view(-1, 2)
-        return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
-    return pack_bitstream(flat, bits)
+        small = flat.to(torch.uint8)
+        if small.numel() % 2:
+            small = torch.cat([small, small.new_zeros(1)])
+        pairs = small.view(-1, 2)
+        return pairs[:, 0] | (pairs[:, 1] << 4)
+    return pack_bitstream(flat.to(torch.int32), bits)
 
 
 def pack_bitstream(flat: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,293 @@
+"""lowbit against llm-compressor, side by side: one table and one plot from one command.
+
+Both tools quantize the same model (the bundled default, written once as a float32 safetensors
+folder) on the same calibration windows and are evaluated on the same evaluation windows; the
+token ids are written once by prepare.py and read by both runners, each in its own environment
+(llm-compressor's is made by setup_llmcompressor.sh; its pins, transformers <= 5.17 and
+compressed-tensors 0.19, stay out of lowbit's). Every row runs in a fresh process, so its peak
+memory is its own. Rows are appended to results/NAME.jsonl as they finish (an interrupted run
+resumes; rows measured on other windows are measured again), and results/NAME.{json,md,png} are
+written from them.
+
+    python benchmarks/compare/compare.py                      # every row, 10 windows of 2048
+    python benchmarks/compare/compare.py --windows 40 --name compare_llmcompressor_40w
+    python benchmarks/compare/compare.py --render             # table and plot from the .jsonl only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import BY_KEY, ROWS  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = HERE.parent
+RESULTS = BENCHMARKS / "results"
+LLMC_PYTHON = BENCHMARKS / ".venvs" / "llmcompressor" / "bin" / "python"
+TOOLS = ("lowbit", "llm-compressor")
+COLUMNS = ["setting", "method", "bits/w", "lowbit PPL", "llm-c PPL", "lowbit gap", "llm-c gap", "gap ratio", "lowbit quantize (s)"]
+COLUMNS += ["llm-c quantize (s)", "time ratio", "lowbit peak (GiB)", "llm-c peak (GiB)", "load"]
+W4A16, W8A8 = "w4a16-gptq", "w8a8-smoothquant-gptq"  # the rows whose lowbit recipe is the recommended one
+
+
+def source_commit() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+
+
+def ensure_inputs(args) -> dict:
+    """The llm-compressor environment and the prepared model and token ids, made if missing."""
+    if "llm-compressor" in args.tools and not LLMC_PYTHON.exists():
+        subprocess.run(["bash", str(HERE / "setup_llmcompressor.sh")], check=True)
+    manifest_path = args.data / "manifest.json"
+    wanted = {"eval_windows": args.windows, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len}
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if any(manifest.get(k) != v for k, v in wanted.items()):
+        subprocess.run(
+            [sys.executable, str(HERE / "prepare.py"), "--out", str(args.data), "--windows", str(args.windows),
+             "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)],
+            check=True,
+        )  # fmt: skip
+        manifest = json.loads(manifest_path.read_text())
+    return manifest
+
+
+def run_one(tool: str, row: str, args) -> dict:
+    python, script = (sys.executable, "run_lowbit.py") if tool == "lowbit" else (str(LLMC_PYTHON), "run_llmcompressor.py")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [python, str(HERE / script), "--data", str(args.data), "--row", row, "--threads", str(args.threads)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return {"tool": tool, "row": row, "failed": proc.stderr[-4000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(wall_seconds=time.perf_counter() - start, load_avg_5min=os.getloadavg()[1], commit=source_commit())
+    return result
+
+
+def measure(args, manifest: dict, jsonl: Path) -> None:
+    done = set()
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("inputs") == manifest["sha256"]:
+                done.add((r["tool"], r["row"]))
+    todo = [(tool, row) for row in ["fp", *args.rows] for tool in args.tools if row == "fp" or BY_KEY[row].get(tool.replace("-", "")) is not None]
+    for tool, row in todo:
+        if (tool, row) in done:
+            continue
+        print(f"{tool:15s} {row} ...", flush=True)
+        result = run_one(tool, row, args)
+        if "failed" in result:  # reported, not recorded: the next run tries it again
+            print(f"{tool:15s} {row}: FAILED\n{result['failed']}", flush=True)
+            continue
+        result["inputs"] = manifest["sha256"]
+        with jsonl.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        extra = f", quantized in {result['quant_seconds']:.1f} s" if "quant_seconds" in result else ""
+        print(f"{tool:15s} {row}: ppl {result['ppl']:.3f}{extra}", flush=True)
+
+
+def effective_bits(row: dict, config: dict) -> float:
+    """Bits per weight of the decoder's linears: the codes plus one 16-bit scale per output channel
+    or per group (the scale format both tools' exports serve)."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or hidden // heads
+    shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim)]
+    shapes += [(inter, hidden), (inter, hidden), (hidden, inter)]
+    weights = sum(o * i for o, i in shapes)
+    scales = sum(o * (i // row["group"] if row["group"] else 1) for o, i in shapes)
+    return row["w_bits"] + 16 * scales / weights
+
+
+def latest(results: list[dict], manifest: dict) -> dict[tuple[str, str], dict]:
+    """The newest measurement of each (tool, row) on these inputs."""
+    found = {}
+    for r in results:
+        if r.get("inputs") == manifest["sha256"]:
+            found[(r["tool"], r["row"])] = r
+    return found
+
+
+def build_table(found: dict, manifest: dict, config: dict) -> dict:
+    fp = {tool: found[(tool, "fp")]["ppl"] for tool in TOOLS if (tool, "fp") in found}
+    rows = []
+    for row in ROWS:
+        if not any((tool, row["key"]) in found for tool in TOOLS):
+            continue
+        entry = {"key": row["key"], "setting": row["setting"], "method": row["method"], "bits_per_weight": effective_bits(row, config)}
+        entry["kv_bits"] = row["kv_bits"]
+        for tool in TOOLS:
+            r = found.get((tool, row["key"]))
+            if r is None:
+                continue
+            entry[tool] = {
+                "ppl": r["ppl"],
+                "gap": r["ppl"] - fp[tool],
+                "quant_seconds": r["quant_seconds"],
+                "peak_rss_gib": r["peak_rss_gib_quant"],
+                "load_avg_5min": r["load_avg_5min"],
+                "recipe": r["recipe"],
+            }
+        if "lowbit" in entry and "llm-compressor" in entry:
+            lowbit, llmc = entry["lowbit"], entry["llm-compressor"]
+            entry["gap_ratio"] = lowbit["gap"] / llmc["gap"] if llmc["gap"] > 0 else None
+            entry["time_ratio"] = lowbit["quant_seconds"] / llmc["quant_seconds"]
+        rows.append(entry)
+    return {"fp": fp, "rows": rows, "targets": targets(rows)}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, each met or missed, from the rows present."""
+    by_key = {r["key"]: r for r in rows}
+
+    def gap(key: str, tool: str) -> float | None:
+        r = by_key.get(key, {}).get(tool)
+        return None if r is None else r["gap"]
+
+    out = []
+    llmc_w4a4 = [g for g in (gap("w4a4-rotate-rtn", "llm-compressor"), gap("w4a4-rotate-gptq", "llm-compressor")) if g is not None]
+    best_llmc_w4a4 = 0.5 * min(llmc_w4a4) if llmc_w4a4 else None
+    checks = [
+        ("recommended w4a4kv4 gap <= half of llm-compressor's best W4A4 KV16 gap", gap("rec-w4a4kv4", "lowbit"), best_llmc_w4a4),
+        ("recommended w8a8 gap <= llm-compressor SmoothQuant + GPTQ gap", gap(W8A8, "lowbit"), gap(W8A8, "llm-compressor")),
+        ("recommended w4a16 gap <= llm-compressor GPTQ W4A16 per-channel gap", gap(W4A16, "lowbit"), gap(W4A16, "llm-compressor")),
+    ]
+    for what, value, bound in checks:
+        if value is not None and bound is not None:
+            out.append({"target": what, "lowbit": value, "bound": bound, "met": value <= bound})
+    for r in rows:
+        if "time_ratio" in r:
+            out.append({"target": f"{r['key']}: lowbit quantization time <= half of llm-compressor's", "lowbit": r["lowbit"]["quant_seconds"],
+                        "bound": 0.5 * r["llm-compressor"]["quant_seconds"], "met": r["time_ratio"] <= 0.5})  # fmt: skip
+    return out
+
+
+def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
+    def num(value, fmt="{:.2f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    lines = [
+        f"# lowbit vs llm-compressor on {manifest['model']}",
+        "",
+        f"Evaluation: the first {manifest['eval_windows']} windows of {manifest['seq_len']} tokens of {Path(manifest['eval_text']).name} "
+        f"(token-level perplexity, no BOS). Calibration: {manifest['calib_samples']} x {manifest['calib_seq_len']} tokens, "
+        f"{manifest['calib_text']}. Both tools read the same token ids (sha256 {manifest['sha256']['eval_ids.safetensors'][:12]} / "
+        f"{manifest['sha256']['calib_ids.safetensors'][:12]}).",
+        "",
+        f"FP32 perplexity on these windows: lowbit {num(table['fp'].get('lowbit'), '{:.4f}')}, "
+        f"llm-compressor {num(table['fp'].get('llm-compressor'), '{:.4f}')}.",
+        "",
+        "Versions: " + "; ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "",
+        "gap = PPL - FP PPL of the same tool on the same windows; gap ratio = lowbit gap / llm-compressor gap (below 1: lowbit closer to FP). "
+        "Quantize = wall time of the quantization call (lowbit `quantize`, llm-compressor `oneshot`) after the model loaded; peak = the process's "
+        "peak resident memory up to the end of quantization, model load included. Bits/weight: codes plus a 16-bit scale per channel or group, "
+        "decoder linears. Load = 5-minute load average after the row (2 cores).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for r in table["rows"]:
+        lowbit, llmc = r.get("lowbit", {}), r.get("llm-compressor", {})
+        setting = r["setting"] + ("" if llmc else " (lowbit only)")
+        load = max(x.get("load_avg_5min", 0) for x in (lowbit, llmc) if x)
+        cells = [setting, r["method"], f"{r['bits_per_weight']:.2f}", num(lowbit.get("ppl")), num(llmc.get("ppl")), num(lowbit.get("gap"))]
+        cells += [num(llmc.get("gap")), num(r.get("gap_ratio")), num(lowbit.get("quant_seconds"), "{:.1f}"), num(llmc.get("quant_seconds"), "{:.1f}")]
+        cells += [num(r.get("time_ratio")), num(lowbit.get("peak_rss_gib")), num(llmc.get("peak_rss_gib")), f"{load:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "lowbit recipes per row:", ""]
+    lines += [f"- {r['key']}: `{json.dumps(r['lowbit']['recipe'])}`" for r in table["rows"] if "lowbit" in r]
+    lines += ["", "## Targets", ""]
+    for t in table["targets"]:
+        lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['lowbit']:.3f} vs {t['bound']:.3f})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: Path, manifest: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    markers = {"lowbit": "o", "llm-compressor": "s"}
+    for tool in TOOLS:
+        points = [(r["bits_per_weight"], r[tool]["gap"], r) for r in table["rows"] if tool in r]
+        if not points:
+            continue
+        ax.scatter([p[0] for p in points], [max(p[1], 1e-3) for p in points], marker=markers[tool], label=tool, s=40)
+        for x, y, r in points:
+            label = f"{r['setting'].replace(' per channel', '')} {r['method'].split(' ')[0] if tool == 'llm-compressor' else r['key']}"
+            ax.annotate(label, (x, max(y, 1e-3)), fontsize=6, xytext=(4, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight (codes + 16-bit scales)")
+    ax.set_ylabel("perplexity gap to FP32 (log)")
+    ax.set_title(f"{manifest['model']}: gap vs bits, {manifest['eval_windows']} x {manifest['seq_len']} WikiText-2 windows")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def versions_of(results: list[dict]) -> dict:
+    out = {}
+    for r in results:
+        if r["tool"] == "lowbit":
+            out["lowbit"] = r["version"]
+            out["torch (lowbit)"] = r["torch"]
+        else:
+            out["llm-compressor"] = r["version"]
+            out["compressed-tensors"] = r["compressed_tensors"]
+            out["transformers (llm-compressor)"] = r["transformers"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="compare_llmcompressor")
+    parser.add_argument("--data", type=Path, default=BENCHMARKS / ".cache" / "compare")
+    parser.add_argument("--windows", type=int, default=10)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--rows", default=",".join(r["key"] for r in ROWS))
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--render", action="store_true", help="Only write the table and plot from results/NAME.jsonl.")
+    args = parser.parse_args()
+    args.rows = [r for r in args.rows.split(",") if r]
+    args.tools = [t for t in args.tools.split(",") if t]
+    unknown = [r for r in args.rows if r not in BY_KEY] + [t for t in args.tools if t not in TOOLS]
+    if unknown:
+        raise SystemExit(f"unknown rows or tools: {', '.join(unknown)}")
+    jsonl = RESULTS / f"{args.name}.jsonl"
+    if args.render:
+        manifest = json.loads((args.data / "manifest.json").read_text())
+    else:
+        manifest = ensure_inputs(args)
+        measure(args, manifest, jsonl)
+    results = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    config = json.loads((args.data / "model" / "config.json").read_text())
+    found = latest(results, manifest)
+    table = build_table(found, manifest, config)
+    versions = versions_of([r for r in found.values()])
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"manifest": manifest, "versions": versions, **table}, indent=2) + "\n")
+    markdown = render_markdown(table, manifest, versions)
+    (RESULTS / f"{args.name}.md").write_text(markdown)
+    plot(table, RESULTS / f"{args.name}.png", manifest)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

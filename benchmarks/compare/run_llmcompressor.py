@@ -1,0 +1,142 @@
+"""One row of the comparison with llm-compressor, in its own environment (setup_llmcompressor.sh);
+never imports lowbit. Loads the prepared float32 model, runs `oneshot` with the row's modifiers on
+the prepared calibration windows (in their order, unshuffled), then evaluates the model as
+llm-compressor leaves it in memory (compressed-tensors' fake-quantized forward: quantized weights,
+dynamic per-token activation quantization) on the prepared evaluation windows, with the same
+token-level perplexity as lowbit's: exp(total NLL / predicted tokens), each 2048-token window
+predicting its last 2047 tokens. Prints one JSON line.
+
+    benchmarks/.venvs/llmcompressor/bin/python benchmarks/compare/run_llmcompressor.py \
+        --data benchmarks/.cache/compare --row w4a16-gptq
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as metadata
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import BY_KEY  # noqa: E402
+
+LOGIT_CHUNK = 256  # tokens of logits at a time: 2048 x 49152 float32 logits would take 400 MB
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def scheme_groups(spec: dict) -> dict:
+    """compressed-tensors config groups for the row: symmetric integer weights per channel or
+    group, optional dynamic per-token symmetric integer activations."""
+    weights = {"num_bits": spec["weights"]["bits"], "type": "int", "symmetric": True, "dynamic": False}
+    if spec["weights"].get("group"):
+        weights.update(strategy="group", group_size=spec["weights"]["group"])
+    else:
+        weights["strategy"] = "channel"
+    group = {"targets": ["Linear"], "weights": weights}
+    if spec.get("acts"):
+        group["input_activations"] = {"num_bits": spec["acts"], "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
+    return {"group_0": group}
+
+
+def modifiers(spec: dict) -> list:
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import SmoothQuantModifier, SpinQuantModifier
+
+    chain = []
+    if spec.get("smoothquant") is not None:
+        chain.append(SmoothQuantModifier(smoothing_strength=spec["smoothquant"]))
+    if spec.get("spinquant"):
+        chain.append(SpinQuantModifier(rotations=spec["spinquant"], transform_type="random-hadamard"))
+    groups = scheme_groups(spec)
+    if spec["method"] == "awq":
+        chain.append(AWQModifier(ignore=["lm_head"], config_groups=groups))
+    elif spec["method"] == "gptq":
+        chain.append(GPTQModifier(ignore=["lm_head"], config_groups=groups))
+    else:
+        chain.append(QuantizationModifier(ignore=["lm_head"], config_groups=groups))
+    return chain
+
+
+@torch.no_grad()
+def perplexity(model, eval_ids: torch.Tensor) -> tuple[float, float]:
+    total_nll, total_tokens = 0.0, 0
+    for window in eval_ids:
+        window = window.unsqueeze(0)
+        hidden = model.model(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
+        targets = window[0, 1:]
+        for start in range(0, hidden.shape[0], LOGIT_CHUNK):
+            logits = model.lm_head(hidden[start : start + LOGIT_CHUNK]).float()
+            total_nll += F.cross_entropy(logits, targets[start : start + LOGIT_CHUNK], reduction="sum").item()
+        total_tokens += targets.numel()
+    nll = total_nll / total_tokens
+    return math.exp(nll), nll
+
+
+def run(data: Path, row_key: str, threads: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    eval_ids = load_file(str(data / "eval_ids.safetensors"))["input_ids"]
+    calib_ids = load_file(str(data / "calib_ids.safetensors"))["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(data / "model", dtype=torch.float32, use_safetensors=True)
+    model.eval()
+    result = {
+        "tool": "llm-compressor",
+        "row": row_key,
+        "version": metadata.version("llmcompressor"),
+        "compressed_tensors": metadata.version("compressed-tensors"),
+        "transformers": metadata.version("transformers"),
+        "torch": torch.__version__,
+        "threads": threads,
+    }
+    if row_key != "fp":
+        from datasets import Dataset
+        from llmcompressor import oneshot
+
+        spec = BY_KEY[row_key]["llmcompressor"]
+        if spec is None:
+            raise SystemExit(f"row {row_key} is lowbit only")
+        result["recipe"] = spec
+        dataset = Dataset.from_dict({"input_ids": calib_ids.tolist(), "attention_mask": torch.ones_like(calib_ids).tolist()})
+        start = time.perf_counter()
+        oneshot(
+            model=model,
+            dataset=dataset,
+            recipe=modifiers(spec),
+            num_calibration_samples=calib_ids.shape[0],
+            max_seq_length=calib_ids.shape[1],
+            shuffle_calibration_samples=False,
+        )
+        result["quant_seconds"] = time.perf_counter() - start
+    result["peak_rss_gib_quant"] = peak_rss_gib()
+    start = time.perf_counter()
+    ppl, nll = perplexity(model, eval_ids)
+    result.update(ppl=ppl, nll=nll, windows=int(eval_ids.shape[0]), eval_seconds=time.perf_counter() - start)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--row", required=True, choices=["fp", *BY_KEY])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    print(json.dumps(run(args.data, args.row, args.threads)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""One row of the comparison with lowbit, in this process: load the prepared model, quantize it with
+the row's lowbit recipe on the prepared calibration windows, then evaluate on the prepared
+evaluation windows. Prints one JSON line.
+
+    python benchmarks/compare/run_lowbit.py --data benchmarks/.cache/compare --row w4a16-gptq
+    python benchmarks/compare/run_lowbit.py --data benchmarks/.cache/compare --row fp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import BY_KEY  # noqa: E402
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run(data: Path, row_key: str, threads: int) -> dict:
+    import lowbit
+    from lowbit.evaluation.perplexity import perplexity
+    from lowbit.recipes import load_recipe, recipe_from_dict
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    eval_ids = load_file(str(data / "eval_ids.safetensors"))["input_ids"]
+    calib_ids = load_file(str(data / "calib_ids.safetensors"))["input_ids"]
+    model, _ = lowbit.load_model(str(data / "model"))
+    result = {"tool": "lowbit", "row": row_key, "version": lowbit.__version__, "torch": torch.__version__, "threads": threads}
+    if row_key != "fp":
+        spec = BY_KEY[row_key]["lowbit"]
+        recipe = load_recipe(spec) if isinstance(spec, str) else recipe_from_dict(spec, row_key)
+        result["recipe"] = spec
+        start = time.perf_counter()
+        lowbit.quantize(model, recipe, calibration=[row.unsqueeze(0) for row in calib_ids], inplace=True, progress=False)
+        result["quant_seconds"] = time.perf_counter() - start
+    result["peak_rss_gib_quant"] = peak_rss_gib()
+    start = time.perf_counter()
+    ppl = perplexity(model, eval_ids.flatten(), seq_len=eval_ids.shape[1], windows=eval_ids.shape[0], progress=False)
+    result.update(ppl=ppl.ppl, nll=ppl.nll, windows=ppl.windows, eval_seconds=time.perf_counter() - start)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--row", required=True, choices=["fp", *BY_KEY])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    print(json.dumps(run(args.data, args.row, args.threads)))
+
+
+if __name__ == "__main__":
+    main()
