@@ -2,18 +2,22 @@ import math
 
 import pytest
 import torch
+from conftest import is_prime, old_paley
 
 from lowbit import UserError, hadamard
 from lowbit.hadamard import (
     _base_construction,
     _base_matrix,
+    _legacy_construction,
     _paley1,
     _paley2,
     _primitive_powers,
     _quadratic_character,
+    check_base,
     factor_order,
     hadamard_matrix,
     hadamard_transform,
+    legacy_base,
     orthogonal_hadamard,
     random_signs,
     sylvester,
@@ -174,3 +178,67 @@ def test_random_signs_are_seeded():
 def test_impossible_orders_say_why(n, why):
     with pytest.raises(UserError, match=why):
         hadamard_matrix(n)
+
+
+# ---------------------------------------------------------------- base orders of saved models
+
+
+def _old_base(n: int) -> int | None:
+    """The base lowbit chose before prime powers, Williamson and Goethals-Seidel: 1 for a power of
+    two, else the smallest n / 2^j that is a prime-field Paley I / II order (None: none, refused)."""
+    if n & (n - 1) == 0:
+        return 1
+    b = n // (n & -n) * 4
+    while b <= n and not (is_prime(b - 1) and b % 4 == 0 or is_prime(b // 2 - 1) and (b // 2 - 1) % 4 == 1):
+        b *= 2
+    return b if b <= n else None
+
+
+def test_legacy_base_is_the_old_choice():
+    for n in range(4, 8193, 4):
+        if _old_base(n) is None:  # refused then (52, 92, ...): no saved model has a rotation of that order
+            with pytest.raises(UserError, match="before format version 5"):
+                legacy_base(n)
+        else:
+            assert legacy_base(n) == _old_base(n), n
+    # orders whose smallest base changed: the model of tests/data/format_v3_hadamard, Llama-2's MLP
+    assert [(n, legacy_base(n), factor_order(n)[0]) for n in (104, 208, 11008)] == [(104, 104, 52), (208, 104, 52), (11008, 5504, 172)]
+
+
+@pytest.mark.parametrize("b", [b for b in range(4, 520, 4) if _legacy_construction(b)])
+def test_every_legacy_base_still_builds_its_old_matrix(b):
+    # saved models without recorded bases (format <= 4) rotate with these: they must not change
+    assert torch.equal(_base_matrix(b), old_paley(b))
+
+
+def test_the_newer_bases_up_to_256_are_pinned():
+    # saved models record only a base order: its matrix must stay the one it was saved with
+    import hashlib
+
+    bases = [b for b in range(2, 257) if _base_construction(b) and not _legacy_construction(b)]
+    assert bases == [52, 92, 100, 116, 156, 172, 188, 236, 244]
+    digest = hashlib.sha256()
+    for b in bases:
+        digest.update(str(b).encode())
+        digest.update(_base_matrix(b).to(torch.int8).numpy().tobytes())
+    assert digest.hexdigest() == "2bb85c72f3185ba3ad872bba2265c3908124fbab487c6508f28570602e056e5d"
+
+
+@pytest.mark.parametrize("n, base", [(104, 104), (104, 52), (208, 104), (208, 52), (64, 1), (16, 8)])
+def test_a_chosen_base_builds_that_kronecker_product(n, base):
+    H = hadamard_matrix(n, torch.float64, base=base)
+    assert torch.equal(H, torch.kron(sylvester(n // base), _base_matrix(base)).double())
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n + base))
+    signs = random_signs(n, 1).double()
+    assert torch.allclose(hadamard_transform(x, signs, base=base), x @ orthogonal_hadamard(n, signs, base=base), atol=1e-12)
+    # block-diagonal: the base is that of each block
+    blocks = hadamard_transform(x, block=n // 2, base=base // 2) if base % 8 == 0 else None
+    if blocks is not None:
+        R = orthogonal_hadamard(n // 2, base=base // 2)
+        assert torch.allclose(blocks, (x.view(3, 2, n // 2) @ R).view(3, n), atol=1e-12)
+
+
+@pytest.mark.parametrize("n, base", [(104, 26), (104, 13), (208, 208 * 2), (1336, 668), (104, 0), (104, True)])
+def test_a_base_that_cannot_build_the_order_is_refused(n, base):
+    with pytest.raises(UserError, match="base order"):
+        check_base(n, base)

@@ -44,6 +44,13 @@ Among the reachable bases the smallest is used, so the dense part of the fast tr
 small (576 = 2^4 x 36, 1536 = 2^7 x 12, 11008 = 2^6 x 172, 14336 = 2^9 x 28). Above 256 an
 odd part o > 64 needs a Paley base o * 2^j; an order none reaches (the smallest multiple of 4
 with no known Hadamard matrix is 668) fails with the reason.
+
+The smallest base depends on which constructions exist, so it changed when the ones past prime
+fields were added (104 was Paley I over GF(103), now 2 x 52 from GF(25); 11008 was 2 x 5504, now
+2^6 x 172). A saved model therefore records the base order of each online rotation (format
+version 5), and one saved before reads back with `legacy_base`, the choice among Sylvester and
+prime-field Paley alone. The matrix of a given base order never changes: prime fields are tried
+first, so each old base builds the matrix it always did.
 """
 
 from __future__ import annotations
@@ -232,12 +239,14 @@ def _negated(seq: list[int]) -> list[int]:
 def _base_construction(b: int) -> str | None:
     """How order b (not a power of two) can be built, if it can.
 
-    Prime fields come first, as before prime powers were supported: a saved model records only the
-    order of each online rotation and rebuilds H from it, so an order that had a matrix must keep it."""
+    Prime fields come first, as before prime powers were supported, so every base order lowbit
+    built before keeps its matrix: a saved model's rotations rebuild H from their recorded base
+    order (older saved models from the base `legacy_base` gives), so the matrix of a base order
+    must never change."""
     paley1, paley2 = (b - 1) % 4 == 3, b % 2 == 0 and (b // 2 - 1) % 4 == 1
-    if paley1 and _prime_power(b - 1) and _prime_power(b - 1)[1] == 1:
+    if paley1 and _is_prime(b - 1):
         return "paley1"
-    if paley2 and _prime_power(b // 2 - 1) and _prime_power(b // 2 - 1)[1] == 1:
+    if paley2 and _is_prime(b // 2 - 1):
         return "paley2"
     if paley1 and _prime_power(b - 1):
         return "paley1"
@@ -250,14 +259,24 @@ def _base_construction(b: int) -> str | None:
     return None
 
 
+def _legacy_construction(b: int) -> bool:
+    """Whether lowbit before prime powers, Williamson and Goethals-Seidel reached base order b: Paley
+    I or II over a prime field."""
+    return (b - 1) % 4 == 3 and _is_prime(b - 1) or b % 2 == 0 and (b // 2 - 1) % 4 == 1 and _is_prime(b // 2 - 1)
+
+
+def _is_prime(q: int) -> bool:
+    power = _prime_power(q)
+    return power is not None and power[1] == 1
+
+
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-@cache
-def factor_order(n: int) -> tuple[int, int]:
-    """(base, power of two) with n = base * 2^k and base = 1 or an order a construction reaches; the smallest base."""
-    if not isinstance(n, int) or n < 1:
+def _smallest_base(n: int, reachable) -> tuple[int, int] | None:
+    """(base, power of two) with n = base * 2^k for the smallest base `reachable` accepts (1 for a power of two)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UserError(f"a Hadamard matrix needs a positive integer order; got {n!r}")
     if _is_power_of_two(n):
         return 1, n
@@ -267,17 +286,53 @@ def factor_order(n: int) -> tuple[int, int]:
     while n % (2 * power) == 0:
         power *= 2
     # try bases b = odd * 4, odd * 8, ... (smallest first)
-    odd = n // power
-    b = odd * 4
+    b = n // power * 4
     while b <= n:
-        if _base_construction(b):
+        if reachable(b):
             return b, n // b
         b *= 2
-    raise UserError(
-        f"no Hadamard matrix of order {n} = {odd} x 2^{int(math.log2(power))} is available: none of the orders "
-        f"{odd}*2^j (j >= 2) up to {n} is reachable by Paley I/II over a finite field or by the stored "
-        f"Williamson / Turyn-type data (every multiple of 4 up to 256 is); choose a size with another factorisation"
-    )
+    return None
+
+
+@cache
+def factor_order(n: int) -> tuple[int, int]:
+    """(base, power of two) with n = base * 2^k and base = 1 or an order a construction reaches; the smallest base."""
+    found = _smallest_base(n, _base_construction)
+    if found is None:
+        odd = n // (n & -n)
+        raise UserError(
+            f"no Hadamard matrix of order {n} = {odd} x 2^{(n & -n).bit_length() - 1} is available: none of the orders "
+            f"{odd}*2^j (j >= 2) up to {n} is reachable by Paley I/II over a finite field or by the stored "
+            f"Williamson / Turyn-type data (every multiple of 4 up to 256 is); choose a size with another factorisation"
+        )
+    return found
+
+
+@cache
+def legacy_base(n: int) -> int:
+    """The base order lowbit used for order n before prime-power Paley, Williamson and Goethals-Seidel
+    bases were added (Sylvester and prime-field Paley I/II only): the matrix of a saved model whose
+    rotations do not record their base. Every such base still builds the same matrix."""
+    found = _smallest_base(n, _legacy_construction)
+    if found is None:
+        raise UserError(f"no Hadamard matrix of order {n} was available before format version 5; the saved model is damaged")
+    return found[0]
+
+
+def check_base(n: int, base: int) -> None:
+    """`base` must give H_n = H_{2^k} (x) H_base: a reachable order (or 1) with n / base a power of two."""
+    if not isinstance(base, int) or isinstance(base, bool) or base < 1 or n % base or not _is_power_of_two(n // base):
+        raise UserError(f"a Hadamard matrix of order {n} cannot have base order {base!r}: {n} / base must be a power of two")
+    if base > 1 and not _base_construction(base):
+        raise UserError(f"no construction reaches the Hadamard base order {base} (for order {n})")
+
+
+def _split(n: int, base: int | None) -> tuple[int, int]:
+    """(base, power of two) of order n: the smallest base, or `base` if given."""
+    if base is None:
+        return factor_order(n)
+    check_base(n, base)
+    return base, n // base
 
 
 def _build_base(b: int) -> torch.Tensor:
@@ -316,9 +371,10 @@ def sylvester(n: int) -> torch.Tensor:
     return H
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The n x n matrix of +-1 with H @ H.T = n I (not normalised)."""
-    b, p = factor_order(n)
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, base: int | None = None) -> torch.Tensor:
+    """The n x n matrix of +-1 with H @ H.T = n I (not normalised), from base order `base` (default:
+    the smallest, `factor_order`)."""
+    b, p = _split(n, base)
     return torch.kron(sylvester(p), _base_matrix(b)).to(dtype)
 
 
@@ -327,19 +383,20 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=g).to(torch.float32) * 2 - 1
 
 
-def check_block(n: int, block: int | None) -> None:
-    """A block-diagonal rotation of size `block` must tile `n` and have a Hadamard matrix."""
+def check_block(n: int, block: int | None, base: int | None = None) -> None:
+    """A block-diagonal rotation of size `block` must tile `n` and have a Hadamard matrix (from base order `base` if given)."""
     if block is None:
         return
     if block < 1 or n % block:
         raise UserError(f"a block Hadamard of size {block} does not divide dimension {n}; choose a divisor of {n} (16 or 32 for NVFP4 / MX)")
-    factor_order(block)
+    _split(block, base)
 
 
-def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, block: int | None = None, base: int | None = None) -> torch.Tensor:
     """x @ diag(signs) @ H_n / sqrt(n) along the last dimension, in O(n log n) on the power-of-two part.
     With `block`, H is block-diagonal: H_block on each run of `block` consecutive channels (the
     blocks of a microscaling format, so each block's outliers spread over that block only).
+    `base`: the base order of H_n (of H_block with `block`); default the smallest, `factor_order`.
 
     With H_n = H_{2^k} (x) H_b, x viewed as [..., 2^k, b] is multiplied by H_b on the last axis
     and transformed with the butterfly on the 2^k axis."""
@@ -347,9 +404,9 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, block
     if signs is not None:
         x = x * signs.to(device=x.device, dtype=x.dtype)
     if block is not None and block != n:
-        check_block(n, block)
-        return hadamard_transform(x.reshape(*x.shape[:-1], n // block, block)).reshape(x.shape)
-    b, p = factor_order(n)
+        check_block(n, block, base)
+        return hadamard_transform(x.reshape(*x.shape[:-1], n // block, block), base=base).reshape(x.shape)
+    b, p = _split(n, base)
     shape = x.shape
     y = x.reshape(-1, p, b)
     if b > 1:
@@ -363,9 +420,9 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, block
     return (y.reshape(shape) / math.sqrt(n)).to(x.dtype)
 
 
-def orthogonal_hadamard(n: int, signs: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The dense orthogonal matrix R = diag(signs) H / sqrt(n), so that x @ R = hadamard_transform(x, signs)."""
-    R = hadamard_matrix(n, dtype) / math.sqrt(n)
+def orthogonal_hadamard(n: int, signs: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, base: int | None = None) -> torch.Tensor:
+    """The dense orthogonal matrix R = diag(signs) H / sqrt(n), so that x @ R = hadamard_transform(x, signs, base=base)."""
+    R = hadamard_matrix(n, dtype, base) / math.sqrt(n)
     if signs is not None:
         R = signs.to(dtype)[:, None] * R
     return R
