@@ -236,6 +236,7 @@ def _negated(seq: list[int]) -> list[int]:
     return [-s for s in seq]
 
 
+@cache  # online rotations with a recorded base check it on every forward
 def _base_construction(b: int) -> str | None:
     """How order b (not a power of two) can be built, if it can.
 
@@ -315,7 +316,7 @@ def legacy_base(n: int) -> int:
     rotations do not record their base. Every such base still builds the same matrix."""
     found = _smallest_base(n, _legacy_construction)
     if found is None:
-        raise UserError(f"no Hadamard matrix of order {n} was available before format version 5; the saved model is damaged")
+        raise UserError(f"no Hadamard matrix of order {n} was available before format version 5 (Sylvester and prime-field Paley only)")
     return found[0]
 
 

@@ -302,9 +302,9 @@ def _rotation(entry: dict | None, built: dict[str, OnlineHadamard], path: str) -
         return built[entry["same_as"]]
     signs = torch.ones(entry["size"]) if entry["random_signs"] else None  # loaded from the file
     block = entry.get("block")
-    # before version 5 the base was not recorded: the writer's lowbit chose it by the legacy rule
-    base = entry["base"] if "base" in entry else legacy_base(block or entry["size"])
     try:
+        # before version 5 the base was not recorded: the writer's lowbit chose it by the legacy rule
+        base = entry["base"] if "base" in entry else legacy_base(block or entry["size"])
         built[path] = OnlineHadamard(entry["size"], signs, block, base)
     except UserError as exc:  # a size, block or base order no Hadamard matrix fits: an edit, not a lowbit save
         raise UserError(f"saved model config is damaged: the rotation of {path}: {exc}") from None
