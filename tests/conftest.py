@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -148,3 +149,26 @@ def run_cli(args, capsys):
 def quantize_args(model_dir, text, *extra):
     """`lowbit quantize` on a local model with short windows (the tiny models' context is 256)."""
     return ["-q", "quantize", "--model", str(model_dir), "--data", str(text), "--seq-len", "32", "--windows", "3", *extra]
+
+
+def is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def old_paley(b: int) -> torch.Tensor:
+    """lowbit's prime-field Paley I / II matrix of order b as written before prime-power fields
+    (Q[i, j] = chi(j - i), chi from the squares mod q): what saved models without a recorded base
+    order were quantized with."""
+    q = b - 1 if b % 4 == 0 and is_prime(b - 1) else b // 2 - 1
+    squares = {x * x % q for x in range(1, q)}
+    chi = torch.tensor([0] + [1 if a in squares else -1 for a in range(1, q)])
+    idx = torch.arange(q)
+    Q = chi[(idx[None, :] - idx[:, None]) % q]
+    if q % 4 == 3:
+        S = torch.zeros(b, b, dtype=torch.int64)
+        S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, Q
+        return S + torch.eye(b, dtype=torch.int64)
+    C = torch.zeros(q + 1, q + 1, dtype=torch.int64)
+    C[0, 1:], C[1:, 0], C[1:, 1:] = 1, 1, Q
+    plus, minus = torch.tensor([[1, 1], [1, -1]]), torch.tensor([[1, -1], [-1, -1]])
+    return torch.kron(C, plus) + torch.kron(torch.eye(q + 1, dtype=torch.int64), minus)

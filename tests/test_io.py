@@ -2,10 +2,11 @@
 incomplete or newer saved models fail with a clear UserError."""
 
 import json
+import math
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_config, tiny_model, word_tokenizer
+from conftest import FAMILIES, old_paley, tiny_config, tiny_model, word_tokenizer
 
 import lowbit
 from lowbit import UserError
@@ -277,3 +278,139 @@ def test_format_version_1_folders_still_load_with_the_same_logits(name):
     assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
     assert (tok is not None) == name.startswith("w4")
     assert all(m.is_quantized for m in model.modules() if isinstance(m, QuantLinear))
+
+
+# ---------------------------------------------------------------- Hadamard base orders (format 5)
+
+
+def rotations(model) -> dict:
+    """The online rotations of `model` by owner path (shared ones once)."""
+    from lowbit.runtime.kv import QK_ROTATION
+
+    found = {}
+    for name, m in model.named_modules():
+        r = getattr(m, "input_rotation", None) or getattr(m, QK_ROTATION, None)
+        if r is not None and all(r is not seen for seen in found.values()):
+            found[name] = r
+    return found
+
+
+def rotated_104():
+    """A tiny Llama whose online rotations are at orders whose smallest Hadamard base changed when
+    constructions past prime-field Paley were added: 104 (R1, was Paley I over GF(103), now 2 x 52
+    over GF(25)) and 208 (R4), with R3 at 16."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=104, intermediate_size=208, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+    )
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    transform = TransformConfig(kind="rotate", fuse_r1=False, fold_norms=False, seed=3)
+    return lowbit.quantize(model, "W4A8KV4", transform=transform, calibration=calibration(), progress=False)
+
+
+def rewrite(path, edit) -> None:
+    """Edit the description of a saved model and re-sign it, as a writer of that content would have."""
+    from lowbit.io.description import CHECKSUM_KEY, description_checksum
+
+    config = json.loads((path / CONFIG_FILE).read_text())
+    edit(config)
+    config[CHECKSUM_KEY] = description_checksum(config)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def entries(config) -> list[dict]:
+    """Every rotation entry of a description that is not a reference to another."""
+    modules = config["modules"]
+    found = [e["input_rotation"] for e in modules["linears"].values()] + [e["qk_rotation"] for e in modules["attention"].values()]
+    return [e for e in found if e is not None and "same_as" not in e]
+
+
+def test_online_rotations_record_their_base_order(tmp_path):
+    from lowbit.hadamard import factor_order
+
+    q = rotated_104()
+    assert {r.size: r.base for r in rotations(q).values()} == {104: 52, 208: 52, 64: 1, 16: 1}
+    loaded, _ = assert_round_trip(q, tmp_path / "m")  # bit-identical logits
+    config = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    assert config["format_version"] == 5
+    assert all(e["base"] == factor_order(e["size"])[0] for e in entries(config)) and {e["base"] for e in entries(config)} == {52, 1}
+    assert {n: (r.size, r.base) for n, r in rotations(loaded).items()} == {n: (r.size, r.base) for n, r in rotations(q).items()}
+
+
+@torch.no_grad()
+def test_a_rotation_saved_without_its_base_order_uses_the_old_matrix(tmp_path):
+    """A version 3/4 entry (no `base`) rotates with the matrix the lowbit that wrote it built: the
+    smallest prime-field Paley base, Paley I over GF(103) for 104."""
+    from lowbit.hadamard import hadamard_matrix, sylvester
+
+    save_quantized(rotated_104(), tmp_path / "m")
+
+    def as_version_3(config):
+        config["format_version"] = 3
+        for e in entries(config):
+            del e["base"]
+
+    rewrite(tmp_path / "m", as_version_3)
+    loaded, _ = load_quantized(tmp_path / "m")
+    found = {r.size: r for r in rotations(loaded).values()}
+    assert {size: r.base for size, r in found.items()} == {104: 104, 208: 104, 64: 1, 16: 1}
+    for size in (104, 208):
+        old = torch.kron(sylvester(size // 104), old_paley(104)).double()
+        assert torch.equal(hadamard_matrix(size, torch.float64, base=found[size].base), old)
+        R = found[size].signs.double()[:, None] * old / math.sqrt(size)  # what the rotation applies
+        assert torch.allclose(found[size](torch.eye(size, dtype=torch.float64)), R, atol=1e-12)
+
+
+@torch.no_grad()
+def test_a_format_3_folder_with_online_rotations_loads_with_its_matrices():
+    """Saved by lowbit before base orders were recorded, with rotations at 104 and 208, whose
+    smallest base has changed since: the logits are those that lowbit computed."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "data" / "format_v3_hadamard"
+    name = "w4a8kv4_online_r1_104_r4_208"
+    expected = load_file(str(folder / f"{name}.expected.safetensors"))
+    assert json.loads((folder / name / CONFIG_FILE).read_text())["format_version"] == 3
+    model, _ = load_quantized(folder / name)
+    assert {r.size: r.base for r in rotations(model).values()} == {104: 104, 208: 104, 64: 1, 16: 1}
+    assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+
+
+def test_block_rotation_without_its_base_order_uses_the_old_base_of_the_block():
+    from lowbit.io.native import _rotation
+
+    rotation = _rotation({"size": 416, "block": 208, "random_signs": False}, {}, "x")
+    assert (rotation.block, rotation.base) == (208, 104)
+    assert _rotation({"size": 416, "block": 208, "base": 52, "random_signs": False}, {}, "x").base == 52
+
+
+@pytest.mark.parametrize(
+    "version, edit, match",
+    [
+        (3, lambda e: None, "damaged or was edited: the rotation of"),  # format 3 knew no base
+        (5, lambda e: e.pop("base"), "damaged or was edited: the rotation of"),  # format 5 always records it
+        (5, lambda e: e.update(base="52"), "the rotation base of"),
+        (5, lambda e: e.update(base=208), "damaged: the rotation of .*cannot have base order 208"),
+        (5, lambda e: e.update(base=26), "damaged: the rotation of .*base order 26"),
+    ],
+    ids=["base-in-v3", "no-base-in-v5", "not-a-number", "larger-than-the-order", "no-construction"],
+)
+def test_a_bad_base_order_is_refused(tmp_path, version, edit, match):
+    save_quantized(rotated_104(), tmp_path / "m")
+
+    def change(config):
+        config["format_version"] = version
+        edit(next(e for e in entries(config) if e["size"] == 104))
+
+    rewrite(tmp_path / "m", change)
+    with pytest.raises(UserError, match=match):
+        load_quantized(tmp_path / "m")

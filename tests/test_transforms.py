@@ -210,15 +210,32 @@ def test_unknown_transform_and_missing_calibration():
 
 
 def test_hidden_size_with_no_hadamard_matrix():
+    # 668 = 4 x 167 is the smallest order with no known Hadamard matrix
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=64, hidden_size=344, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_dim=16
+        vocab_size=64, hidden_size=668, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_dim=16
     )
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UserError, match="no Hadamard matrix of order 344"):
+    with pytest.raises(UserError, match="no Hadamard matrix of order 668"):
         lowbit.quantize(model, "W4A4", transform="rotate", progress=False)
     lowbit.quantize(model, "W4A4", transform="smooth", calibration=[torch.zeros(1, 8, dtype=torch.long)], progress=False)
+
+
+@torch.no_grad()
+def test_rotation_at_orders_from_stored_hadamard_data():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    # hidden 188 = 4 x 47 (Goethals-Seidel, Turyn-type data), MLP 184 = 2 x 92 (Williamson)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=188, intermediate_size=184, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_dim=16
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    x = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    ref = model(x).logits
+    t = lowbit.quantize(model, "W16A16KV16", transform="rotate", progress=False)
+    assert (t(x).logits - ref).abs().max() < ATOL
+    assert not torch.allclose(t.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)  # really rotated
 
 
 def test_transform_on_an_architecture_that_does_not_support_it(monkeypatch):

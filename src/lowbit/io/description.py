@@ -52,7 +52,7 @@ def description_checksum(config: dict) -> str:
 
 
 def check_description(config: dict, where: str) -> None:
-    """Every field of a (version 1 or 2) description, or a UserError that names the first bad one."""
+    """Every field of a (version 1 to 5) description, or a UserError that names the first bad one."""
 
     def bad(what: str) -> UserError:
         return UserError(f"{where} is damaged or was edited: {what}; save the model again")
@@ -84,7 +84,7 @@ def check_description(config: dict, where: str) -> None:
         raise bad("scheme is not a mapping")
     if Scheme.from_dict(config["scheme"]).fp_prefix and version < 5:  # every QuantArgs field checked (UserError)
         raise bad("a full-precision prefix (scheme fp_prefix) needs format version 5")
-    _check_modules(config["modules"], bad)
+    _check_modules(config["modules"], bad, version)
     if "experts" in config["modules"] and version < 4:
         raise bad("modules.experts needs format version 4")
     aliases = config["aliases"]
@@ -111,7 +111,7 @@ def check_description(config: dict, where: str) -> None:
             raise bad("quantized_weights")
 
 
-def _check_modules(modules, bad) -> None:
+def _check_modules(modules, bad, version: int) -> None:
     if not isinstance(modules, dict) or set(modules) - {"experts"} != {"linears", "attention"}:
         raise bad("modules must hold linears and attention (and, for a mixture of experts, experts)")
     experts = modules.get("experts", {})
@@ -138,7 +138,7 @@ def _check_modules(modules, bad) -> None:
             raise bad(f"{path}.bias")
         args_from_dict(entry["weight"])
         args_from_dict(entry["input"])
-        _check_rotation(entry["input_rotation"], path, seen_rotations, bad)
+        _check_rotation(entry["input_rotation"], path, seen_rotations, bad, version)
         seen_rotations.add(path)
     for path, entry in modules["attention"].items():
         if not _PATH.fullmatch(path):
@@ -147,11 +147,11 @@ def _check_modules(modules, bad) -> None:
             raise bad(f"the entry of {path}")
         args_from_dict(entry["key"])
         args_from_dict(entry["value"])
-        _check_rotation(entry["qk_rotation"], path, seen_rotations, bad)
+        _check_rotation(entry["qk_rotation"], path, seen_rotations, bad, version)
         seen_rotations.add(path)
 
 
-def _check_rotation(entry, path: str, seen: set[str], bad) -> None:
+def _check_rotation(entry, path: str, seen: set[str], bad, version: int) -> None:
     if entry is None:
         return
     if not isinstance(entry, dict):
@@ -160,9 +160,12 @@ def _check_rotation(entry, path: str, seen: set[str], bad) -> None:
         if not isinstance(entry["same_as"], str) or entry["same_as"] not in seen:
             raise bad(f"{path} shares the rotation of unknown {entry['same_as']!r}")
         return
-    if set(entry) - {"block"} != {"size", "random_signs"} or not isinstance(entry["random_signs"], bool):
+    # version 5 records the base order of H (a writer always does); older versions never did, and
+    # their reader rotates with the base the legacy rule picks
+    required = {"size", "random_signs"} | ({"base"} if version >= 5 else set())
+    if set(entry) - {"block"} != required or not isinstance(entry["random_signs"], bool):
         raise bad(f"the rotation of {path}")
-    for key in ("size", "block"):
+    for key in ("size", "block", "base"):
         value = entry.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad(f"the rotation {key} of {path}")

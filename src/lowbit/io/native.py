@@ -30,10 +30,16 @@ Format version 4 added mixture-of-experts models: `modules.experts` lists every 
 one in at that path of the stock model before the per-expert quantized linears go in. A model
 without experts is still written as version 3, which older lowbit reads.
 
-Format version 5 added full-precision prefix tokens (a scheme with ``P<N>``): the scheme's
-`fp_prefix`, which every input and KV quantizer takes on loading (and the loaded model's forward
-hooks that tell linears where incremental decoding stands). Only a model with a prefix is written
-as version 5, so that an older lowbit refuses it instead of quantizing the prefix.
+Format version 5 added two things, and a model holding either is written as version 5 (one
+without is written as before, which older lowbit reads):
+- full-precision prefix tokens (a scheme with ``P<N>``): the scheme's `fp_prefix`, which every
+  input and KV quantizer takes on loading (and the loaded model's forward hooks that tell linears
+  where incremental decoding stands); an older lowbit refuses it instead of quantizing the prefix;
+- the Hadamard matrix of every online rotation: `base`, the base order b of H = H_{2^k} (x) H_b
+  (of each block's H with `block`). Which base lowbit picks for an order changed when Hadamard
+  constructions past prime-field Paley were added (104 was Paley I of order 104, now 2 x 52), so
+  the size alone no longer says which matrix the model was quantized with. An entry without
+  `base` (versions 1-4) rotates with `hadamard.legacy_base`, the choice of the lowbit that wrote it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from torch import nn
 from ..arch import expert_dims, get_arch, get_module, set_module
 from ..errors import UserError
 from ..files import write_dir_atomically
+from ..hadamard import legacy_base
 from ..quant.qweight import QuantizedWeight
 from ..runtime.experts import ExpertMLP, QuantExperts
 from ..runtime.kv import (
@@ -73,9 +80,10 @@ log = logging.getLogger("lowbit")
 
 FORMAT = "lowbit-quantized"
 FORMAT_VERSION = 5  # the newest version this lowbit reads and writes
-EXPERTS_FORMAT_VERSION = 4  # what a model with experts (and no full-precision prefix) is written as
-DENSE_FORMAT_VERSION = 3  # what a model without experts is written as
+ROTATION_BASE_VERSION = 5  # rotation entries record their base order from this version on
 PREFIX_FORMAT_VERSION = 5  # a scheme with full-precision prefix tokens (P<N>)
+EXPERTS_FORMAT_VERSION = 4  # what a model with experts (and neither of the above) is written as
+DENSE_FORMAT_VERSION = 3  # what a model without experts, prefix or online rotations is written as
 CONFIG_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
 RUN_SUBDIR = "model"  # where a run folder (`lowbit quantize --out DIR`) keeps the saved model
@@ -99,14 +107,14 @@ def saved_model_dir(path: str | Path) -> Path | None:
 
 
 def _rotation_entry(rotation: nn.Module | None, owners: dict[int, str], path: str) -> dict | None:
-    """Size and sign flag of an online rotation; a rotation shared by several linears (q/k/v
-    after GPTQ/AWQ) is recorded once and referred to by the path of its first owner."""
+    """Size, base order and sign flag of an online rotation; a rotation shared by several linears
+    (q/k/v after GPTQ/AWQ) is recorded once and referred to by the path of its first owner."""
     if rotation is None:
         return None
     if id(rotation) in owners:
         return {"same_as": owners[id(rotation)]}
     owners[id(rotation)] = path
-    entry = {"size": rotation.size, "random_signs": rotation.signs is not None}
+    entry = {"size": rotation.size, "base": rotation.base, "random_signs": rotation.signs is not None}
     if rotation.block is not None:
         entry["block"] = rotation.block
     return entry
@@ -207,11 +215,15 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
 
 
 def saved_format_version(model: nn.Module) -> int:
-    """The oldest format version that describes `model`: 5 with full-precision prefix tokens, 4
-    with experts, else the dense version 3, so that older lowbit reads what it can compute."""
+    """The oldest format version that describes `model`, so older lowbit reads what it can: 5 with
+    full-precision prefix tokens or an online rotation (its base order), 4 with experts, else 3."""
     if require_state(model, "save").scheme.fp_prefix:
         return PREFIX_FORMAT_VERSION
-    return EXPERTS_FORMAT_VERSION if "experts" in describe_modules(model) else DENSE_FORMAT_VERSION
+    modules = describe_modules(model)
+    rotations = [e["input_rotation"] for e in modules["linears"].values()] + [e["qk_rotation"] for e in modules["attention"].values()]
+    if any(r is not None for r in rotations):
+        return ROTATION_BASE_VERSION
+    return EXPERTS_FORMAT_VERSION if "experts" in modules else DENSE_FORMAT_VERSION
 
 
 def finish_weights(tmp: Path, spill: SafetensorsSpill, model: nn.Module) -> dict:
@@ -297,7 +309,13 @@ def _rotation(entry: dict | None, built: dict[str, OnlineHadamard], path: str) -
             raise UserError(f"saved model config is damaged: {path} shares the rotation of unknown {entry['same_as']}")
         return built[entry["same_as"]]
     signs = torch.ones(entry["size"]) if entry["random_signs"] else None  # loaded from the file
-    built[path] = OnlineHadamard(entry["size"], signs, entry.get("block"))
+    block = entry.get("block")
+    try:
+        # before version 5 the base was not recorded: the writer's lowbit chose it by the legacy rule
+        base = entry["base"] if "base" in entry else legacy_base(block or entry["size"])
+        built[path] = OnlineHadamard(entry["size"], signs, block, base)
+    except UserError as exc:  # a size, block or base order no Hadamard matrix fits: an edit, not a lowbit save
+        raise UserError(f"saved model config is damaged: the rotation of {path}: {exc}") from None
     return built[path]
 
 

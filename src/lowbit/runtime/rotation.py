@@ -6,22 +6,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hadamard import check_block, factor_order, hadamard_transform
+from ..hadamard import check_base, check_block, factor_order, hadamard_transform
 
 
 class OnlineHadamard(nn.Module):
-    def __init__(self, size: int, signs: torch.Tensor | None = None, block: int | None = None) -> None:
+    """`base`: the base order of H (of each block's H with `block`), H = H_{2^k} (x) H_base. Default
+    the smallest one `factor_order` reaches now; a saved model records it, because which base is the
+    smallest changes as constructions are added, and a reload must rotate with the same matrix."""
+
+    def __init__(self, size: int, signs: torch.Tensor | None = None, block: int | None = None, base: int | None = None) -> None:
         super().__init__()
-        if block is None:
-            factor_order(size)  # fails early for an order with no Hadamard matrix
-        check_block(size, block)
+        order = size if block is None else block
+        check_block(size, block)  # fails early for a block that does not tile `size`
+        if base is None:
+            base = factor_order(order)[0]  # fails early for an order with no Hadamard matrix
+        check_base(order, base)
         self.size = size
         self.block = block
+        self.base = base
         self.register_buffer("signs", signs.clone().float() if signs is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard_transform(x, self.signs, self.block)
+        return hadamard_transform(x, self.signs, self.block, self.base)
 
     def extra_repr(self) -> str:
         block = f", block={self.block}" if self.block is not None else ""
-        return f"{self.size}, random_signs={self.signs is not None}{block}"
+        return f"{self.size}, random_signs={self.signs is not None}{block}, base={self.base}"
