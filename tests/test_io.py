@@ -248,6 +248,13 @@ def test_fast_packing_has_the_bit_stream_layout(bits, count):
 
 
 @torch.no_grad()
+def assert_stored_logits(logits: torch.Tensor, stored: torch.Tensor) -> None:
+    """Codes and scales load exactly; online Hadamard rotations are recomputed in every forward, and
+    the fast transform's summation order has changed since these folders were written (Kronecker
+    factors instead of butterflies), so the logits agree to float32 rounding, not bit for bit."""
+    torch.testing.assert_close(logits, stored, rtol=0, atol=2e-5)
+
+
 def test_format_version_2_folders_still_load_with_the_same_logits():
     """A folder saved before the floating-point formats (format 2) loads unchanged."""
     from pathlib import Path
@@ -259,7 +266,7 @@ def test_format_version_2_folders_still_load_with_the_same_logits():
     expected = load_file(str(folder / f"{name}.expected.safetensors"))
     assert json.loads((folder / name / CONFIG_FILE).read_text())["format_version"] == 2
     model, _ = load_quantized(folder / name)
-    assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+    assert_stored_logits(model(expected["input_ids"]).logits, expected["logits"])
     assert lowbit.quantization_state(model).scheme.name == "W4g16hA8KV4b"
 
 
@@ -275,7 +282,7 @@ def test_format_version_1_folders_still_load_with_the_same_logits(name):
     expected = load_file(str(folder / f"{name}.expected.safetensors"))
     assert json.loads((folder / name / CONFIG_FILE).read_text())["format_version"] == 1
     model, tok = load_quantized(folder / name)
-    assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+    assert_stored_logits(model(expected["input_ids"]).logits, expected["logits"])
     assert (tok is not None) == name.startswith("w4")
     assert all(m.is_quantized for m in model.modules() if isinstance(m, QuantLinear))
 
@@ -382,7 +389,7 @@ def test_a_format_3_folder_with_online_rotations_loads_with_its_matrices():
     assert json.loads((folder / name / CONFIG_FILE).read_text())["format_version"] == 3
     model, _ = load_quantized(folder / name)
     assert {r.size: r.base for r in rotations(model).values()} == {104: 104, 208: 104, 64: 1, 16: 1}
-    assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+    assert_stored_logits(model(expected["input_ids"]).logits, expected["logits"])
 
 
 def test_block_rotation_without_its_base_order_uses_the_old_base_of_the_block():

@@ -394,13 +394,15 @@ def check_block(n: int, block: int | None, base: int | None = None) -> None:
 
 
 def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, block: int | None = None, base: int | None = None) -> torch.Tensor:
-    """x @ diag(signs) @ H_n / sqrt(n) along the last dimension, in O(n log n) on the power-of-two part.
+    """x @ diag(signs) @ H_n / sqrt(n) along the last dimension.
     With `block`, H is block-diagonal: H_block on each run of `block` consecutive channels (the
     blocks of a microscaling format, so each block's outliers spread over that block only).
     `base`: the base order of H_n (of H_block with `block`); default the smallest, `factor_order`.
 
-    With H_n = H_{2^k} (x) H_b, x viewed as [..., 2^k, b] is multiplied by H_b on the last axis
-    and transformed with the butterfly on the 2^k axis."""
+    H_n = H_{2^k} (x) H_b, and H_{2^k} is itself a Kronecker product of Sylvester factors of at
+    most SYLVESTER_FACTOR, so x viewed as [..., 2^k1, 2^k2, ..., b] is multiplied by one small
+    dense factor per axis: a few matrix products instead of k butterfly passes (2-3x faster on a
+    CPU, and online rotations run this in every forward)."""
     n = x.shape[-1]
     if signs is not None:
         x = x * signs.to(device=x.device, dtype=x.dtype)
@@ -409,16 +411,30 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, block
         return hadamard_transform(x.reshape(*x.shape[:-1], n // block, block), base=base).reshape(x.shape)
     b, p = _split(n, base)
     shape = x.shape
-    y = x.reshape(-1, p, b)
+    factors = _sylvester_factors(p)
+    y = x.reshape(-1, *factors, b)
     if b > 1:
         y = y @ _base_matrix_as(b, x.dtype, x.device)
-    h = 1
-    while h < p:
-        y = y.view(-1, p // (2 * h), 2, h, b)
-        a, c = y[:, :, 0], y[:, :, 1]
-        y = torch.stack([a + c, a - c], dim=2)
-        h *= 2
+    for axis, size in enumerate(factors, start=1):
+        y = torch.movedim(torch.movedim(y, axis, -1) @ _sylvester_as(size, x.dtype, x.device), -1, axis)
     return (y.reshape(shape) / math.sqrt(n)).to(x.dtype)
+
+
+SYLVESTER_FACTOR = 64  # the largest dense Sylvester factor applied as one matrix product
+
+
+def _sylvester_factors(p: int) -> list[int]:
+    """Orders of Sylvester matrices whose Kronecker product is H_p (p a power of two)."""
+    factors = []
+    while p > 1:
+        factors.append(min(p, SYLVESTER_FACTOR))
+        p //= factors[-1]
+    return factors
+
+
+@lru_cache(maxsize=32)
+def _sylvester_as(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return sylvester(p).to(device=device, dtype=dtype)
 
 
 def orthogonal_hadamard(n: int, signs: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, base: int | None = None) -> torch.Tensor:
