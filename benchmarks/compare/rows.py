@@ -181,5 +181,16 @@ ROWS: list[dict] = [
         "lowbit": {"scheme": "W4fA4fKV4f", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq", "asymmetric": True},
         "llmcompressor": None,
     },
+    {
+        "key": "w4a4kv4-online-gptq-p1",
+        "setting": "W4A4KV4",
+        "method": "online R1, norms kept + GPTQ, first token in FP",
+        "w_bits": 4,
+        "group": None,
+        "a_bits": 4,
+        "kv_bits": 4,
+        "lowbit": {"scheme": "W4fA4fKV4fP1", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
+        "llmcompressor": None,
+    },
 ]
 BY_KEY = {row["key"]: row for row in ROWS}
