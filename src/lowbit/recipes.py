@@ -38,11 +38,10 @@ class Recipe:
 
 
 NAMED: dict[str, dict] = {
-    # Recommended: the best lowbit knows for each target, chosen by the side-by-side comparison
+    # Recommended: the best lowbit knows for each target, measured side by side with llm-compressor
     # (benchmarks/compare). Symmetric grids use the full signed range (`f`: scale max/7.5, codes
-    # -8..7), as compressed-tensors does: after a rotation the narrower max/7 grid costs up to 2x
-    # in perplexity. R1 is applied online with the norm gains left in place, which beats the fused
-    # rotation at 4-bit activations.
+    # -8..7), compressed-tensors' grid. R1 is applied online with the norm gains left in place:
+    # SmolLM2's norm gains vary widely, and folded into the weights they hurt 4-bit weights.
     "w4a16": {"scheme": "W4fA16", "algorithm": "gptq"},
     "w8a8": {"scheme": "W8fA8f", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
     "w4a8kv4": {"scheme": "W4fA8fKV4f", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
