@@ -1,13 +1,14 @@
-"""lowbit against llm-compressor, side by side: one table and one plot from one command.
+"""lowbit against llm-compressor and GPTQModel, side by side: tables and one plot from one command.
 
-Both tools quantize the same model (the bundled default, written once as a float32 safetensors
+The tools quantize the same model (the bundled default, written once as a float32 safetensors
 folder) on the same calibration windows and are evaluated on the same evaluation windows; the
-token ids are written once by prepare.py and read by both runners, each in its own environment
-(llm-compressor's is made by setup_llmcompressor.sh; its pins, transformers <= 5.17 and
-compressed-tensors 0.19, stay out of lowbit's). Every row runs in a fresh process, so its peak
-memory is its own. Rows are appended to results/NAME.jsonl as they finish (an interrupted run
-resumes; rows measured on other windows are measured again), and results/NAME.{json,md,png} are
-written from them.
+token ids are written once by prepare.py and read by every runner, each in its own environment
+(made by setup_llmcompressor.sh and setup_gptqmodel.sh: llm-compressor's pins, transformers <= 5.17
+and compressed-tensors 0.19, and GPTQModel's stay out of lowbit's). GPTQModel has rows only where it
+has the method (GPTQ, weights only). Every row runs in a fresh process, so its peak memory is its
+own. Rows are appended to results/NAME.jsonl as they finish (an interrupted run resumes; rows
+measured on other windows are measured again), and results/NAME.{json,md,png} are written from
+them.
 
     python benchmarks/compare/compare.py                      # every row, 10 windows of 2048
     python benchmarks/compare/compare.py --windows 40 --name compare_llmcompressor_40w
@@ -30,8 +31,12 @@ from rows import BY_KEY, ROWS  # noqa: E402
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = HERE.parent
 RESULTS = BENCHMARKS / "results"
-LLMC_PYTHON = BENCHMARKS / ".venvs" / "llmcompressor" / "bin" / "python"
-TOOLS = ("lowbit", "llm-compressor")
+# each anchor: its environment's python, the script that makes that environment, its runner
+ANCHORS = {
+    "llm-compressor": (BENCHMARKS / ".venvs" / "llmcompressor" / "bin" / "python", "setup_llmcompressor.sh", "run_llmcompressor.py"),
+    "gptqmodel": (BENCHMARKS / ".venvs" / "gptqmodel" / "bin" / "python", "setup_gptqmodel.sh", "run_gptqmodel.py"),
+}
+TOOLS = ("lowbit", *ANCHORS)
 COLUMNS = ["setting", "method", "bits/w", "lowbit PPL", "llm-c PPL", "lowbit gap", "llm-c gap", "gap ratio", "lowbit quantize (s)"]
 COLUMNS += ["llm-c quantize (s)", "time ratio", "lowbit peak (GiB)", "llm-c peak (GiB)", "load"]
 W4A16, W8A8 = "w4a16-gptq", "w8a8-smoothquant-gptq"  # the rows whose lowbit recipe is the recommended one
@@ -43,9 +48,10 @@ def source_commit() -> str | None:
 
 
 def ensure_inputs(args) -> dict:
-    """The llm-compressor environment and the prepared model and token ids, made if missing."""
-    if "llm-compressor" in args.tools and not LLMC_PYTHON.exists():
-        subprocess.run(["bash", str(HERE / "setup_llmcompressor.sh")], check=True)
+    """The anchors' environments and the prepared model and token ids, made if missing."""
+    for tool, (python, setup, _) in ANCHORS.items():
+        if tool in args.tools and not python.exists():
+            subprocess.run(["bash", str(HERE / setup)], check=True)
     manifest_path = args.data / "manifest.json"
     wanted = {"eval_windows": args.windows, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len}
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -60,8 +66,8 @@ def ensure_inputs(args) -> dict:
 
 
 def run_one(tool: str, row: str, args) -> dict:
-    python, script = (sys.executable, "run_lowbit.py") if tool == "lowbit" else (str(LLMC_PYTHON), "run_llmcompressor.py")
-    command = [python, str(HERE / script), "--data", str(args.data), "--row", row, "--threads", str(args.threads)]
+    python, _, script = (sys.executable, None, "run_lowbit.py") if tool == "lowbit" else ANCHORS[tool]
+    command = [str(python), str(HERE / script), "--data", str(args.data), "--row", row, "--threads", str(args.threads)]
     if tool == "lowbit" and args.zero_shot_limit and is_recommended(row):
         command += ["--zero-shot-limit", str(args.zero_shot_limit)]
     start = time.perf_counter()
@@ -150,6 +156,10 @@ def build_table(found: dict, manifest: dict, config: dict) -> dict:
             lowbit, llmc = entry["lowbit"], entry["llm-compressor"]
             entry["gap_ratio"] = lowbit["gap"] / llmc["gap"] if llmc["gap"] > 0 else None
             entry["time_ratio"] = lowbit["quant_seconds"] / llmc["quant_seconds"]
+        if "lowbit" in entry and "gptqmodel" in entry:
+            lowbit, gptqmodel = entry["lowbit"], entry["gptqmodel"]
+            entry["gap_ratio_gptqmodel"] = lowbit["gap"] / gptqmodel["gap"] if gptqmodel["gap"] > 0 else None
+            entry["time_ratio_gptqmodel"] = lowbit["quant_seconds"] / gptqmodel["quant_seconds"]
         rows.append(entry)
     return {"fp": fp, "fp_zero_shot": fp_zero_shot, "rows": rows, "targets": targets(rows)}
 
@@ -169,6 +179,7 @@ def targets(rows: list[dict]) -> list[dict]:
         ("recommended w4a4kv4 gap <= half of llm-compressor's best W4A4 KV16 gap", gap("rec-w4a4kv4", "lowbit"), best_llmc_w4a4),
         ("recommended w8a8 gap <= llm-compressor SmoothQuant + GPTQ gap", gap(W8A8, "lowbit"), gap(W8A8, "llm-compressor")),
         ("recommended w4a16 gap <= llm-compressor GPTQ W4A16 per-channel gap", gap(W4A16, "lowbit"), gap(W4A16, "llm-compressor")),
+        ("recommended w4a16 gap <= GPTQModel GPTQ W4A16 per-channel gap", gap(W4A16, "lowbit"), gap(W4A16, "gptqmodel")),
     ]
     for what, value, bound in checks:
         if value is not None and bound is not None:
@@ -185,15 +196,15 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         return "-" if value is None else fmt.format(value)
 
     lines = [
-        f"# lowbit vs llm-compressor on {manifest['model']}",
+        f"# lowbit vs llm-compressor and GPTQModel on {manifest['model']}",
         "",
         f"Evaluation: the first {manifest['eval_windows']} windows of {manifest['seq_len']} tokens of {Path(manifest['eval_text']).name} "
         f"(token-level perplexity, no BOS). Calibration: {manifest['calib_samples']} x {manifest['calib_seq_len']} tokens, "
-        f"{manifest['calib_text']}. Both tools read the same token ids (sha256 {manifest['sha256']['eval_ids.safetensors'][:12]} / "
+        f"{manifest['calib_text']}. Every tool reads the same token ids (sha256 {manifest['sha256']['eval_ids.safetensors'][:12]} / "
         f"{manifest['sha256']['calib_ids.safetensors'][:12]}).",
         "",
         f"FP32 perplexity on these windows: lowbit {num(table['fp'].get('lowbit'), '{:.4f}')}, "
-        f"llm-compressor {num(table['fp'].get('llm-compressor'), '{:.4f}')}.",
+        f"llm-compressor {num(table['fp'].get('llm-compressor'), '{:.4f}')}, GPTQModel's runner {num(table['fp'].get('gptqmodel'), '{:.4f}')}.",
         "",
         "Versions: " + "; ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
@@ -213,6 +224,7 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         cells += [num(llmc.get("gap")), num(r.get("gap_ratio")), num(lowbit.get("quant_seconds"), "{:.1f}"), num(llmc.get("quant_seconds"), "{:.1f}")]
         cells += [num(r.get("time_ratio")), num(lowbit.get("peak_rss_gib")), num(llmc.get("peak_rss_gib")), f"{load:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += gptqmodel_table(table, num)
     zero_shot = [(r["key"], r["lowbit"]["zero_shot"]) for r in table["rows"] if r.get("lowbit", {}).get("zero_shot")]
     if table.get("fp_zero_shot"):
         zero_shot.insert(0, ("FP32", table["fp_zero_shot"]))
@@ -241,6 +253,35 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gptqmodel_table(table: dict, num) -> list[str]:
+    """The rows GPTQModel has a counterpart for, lowbit beside it."""
+    rows = [r for r in table["rows"] if "gptqmodel" in r]
+    if not rows:
+        return []
+    columns = ["setting", "method", "bits/w", "lowbit PPL", "GPTQModel PPL", "lowbit gap", "GPTQModel gap", "gap ratio"]
+    columns += ["lowbit quantize (s)", "GPTQModel quantize (s)", "time ratio", "lowbit peak (GiB)", "GPTQModel peak (GiB)", "load"]
+    lines = [
+        "",
+        "## lowbit vs GPTQModel",
+        "",
+        "GPTQModel's GPTQ (its defaults, the symmetric grid, columns in order), saved in its format and loaded back with its "
+        "pure-PyTorch kernel; the weights that kernel computes with are evaluated in the float32 model. Its quantize time includes its "
+        "own (lazy) model load; gap ratio = lowbit gap / GPTQModel gap.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for r in rows:
+        lowbit, anchor = r.get("lowbit", {}), r["gptqmodel"]
+        load = max(x.get("load_avg_5min", 0) for x in (lowbit, anchor) if x)
+        cells = [r["setting"], r["method"], f"{r['bits_per_weight']:.2f}", num(lowbit.get("ppl")), num(anchor["ppl"]), num(lowbit.get("gap"))]
+        cells += [num(anchor["gap"]), num(r.get("gap_ratio_gptqmodel")), num(lowbit.get("quant_seconds"), "{:.1f}")]
+        cells += [num(anchor["quant_seconds"], "{:.1f}"), num(r.get("time_ratio_gptqmodel")), num(lowbit.get("peak_rss_gib"))]
+        cells += [num(anchor["peak_rss_gib"]), f"{load:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(table: dict, path: Path, manifest: dict) -> None:
     import matplotlib
 
@@ -248,14 +289,14 @@ def plot(table: dict, path: Path, manifest: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    markers = {"lowbit": "o", "llm-compressor": "s"}
+    markers = {"lowbit": "o", "llm-compressor": "s", "gptqmodel": "^"}
     for tool in TOOLS:
         points = [(r["bits_per_weight"], r[tool]["gap"], r) for r in table["rows"] if tool in r]
         if not points:
             continue
         ax.scatter([p[0] for p in points], [max(p[1], 1e-3) for p in points], marker=markers[tool], label=tool, s=40)
         for x, y, r in points:
-            label = f"{r['setting'].replace(' per channel', '')} {r['method'].split(' ')[0] if tool == 'llm-compressor' else r['key']}"
+            label = f"{r['setting'].replace(' per channel', '')} {r['key'] if tool == 'lowbit' else r['method'].split(' ')[0]}"
             ax.annotate(label, (x, max(y, 1e-3)), fontsize=6, xytext=(4, 2), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per weight (codes + 16-bit scales)")
@@ -274,6 +315,9 @@ def versions_of(results: list[dict]) -> dict:
         if r["tool"] == "lowbit":
             out["lowbit"] = r["version"]
             out["torch (lowbit)"] = r["torch"]
+        elif r["tool"] == "gptqmodel":
+            out["GPTQModel"] = r["version"]
+            out["transformers (GPTQModel)"] = r["transformers"]
         else:
             out["llm-compressor"] = r["version"]
             out["compressed-tensors"] = r["compressed_tensors"]

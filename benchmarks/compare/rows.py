@@ -37,6 +37,7 @@ ROWS: list[dict] = [
         "kv_bits": 16,
         "lowbit": "w4a16",
         "llmcompressor": {"weights": {"bits": 4}, "method": "gptq"},
+        "gptqmodel": {"weights": {"bits": 4}, "method": "gptq"},
     },
     {
         "key": "w4a16-awq",
@@ -81,6 +82,7 @@ ROWS: list[dict] = [
         "kv_bits": 16,
         "lowbit": {"scheme": "W4g64fA16", "algorithm": "gptq"},
         "llmcompressor": {"weights": {"bits": 4, "group": 64}, "method": "gptq"},
+        "gptqmodel": {"weights": {"bits": 4, "group": 64}, "method": "gptq"},
     },
     {
         "key": "w4g64a16-awq",

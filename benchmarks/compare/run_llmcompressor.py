@@ -15,24 +15,16 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as metadata
 import json
-import math
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anchor_eval import peak_rss_gib, perplexity  # noqa: E402
 from rows import BY_KEY  # noqa: E402
-
-LOGIT_CHUNK = 256  # tokens of logits at a time: 2048 x 49152 float32 logits would take 400 MB
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def scheme_groups(spec: dict) -> dict:
@@ -68,21 +60,6 @@ def modifiers(spec: dict) -> list:
     else:
         chain.append(QuantizationModifier(ignore=["lm_head"], config_groups=groups))
     return chain
-
-
-@torch.no_grad()
-def perplexity(model, eval_ids: torch.Tensor) -> tuple[float, float]:
-    total_nll, total_tokens = 0.0, 0
-    for window in eval_ids:
-        window = window.unsqueeze(0)
-        hidden = model.model(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
-        targets = window[0, 1:]
-        for start in range(0, hidden.shape[0], LOGIT_CHUNK):
-            logits = model.lm_head(hidden[start : start + LOGIT_CHUNK]).float()
-            total_nll += F.cross_entropy(logits, targets[start : start + LOGIT_CHUNK], reduction="sum").item()
-        total_tokens += targets.numel()
-    nll = total_nll / total_tokens
-    return math.exp(nll), nll
 
 
 def run(data: Path, row_key: str, threads: int) -> dict:
