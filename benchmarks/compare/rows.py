@@ -62,6 +62,17 @@ ROWS: list[dict] = [
         "llmcompressor": None,
     },
     {
+        "key": "w4a16-gptq-mse",
+        "setting": "W4A16 per channel",
+        "method": "GPTQ, MSE-searched scales",
+        "w_bits": 4,
+        "group": None,
+        "a_bits": 16,
+        "kv_bits": 16,
+        "lowbit": {"scheme": "W4fmA16", "algorithm": "gptq"},
+        "llmcompressor": None,
+    },
+    {
         "key": "w4g64a16-rtn",
         "setting": "W4A16 g64",
         "method": "RTN",
