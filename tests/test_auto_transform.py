@@ -102,6 +102,15 @@ def test_the_chosen_option_has_the_smallest_measured_error():
 
 
 @torch.no_grad()
+def test_rotations_turned_off_are_not_candidates():
+    model = outlier_model()
+    info = apply_transform(model, get_arch(model), TransformConfig("auto", alpha=None, r2=False, r4=False), SCHEME, CALIB, progress=False)
+    for key, chosen in info["choices"].items():
+        rotatable = key.endswith(("qkv", "gate_up"))
+        assert set(chosen["errors"]) == ({"none", "smooth", "rotate", "smoothrot"} if rotatable else {"none", "smooth"})
+
+
+@torch.no_grad()
 def test_auto_is_deterministic():
     a, b = outlier_model(), outlier_model()
     info_a = apply_transform(a, get_arch(a), AUTO, SCHEME, CALIB, progress=False)

@@ -18,7 +18,7 @@ norm -> gate,up; up -> down). For a group reading X with weights W:
              Activations Quantization-Friendly" shows rotation alone can be worse than nothing
              where massive outliers live; which input has them differs by model and layer, so it is
              measured instead of assumed. Weights are measured after round-to-nearest even when
-             GPTQ follows: simple, and GPTQ lowers the weight error of every option alike. A choice
+             GPTQ follows: simple, and GPTQ then lowers the weight part of the chosen one. A choice
              per group needs R1 online in front of each group (not fused into the residual stream)
              and the norms' gains left in place, so auto sets fuse_r1 and fold_norms off; R3 is as
              in rotate.
@@ -86,7 +86,6 @@ from .rotate import (
 from .smooth import check_alpha, quantized_output_error, search_alpha, smooth_scales
 
 TRANSFORMS = ("none", "smooth", "rotate", "smoothrot", "auto")
-AUTO_OPTIONS = ("none", "smooth", "rotate", "smoothrot")  # auto's candidates; on a tie the earlier (cheaper) one
 SAMPLE_ROWS = 256  # calibration rows kept per group for the alpha search
 
 
@@ -422,20 +421,19 @@ class LayerTransform:
             get_module(layer, spec.attention).lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
 
     def choose(self, group, linears: list[nn.Module], act_absmax: torch.Tensor, rows: torch.Tensor, rotatable: bool) -> dict:
-        """auto: the option of AUTO_OPTIONS (rotations only if `rotatable`) with the lowest quantized
+        """auto: of none, smooth, rotate and smoothrot (the last two only if `rotatable`), the one with the lowest quantized
         output error on the group's sampled rows: {"choice", "alpha" (None unless smoothed),
         "errors" (every option measured), "scales" (the smoothing's, or None)}."""
         weight = torch.cat([lin.weight.float() for lin in linears])
         rows = rows.float()
-        rotation = self.rotation(group, linears[0].in_features) if rotatable else None
-        options = {"none": (None, None, None), "rotate": (None, None, rotation)}
-        for name, rot in (("smooth", None), ("smoothrot", rotation)):
-            options[name] = (*_smoothing(group, linears, act_absmax, rows, self.config, self.scheme, self.n_rep, self.dim, rot), rot)
+        smoothing = (group, linears, act_absmax, rows, self.config, self.scheme, self.n_rep, self.dim)
+        options = {"none": (None, None, None), "smooth": (*_smoothing(*smoothing), None)}  # (scales, alpha, rotation)
+        if rotatable:
+            rotation = self.rotation(group, linears[0].in_features)
+            options["rotate"] = (None, None, rotation)
+            options["smoothrot"] = (*_smoothing(*smoothing, rotation), rotation)
         errors = {}
-        for name in AUTO_OPTIONS:
-            s, _, rot = options[name]
-            if name in ("rotate", "smoothrot") and rot is None:
-                continue
+        for name, (s, _, rot) in options.items():
             x, w = (rows, weight) if s is None else (rows / s.float(), weight * s.float())
             x, w = (rot(x), rot(w)) if rot is not None else (x, w)
             errors[name] = quantized_output_error(x, w, self.scheme.weights, self.scheme.inputs)
