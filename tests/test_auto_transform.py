@@ -142,6 +142,10 @@ def test_save_and_load_give_identical_logits(tmp_path):
     loaded, _ = load_quantized(tmp_path / "m")
     assert torch.equal(loaded(X).logits, q(X).logits)
     assert quantization_state(loaded).transform == transform
+    from lowbit.report import report_markdown
+
+    md = report_markdown({"model": "tiny", "transform": "auto", "transform_args": transform})
+    assert f"| 0 | {transform['choices']['0.qkv']['choice']}" in md
 
 
 def test_recipes_and_config():
