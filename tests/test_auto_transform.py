@@ -175,3 +175,12 @@ def test_auto_on_an_architecture_without_rotation(monkeypatch):
     monkeypatch.setattr(arch, "ARCHITECTURES", patched)
     with pytest.raises(UserError, match="transform 'auto' chooses among smooth and rotate per group; llama does not support rotate"):
         lowbit.quantize(tiny_model("llama"), "W4A4", transform="auto", calibration=CALIB, progress=False)
+
+
+def test_cli_transform_auto_searches_alpha_unless_given():
+    from lowbit.cli import _recipe_from_options
+
+    options = dict.fromkeys(("recipe", "scheme", "algorithm", "alpha", "rotation_block", "act_order", "damp"))
+    options.update(transform="auto", smooth_all=False, random_hadamard=False, online_r1=False, no_fold_norms=False, settings=(), seed=0)
+    assert _recipe_from_options(options).transform.alpha is None
+    assert _recipe_from_options({**options, "alpha": "0.3"}).transform.alpha == 0.3
