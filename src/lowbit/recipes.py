@@ -74,6 +74,8 @@ NAMED: dict[str, dict] = {
     "w4a4kv4-rotate-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "algorithm": "gptq"},
     # R1 online, norm gains left in place: better than fused on models whose norm gains vary widely (README), at a run-time rotation's cost
     "w4a4kv4-rotate-online-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
+    # transform auto, then GPTQ: 35.59 vs the recommended w4a4kv4's 38.47 (benchmarks/compare row w4a4kv4-auto-gptq, README)
+    "w4a4kv4-auto-gptq": {"scheme": "W4fA4fKV4f", "transform": "auto", "algorithm": "gptq"},
     "w4a4kv4-smoothrot-gptq": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
     # floating-point and microscaling formats; "bh" = block-diagonal Hadamard of the format's block at
     # every linear's input (MR-GPTQ's recipe with GPTQ on the format's grid)
