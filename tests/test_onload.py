@@ -73,6 +73,7 @@ CASES = [
     Case("llama", "W4A4KV4", "rotate", GPTQConfig(asymmetric=True), 4096),
     Case("llama", "W8A8sKV8sP1", "none", "rtn", None),  # full-precision prefix: static ranges without it
     Case("qwen3", "W4A8sKV4P2", "rotate", "gptq", None),  # the pipeline's static input ranges without it
+    Case("llama", "W4A4KV4", "auto", "rtn", None),  # a choice per input group, from rows sampled from the onloaded FP stream
 ]
 
 

@@ -40,6 +40,7 @@ def run(data: Path, row_key: str, threads: int, zero_shot_limit: int | None = No
     import lowbit
     from lowbit.evaluation.perplexity import perplexity
     from lowbit.recipes import load_recipe, recipe_from_dict
+    from lowbit.runtime.state import quantization_state
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -54,6 +55,9 @@ def run(data: Path, row_key: str, threads: int, zero_shot_limit: int | None = No
         start = time.perf_counter()
         lowbit.quantize(model, recipe, calibration=[row.unsqueeze(0) for row in calib_ids], inplace=True, progress=False)
         result["quant_seconds"] = time.perf_counter() - start
+        choices = quantization_state(model).transform.get("choices")  # transform auto: what it chose per input group
+        if choices:
+            result["transform_choices"] = {key: c["choice"] + (f" {c['alpha']:g}" if c["alpha"] is not None else "") for key, c in choices.items()}
     result["peak_rss_gib_quant"] = peak_rss_gib()
     start = time.perf_counter()
     ppl = perplexity(model, eval_ids.flatten(), seq_len=eval_ids.shape[1], windows=eval_ids.shape[0], progress=False)

@@ -125,7 +125,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @cli.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Short name, HF folder, .gguf file or hub id.")
 @click.option("--scheme", default=None, help=f"W-A-KV scheme, e.g. W4A8KV4, W4g64A16, Wfp8Afp8KVfp8 or Wnvfp4Anvfp4 [default: {DEFAULT_SCHEME}].")
-@click.option("--transform", default=None, help="Equivalent transformation: none, smooth, rotate or smoothrot.")
+@click.option(
+    "--transform", default=None, help="Equivalent transformation: none, smooth, rotate, smoothrot, or auto (the best of them per input group)."
+)
 @click.option("--alpha", default=None, help="Smoothing migration strength in [0, 1], or 'search' (per layer) [default: 0.5].")
 @click.option("--smooth-all", is_flag=True, help="smoothrot: smooth every rotated input, not only down_proj.")
 @click.option("--random-hadamard", is_flag=True, help="Rotate with random-sign Hadamard matrices (seeded by --seed).")
@@ -246,6 +248,8 @@ def _recipe_from_options(o: dict):
         changes["kind"] = o["transform"]
     if o["alpha"] is not None:
         changes["alpha"] = parse_alpha(o["alpha"])
+    elif o["transform"] == "auto":  # auto's smoothing candidates search alpha unless --alpha fixes it
+        changes["alpha"] = None
     if o["smooth_all"]:
         changes["smooth_all"] = True
     if o["random_hadamard"]:

@@ -58,6 +58,9 @@ NAMED: dict[str, dict] = {
     "w4a8kv4-smoothrot-rtn": {"scheme": "W4A8KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search"},
     "w4a4kv4-rotate-rtn": {"scheme": "W4A4KV4", "transform": "rotate"},
     "w4a4kv4-smoothrot-rtn": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search"},
+    # per input group, the lowest measured quantized output error of none, smooth, rotate, smoothrot
+    "w4a4kv4-auto-rtn": {"scheme": "W4fA4fKV4f", "transform": "auto"},
+    "w8a8-auto-rtn": {"scheme": "W8fA8f", "transform": "auto"},
     "w4a8kv4-rotate-online-rtn": {"scheme": "W4A8KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False},
     # calibration-based (layer by layer)
     "w4a16-gptq": {"scheme": "W4fA16", "algorithm": "gptq"},  # full-range grid: better for GPTQ here (README)
@@ -71,6 +74,8 @@ NAMED: dict[str, dict] = {
     "w4a4kv4-rotate-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "algorithm": "gptq"},
     # R1 online, norm gains left in place: better than fused on models whose norm gains vary widely (README), at a run-time rotation's cost
     "w4a4kv4-rotate-online-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
+    # transform auto, then GPTQ: 35.59 vs the recommended w4a4kv4's 38.47 (benchmarks/compare row w4a4kv4-auto-gptq, README)
+    "w4a4kv4-auto-gptq": {"scheme": "W4fA4fKV4f", "transform": "auto", "algorithm": "gptq"},
     "w4a4kv4-smoothrot-gptq": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
     # floating-point and microscaling formats; "bh" = block-diagonal Hadamard of the format's block at
     # every linear's input (MR-GPTQ's recipe with GPTQ on the format's grid)
@@ -149,7 +154,8 @@ def recipe_from_dict(data: dict, where: str) -> Recipe:
     transform = dataclass_from_dict(TransformConfig, {"kind": data.get("transform", "none"), **transform_knobs}, f"recipe {where}")
     return Recipe(
         scheme=parse_scheme(data["scheme"]),
-        transform=dataclasses.replace(transform, alpha=parse_alpha(data.get("alpha", 0.5))),
+        # auto's smoothing candidates search alpha unless the recipe fixes one
+        transform=dataclasses.replace(transform, alpha=parse_alpha(data.get("alpha", "search" if transform.kind == "auto" else 0.5))),
         algorithm=algorithm.name,
         algorithm_config=algorithm.config(algorithm_knobs, f"recipe {where}"),
     )

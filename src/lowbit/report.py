@@ -124,6 +124,9 @@ def report_markdown(report: dict) -> str:
         ]
     if "quantize_seconds" in q:
         lines += ["", f"Quantization took {q['quantize_seconds']:.1f} s."]
+    choices = (report.get("transform_args") or {}).get("choices")
+    if choices:
+        lines += ["", *choice_table(choices)]
     errors = report.get("layer_errors")
     if errors:
         lines += ["", *layer_error_table(errors, report.get("algorithm", ""))]
@@ -142,6 +145,19 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def choice_table(choices: dict[str, dict]) -> list[str]:
+    """Markdown rows: transform 'auto''s choice (and alpha) per layer and input group."""
+    layers: dict[str, dict[str, str]] = {}
+    for key, c in choices.items():
+        layer, role = key.split(".", 1)
+        layers.setdefault(layer, {})[role] = c["choice"] + (f" {c['alpha']:g}" if c.get("alpha") is not None else "")
+    roles = list(dict.fromkeys(role for entry in layers.values() for role in entry))
+    lines = ["Transform chosen per input group (smoothing alpha), by quantized output error on the calibration rows:", ""]
+    lines += ["| layer | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
+    lines += [f"| {layer} | " + " | ".join(entry.get(r, "-") for r in roles) + " |" for layer, entry in layers.items()]
+    return lines
 
 
 def layer_error_table(errors: list[dict], algorithm: str) -> list[str]:

@@ -56,7 +56,7 @@ from .runtime.prefix import install_prefix_hooks
 from .runtime.quantizer import TensorQuantizer
 from .runtime.state import QuantizationState, set_quantization_state
 from .scheme import Scheme
-from .transforms.apply import SAMPLE_ROWS, InputStats, LayerTransform, TransformConfig, check_transform
+from .transforms.apply import InputStats, LayerTransform, TransformConfig, check_transform
 
 log = logging.getLogger("lowbit")
 
@@ -234,7 +234,7 @@ def quantize_onloaded(
     eval_fp = _capture(model, spec, windows_ids, 1, budget, targets=windows_ids) if windows_ids is not None and evaluate_fp else None
     stats_fp = None
     if transform.needs_calibration:
-        stats = InputStats(spec, len(calibration), SAMPLE_ROWS if transform.alpha is None else 0)
+        stats = InputStats(spec, len(calibration), transform.keep_rows)
         stats_fp = _capture(model, spec, calib_ids, 1, budget)
         plan.stats = stats.stats
     if plan is not None:

@@ -11,6 +11,17 @@ norm -> gate,up; up -> down). For a group reading X with weights W:
              RoPE inside attention, so the KV cache is quantized in the rotated basis.
 - smoothrot: smoothing first, then rotation ("Turning LLM Activations Quantization-Friendly"), by default only where massive outliers
              live (down_proj), optionally at every rotated input.
+- auto:      for each group, whichever of none, smooth, rotate and smoothrot gives the lowest
+             quantized output error ||X W^T - Q(X) Q(W)^T||^2 on the group's sampled calibration
+             rows, under the scheme's weight and input quantizers (the measurement of the alpha
+             search, `search_alpha`, which also picks the smoothing alphas). "Turning LLM
+             Activations Quantization-Friendly" shows rotation alone can be worse than nothing
+             where massive outliers live; which input has them differs by model and layer, so it is
+             measured instead of assumed. Weights are measured after round-to-nearest even when
+             GPTQ follows: simple, and GPTQ then lowers the weight part of the chosen one. A choice
+             per group needs R1 online in front of each group (not fused into the residual stream)
+             and the norms' gains left in place, so auto sets fuse_r1 and fold_norms off; R3 is as
+             in rotate.
 
 R1 is fused into the weights as QuaRot does it: every norm's gain is folded into the linears that
 read it, and the residual stream is rotated (embeddings, the readers q/k/v, gate/up and lm_head,
@@ -72,9 +83,9 @@ from .rotate import (
     scale_norm_output,
     scale_output_rows,
 )
-from .smooth import check_alpha, search_alpha, smooth_scales
+from .smooth import check_alpha, quantized_output_error, search_alpha, smooth_scales
 
-TRANSFORMS = ("none", "smooth", "rotate", "smoothrot")
+TRANSFORMS = ("none", "smooth", "rotate", "smoothrot", "auto")
 SAMPLE_ROWS = 256  # calibration rows kept per group for the alpha search
 
 
@@ -83,7 +94,7 @@ class TransformConfig:
     """Which equivalent transformation, and its knobs. `alpha=None` searches alpha per layer."""
 
     kind: str = "none"
-    alpha: float | None = 0.5
+    alpha: float | None = 0.5  # also auto's smoothing candidates (recipes and the CLI default to search there)
     smooth_all: bool = False  # smoothrot: smooth every rotated input, not only down_proj
     r1: bool = True  # rotate the inputs of q/k/v and gate/up
     r2: bool = True  # per-head rotation of v/o and a full rotation of o_proj's input
@@ -101,19 +112,28 @@ class TransformConfig:
         if self.kind not in TRANSFORMS:
             raise UserError(f"unknown transform {self.kind!r}; available: {', '.join(TRANSFORMS)}")
         check_alpha(self.alpha)
+        if self.kind == "auto":  # a choice per group: R1 in front of each group, norms as they are (module docstring)
+            object.__setattr__(self, "fuse_r1", False)
+            object.__setattr__(self, "fold_norms", False)
         if self.rotation_block is not None:
             if isinstance(self.rotation_block, bool) or not isinstance(self.rotation_block, int) or self.rotation_block < 2:
                 raise UserError(f"rotation_block must be an integer of at least 2 (16 or 32 for NVFP4 / MX); got {self.rotation_block!r}")
             if not self.rotates:
-                raise UserError(f"rotation_block sizes the Hadamard rotations: it needs transform 'rotate' or 'smoothrot', not {self.kind!r}")
+                raise UserError(f"rotation_block sizes the Hadamard rotations: it needs transform 'rotate', 'smoothrot' or 'auto', not {self.kind!r}")
 
     @property
     def rotates(self) -> bool:
-        return self.kind in ("rotate", "smoothrot")
+        """May rotate some input (auto: where it measures best); R3 and the Hadamard checks follow."""
+        return self.kind in ("rotate", "smoothrot", "auto")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.kind in ("smooth", "smoothrot")
+        return self.kind in ("smooth", "smoothrot", "auto")
+
+    @property
+    def keep_rows(self) -> int:
+        """Calibration rows sampled per group: for the alpha search and auto's measurements."""
+        return SAMPLE_ROWS if self.alpha is None or self.kind == "auto" else 0
 
 
 def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, calibration=()) -> None:
@@ -123,7 +143,13 @@ def check_transform(model: nn.Module, spec: ArchSpec, config: TransformConfig, c
         return
     if config.needs_calibration and calibration is None:
         raise UserError(f"transform {config.kind!r} needs calibration data (--calib) for its smoothing scales")
-    if config.kind not in spec.transforms:
+    if config.kind == "auto":
+        missing = [k for k in ("smooth", "rotate") if k not in spec.transforms]
+        if missing:
+            raise UserError(f"transform 'auto' chooses among smooth and rotate per group; {spec.family} does not support {' or '.join(missing)}")
+        if spec.moe is not None:
+            raise UserError(f"transform 'auto' is not supported for {spec.family} (mixture of experts): its R1 runs online, which MoE refuses")
+    elif config.kind not in spec.transforms:
         raise UserError(f"transform {config.kind!r} is not supported for {spec.family} yet; supported: {', '.join(spec.transforms)}")
     if spec.moe is not None and config.rotates and config.r1 and not _fuses_r1(spec, config):
         raise UserError(
@@ -258,14 +284,14 @@ def apply_transform(
     calibration: Iterable[torch.Tensor] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Edit `model` in place; returns what was done per layer (alphas), for the report."""
+    """Edit `model` in place; returns what was done per layer (alphas; auto: the choices), for the report."""
     check_transform(model, spec, config, calibration)
     if config.kind == "none":
         return {}
     swap_in_experts(model, spec)  # MoE: one linear per expert to transform (done already by `quantize`)
     stats = {}
     if config.needs_calibration:
-        stats = collect_input_stats(model, spec, calibration, SAMPLE_ROWS if config.alpha is None else 0, progress)
+        stats = collect_input_stats(model, spec, calibration, config.keep_rows, progress)
     plan = LayerTransform(model.config, spec, config, scheme, stats)
     if plan.fused_r1:
         embed, lm_head = get_module(model, spec.embed), get_module(model, spec.lm_head)
@@ -291,6 +317,7 @@ class LayerTransform:
         self.spec, self.config, self.scheme, self.stats = spec, config, scheme, stats or {}
         self.dim, self.n_rep, self.hidden = head_dim(model_config), kv_groups(model_config), model_config.hidden_size
         self.alphas: dict[str, float] = {}
+        self.choices: dict[str, dict] = {}  # auto: per group, the option chosen, its alpha and every option's error
         self._signs: dict[int, torch.Tensor | None] = {}
         self.fused_r1 = config.rotates and config.r1 and _fuses_r1(spec, config)
 
@@ -302,7 +329,10 @@ class LayerTransform:
         return self._signs[n]
 
     def info(self) -> dict:
-        return {"alphas": self.alphas} if self.alphas else {}
+        info = {"alphas": self.alphas} if self.alphas else {}
+        if self.choices:
+            info["choices"] = self.choices
+        return info
 
     def transform_embedding(self, embed: nn.Module) -> None:
         """Fused R1: the embedding writes the rotated residual stream."""
@@ -329,7 +359,13 @@ class LayerTransform:
                         rotate_input_columns(lin, signs(self.hidden), block)
             for name in layer_residual_writers(layer, spec):
                 rotate_output_rows(get_module(layer, name), signs(self.hidden), block)
-        for group in norm_merged_groups(layer, spec):
+        groups = norm_merged_groups(layer, spec)
+        if config.kind == "auto":
+            # consumers first: the o and down groups edit the rows of their producers (v_proj, up_proj),
+            # so qkv and gate_up are then measured in the weights they will be quantized with
+            groups = groups[::-1]
+        choices = {}  # auto: this layer's, reported in the layer's group order
+        for group in groups:
             linears = [get_module(layer, n) for n in group.linears]
             online_r1 = config.r1 and not self.fused_r1
             rotate = config.rotates and {"r1": online_r1, "r2": config.r2, "r4": config.r4}[group.rotation]
@@ -340,6 +376,11 @@ class LayerTransform:
                 smooth = False  # an expert no calibration token was routed to: no statistics, its input stays unscaled
             act_absmax = entry["absmax"] if entry else None
             rows = entry["rows"] if entry else None
+            chosen = None
+            if config.kind == "auto":
+                chosen = self.choose(group, linears, act_absmax, rows, rotate)
+                choices[".".join(map(str, _stats_key(i, group)))] = {k: v for k, v in chosen.items() if k != "scales"}
+                rotate, smooth = chosen["choice"] in ("rotate", "smoothrot"), chosen["choice"] in ("smooth", "smoothrot")
             if rotate and source_is_norm and config.fold_norms:
                 norm = get_module(layer, group.source)
                 gain, bias = norm_gain(norm, offset), norm_bias(norm)
@@ -350,7 +391,11 @@ class LayerTransform:
                     act_absmax = (act_absmax + shift) / gain.abs().clamp(min=1e-12)
                     rows = (rows - (bias if bias is not None else 0.0)) / gain if rows is not None else None
             if smooth:
-                s, alpha = _smoothing(group, linears, act_absmax, rows, config, self.scheme, n_rep, dim, rotate and block is None)
+                if chosen is not None:
+                    s, alpha = chosen["scales"], chosen["alpha"]
+                else:
+                    rotation = hadamard_transform if rotate and block is None else None
+                    s, alpha = _smoothing(group, linears, act_absmax, rows, config, self.scheme, n_rep, dim, rotation)
                 self.alphas[".".join(map(str, _stats_key(i, group)))] = alpha
                 if source_is_norm:
                     scale_norm_output(get_module(layer, group.source), 1 / s, offset)
@@ -371,8 +416,43 @@ class LayerTransform:
             for name, lin in zip(group.linears, linears):
                 rotate_input_columns(lin, signs(n), block)
                 set_module(layer, name, QuantLinear(lin.weight.detach(), lin.bias, None, None, OnlineHadamard(n, signs(n), block)))
+        self.choices.update(reversed(choices.items()))
         if config.rotates and config.r3:
             get_module(layer, spec.attention).lowbit_qk_rotation = OnlineHadamard(dim, signs(dim), block)
+
+    def choose(self, group, linears: list[nn.Module], act_absmax: torch.Tensor, rows: torch.Tensor, rotatable: bool) -> dict:
+        """auto: of none, smooth, rotate and smoothrot (the last two only if `rotatable`), the one with the lowest quantized
+        output error on the group's sampled rows: {"choice", "alpha" (None unless smoothed),
+        "errors" (every option measured), "scales" (the smoothing's, or None)}."""
+        weight = torch.cat([lin.weight.float() for lin in linears])
+        rows = rows.float()
+        smoothing = (group, linears, act_absmax, rows, self.config, self.scheme, self.n_rep, self.dim)
+        options = {"none": (None, None, None), "smooth": (*_smoothing(*smoothing), None)}  # (scales, alpha, rotation)
+        if rotatable:
+            rotation = self.rotation(group, linears[0].in_features)
+            options["rotate"] = (None, None, rotation)
+            options["smoothrot"] = (*_smoothing(*smoothing, rotation), rotation)
+        errors = {}
+        for name, (s, _, rot) in options.items():
+            x, w = (rows, weight) if s is None else (rows / s.float(), weight * s.float())
+            x, w = (rot(x), rot(w)) if rot is not None else (x, w)
+            errors[name] = quantized_output_error(x, w, self.scheme.weights, self.scheme.inputs)
+        choice = min(errors, key=errors.get)  # the first of the lowest: a tie keeps the cheaper option
+        s, alpha, _ = options[choice]
+        return {"choice": choice, "alpha": alpha, "errors": errors, "scales": s}
+
+    def rotation(self, group, n: int):
+        """The rotation `transform_layer` gives the input of `group` (n channels), as a function of
+        rows (X -> X R; W -> W R): the online Hadamard, after R2's per-head one on o_proj's input."""
+        online = OnlineHadamard(n, self.signs(n), self.config.rotation_block)
+        if group.rotation != "r2":
+            return online
+        dim, block = self.dim, self.config.rotation_block
+
+        def heads_then_full(t: torch.Tensor) -> torch.Tensor:
+            return online(hadamard_transform(t.reshape(*t.shape[:-1], -1, dim), block=block).reshape(t.shape))
+
+        return heads_then_full
 
 
 def _stats_key(layer: int, group) -> tuple[int, str]:
@@ -385,7 +465,9 @@ def _fuses_r1(spec: ArchSpec, config: TransformConfig) -> bool:
     return config.fuse_r1 and not spec.post_norms and spec.rms_norm and not (config.kind == "smoothrot" and config.smooth_all)
 
 
-def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotate):
+def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rotation=None):
+    """The group's smoothing scales and alpha (`config.alpha`, or searched on `rows`, measured
+    after `rotation` if given, a function of rows applied to X / s and W * s)."""
     weight = torch.cat([lin.weight.double() for lin in linears])
     w_absmax = weight.abs().amax(0)
     if group.kv_tied:
@@ -394,7 +476,6 @@ def _smoothing(group, linears, act_absmax, rows, config, scheme, n_rep, dim, rot
         act_absmax, w_absmax = tie_kv_heads(act_absmax, n_rep, dim, "amax"), tie_kv_heads(w_absmax, n_rep, dim, "amax")
     if config.alpha is not None:
         return smooth_scales(act_absmax, w_absmax, config.alpha), config.alpha
-    rotation = (lambda t: hadamard_transform(t)) if rotate else None
     # float32 is plenty to rank alphas and twice as fast as the float64 used for the weight edits
     alpha, _ = search_alpha(rows.float(), weight.float(), act_absmax.float(), w_absmax.float(), scheme.weights, scheme.inputs, rotation)
     return smooth_scales(act_absmax, w_absmax, alpha), alpha
