@@ -90,7 +90,7 @@ def measure(args, manifest: dict, jsonl: Path) -> None:
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
             wants_zero_shot = args.zero_shot_limit and r["tool"] == "lowbit" and is_recommended(r["row"])
-            if r.get("inputs") == manifest["sha256"] and not (wants_zero_shot and "zero_shot" not in r):
+            if current(r, manifest) and not (wants_zero_shot and "zero_shot" not in r):
                 done.add((r["tool"], r["row"]))
     todo = [(tool, row) for row in ["fp", *args.rows] for tool in args.tools if row == "fp" or BY_KEY[row].get(tool.replace("-", "")) is not None]
     for tool, row in todo:
@@ -121,11 +121,25 @@ def effective_bits(row: dict, config: dict) -> float:
     return row["w_bits"] + 16 * scales / weights
 
 
+def current(result: dict, manifest: dict) -> bool:
+    """A measurement on these inputs of the row as it is now: for lowbit, of the recipe the row
+    names today (a named recipe's content changes when measurements pick new defaults)."""
+    if result.get("inputs") != manifest["sha256"] or result["row"] not in [*BY_KEY, "fp"]:
+        return False
+    if result["tool"] != "lowbit" or result["row"] == "fp":
+        return True
+    from lowbit.recipes import NAMED
+
+    spec = BY_KEY[result["row"]]["lowbit"]
+    wanted = NAMED[spec] if isinstance(spec, str) else spec
+    return result.get("recipe_resolved", result.get("recipe")) == wanted
+
+
 def latest(results: list[dict], manifest: dict) -> dict[tuple[str, str], dict]:
-    """The newest measurement of each (tool, row) on these inputs."""
+    """The newest current measurement of each (tool, row)."""
     found = {}
     for r in results:
-        if r.get("inputs") == manifest["sha256"]:
+        if current(r, manifest):
             found[(r["tool"], r["row"])] = r
     return found
 

@@ -164,7 +164,7 @@ ROWS: list[dict] = [
     {
         "key": "rec-w4a8kv4",
         "setting": "W4A8KV4",
-        "method": "recommended: online R1, norms kept + GPTQ",
+        "method": "recommended: auto transform + GPTQ, first token in FP",
         "w_bits": 4,
         "group": None,
         "a_bits": 8,
@@ -175,12 +175,23 @@ ROWS: list[dict] = [
     {
         "key": "rec-w4a4kv4",
         "setting": "W4A4KV4",
-        "method": "recommended: online R1, norms kept + GPTQ",
+        "method": "recommended: auto transform + GPTQ, first token in FP",
         "w_bits": 4,
         "group": None,
         "a_bits": 4,
         "kv_bits": 4,
         "lowbit": "w4a4kv4",
+        "llmcompressor": None,
+    },
+    {
+        "key": "w4a4kv4-online-gptq",
+        "setting": "W4A4KV4",
+        "method": "online R1, norms kept + GPTQ",
+        "w_bits": 4,
+        "group": None,
+        "a_bits": 4,
+        "kv_bits": 4,
+        "lowbit": {"scheme": "W4fA4fKV4f", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
         "llmcompressor": None,
     },
     {

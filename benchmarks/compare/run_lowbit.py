@@ -52,6 +52,10 @@ def run(data: Path, row_key: str, threads: int, zero_shot_limit: int | None = No
         spec = BY_KEY[row_key]["lowbit"]
         recipe = load_recipe(spec) if isinstance(spec, str) else recipe_from_dict(spec, row_key)
         result["recipe"] = spec
+        if isinstance(spec, str):  # a named recipe's content changes as measurements pick new defaults
+            from lowbit.recipes import NAMED
+
+            result["recipe_resolved"] = NAMED[spec]
         start = time.perf_counter()
         lowbit.quantize(model, recipe, calibration=[row.unsqueeze(0) for row in calib_ids], inplace=True, progress=False)
         result["quant_seconds"] = time.perf_counter() - start

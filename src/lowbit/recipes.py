@@ -40,12 +40,16 @@ class Recipe:
 NAMED: dict[str, dict] = {
     # Recommended: the best lowbit knows for each target, measured side by side with llm-compressor
     # (benchmarks/compare). Symmetric grids use the full signed range (`f`: scale max/7.5, codes
-    # -8..7), compressed-tensors' grid. R1 is applied online with the norm gains left in place:
-    # SmolLM2's norm gains vary widely, and folded into the weights they hurt 4-bit weights.
+    # -8..7), compressed-tensors' grid. With 4-bit activations or KV, `auto` chooses the transform
+    # of every input group by its measured error (it beat one rotation for all: 35.59 vs 38.47 at
+    # W4A4KV4 with GPTQ), and the first token, where SmolLM2's massive activations sit, keeps its
+    # activations and KV in full precision (P1; PrefixQuant, IntactKV). w8a8 stays a SmoothQuant
+    # recipe that vLLM serves (compressed-tensors export); `w8a8-auto-rtn` is closer to FP but
+    # rotates online.
     "w4a16": {"scheme": "W4fA16", "algorithm": "gptq"},
     "w8a8": {"scheme": "W8fA8f", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
-    "w4a8kv4": {"scheme": "W4fA8fKV4f", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
-    "w4a4kv4": {"scheme": "W4fA4fKV4f", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
+    "w4a8kv4": {"scheme": "W4fA8fKV4fP1", "transform": "auto", "algorithm": "gptq"},
+    "w4a4kv4": {"scheme": "W4fA4fKV4fP1", "transform": "auto", "algorithm": "gptq"},
     # explicit variants
     "w8a8kv8-rtn": {"scheme": "W8A8KV8"},
     "w8a8-rtn": {"scheme": "W8A8"},
@@ -74,7 +78,7 @@ NAMED: dict[str, dict] = {
     "w4a4kv4-rotate-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "algorithm": "gptq"},
     # R1 online, norm gains left in place: better than fused on models whose norm gains vary widely (README), at a run-time rotation's cost
     "w4a4kv4-rotate-online-gptq": {"scheme": "W4A4KV4", "transform": "rotate", "fuse_r1": False, "fold_norms": False, "algorithm": "gptq"},
-    # transform auto, then GPTQ: 35.59 vs the recommended w4a4kv4's 38.47 (benchmarks/compare row w4a4kv4-auto-gptq, README)
+    # transform auto, then GPTQ: 35.59 vs 38.47 with one online rotation for all (benchmarks/compare row w4a4kv4-auto-gptq)
     "w4a4kv4-auto-gptq": {"scheme": "W4fA4fKV4f", "transform": "auto", "algorithm": "gptq"},
     "w4a4kv4-smoothrot-gptq": {"scheme": "W4A4KV4", "transform": "smoothrot", "smooth_all": True, "alpha": "search", "algorithm": "gptq"},
     # floating-point and microscaling formats; "bh" = block-diagonal Hadamard of the format's block at
