@@ -83,10 +83,9 @@ from .smooth import check_alpha, search_alpha, smooth_scales
 
 TRANSFORMS = ("none", "smooth", "rotate", "smoothrot")
 SAMPLE_ROWS = 256  # calibration rows kept per group for the alpha search
-# Calibration rows a learned R1 is fitted to: this many in all for a rotation shared by every layer,
-# this many per input group for one rotation per group (a probe on SmolLM2-135M: 4096 pooled rows
-# take the held-out 4-bit error ~40% below the Hadamard's; ~200 rows of one group beat that rotation on
-# that group's held-out rows)
+# Calibration rows a learned R1 is fitted to: this many in all for a rotation shared by every layer
+# (on SmolLM2-135M they take the held-out 4-bit activation error ~40% below the Hadamard's), this
+# many per input group for one rotation per group (README: measured worse than one shared rotation)
 LEARN_ROWS = 4096
 LEARN_ROWS_PER_GROUP = 256
 
