@@ -175,3 +175,11 @@ def test_cli_sets_the_learning_knobs(tiny_model_dir, sample_text_file, tmp_path,
     assert transform["learned_rotation"]["r1"]["end"] < transform["learned_rotation"]["r1"]["start"]
     code, _, err = run_cli([*args, "--set", "learn_lr=-1"], capsys)
     assert code == 2 and "learn_lr must be a positive number" in err, err
+
+
+def test_onloading_refuses_a_learned_rotation(tiny_model_dir):
+    from lowbit.scheme import parse_scheme
+    from lowbit.streaming import quantize_onloaded
+
+    with pytest.raises(UserError, match="load the model whole"):
+        quantize_onloaded(tiny_model_dir, parse_scheme("W4A4"), learned(fuse_r1=False), "rtn", CALIB, None, progress=False)
