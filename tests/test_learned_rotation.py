@@ -183,3 +183,16 @@ def test_onloading_refuses_a_learned_rotation(tiny_model_dir):
 
     with pytest.raises(UserError, match="load the model whole"):
         quantize_onloaded(tiny_model_dir, parse_scheme("W4A4"), learned(fuse_r1=False), "rtn", CALIB, None, progress=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("moe_family", ["mixtral", "qwen2_moe"])
+def test_learned_r1_is_fused_into_mixture_of_experts_routers(moe_family):
+    from test_moe import calibration, probe, relative, tiny_moe
+
+    model = tiny_moe(moe_family)
+    q = lowbit.quantize(model, "W16A16", transform=learned(), calibration=calibration(), progress=False)
+    x = probe()
+    assert relative(q(x).logits, model(x).logits) < 1e-4
+    with pytest.raises(UserError, match="mixture of experts"):  # online R1 stays refused there
+        lowbit.quantize(model, "W16A16", transform=learned(fuse_r1=False), calibration=calibration(), progress=False)
