@@ -148,7 +148,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     "settings",
     multiple=True,
     metavar="KEY=VALUE",
-    help="An algorithm setting (a field of its config), repeatable: e.g. --set damp=0.05 --set act_order=false.",
+    help="An algorithm setting (a field of its config) or a transform knob, repeatable: e.g. --set damp=0.05 --set learn_rotation=kurtail.",
 )
 @click.option("--recipe", default=None, help="A named recipe or a recipe .yaml (scheme, transform, algorithm).")
 @click.option(
@@ -236,11 +236,13 @@ def _onload_settings(o: dict):
 
 def _recipe_from_options(o: dict):
     """The recipe of `lowbit quantize`: --recipe (or the default scheme), then the options that change it."""
-    from dataclasses import replace
+    from dataclasses import fields, replace
 
     from .algorithms.registry import get_algorithm
-    from .recipes import Recipe, load_recipe, parse_alpha
+    from .fields import dataclass_from_dict
+    from .recipes import TRANSFORM_KNOBS, Recipe, load_recipe, parse_alpha
     from .scheme import parse_scheme
+    from .transforms.apply import TransformConfig
 
     base = load_recipe(o["recipe"]) if o["recipe"] else Recipe(scheme=parse_scheme(DEFAULT_SCHEME))
     changes = {}
@@ -264,6 +266,12 @@ def _recipe_from_options(o: dict):
     for name in ("act_order", "damp"):  # the GPTQ options that predate --set
         if o[name] is not None:
             knobs[name] = o[name]
+    # the transform's knobs (learn_rotation=kurtail, ...) set the transform, the rest the algorithm
+    transform_knobs = {k: knobs.pop(k) for k in TRANSFORM_KNOBS if k in knobs}
+    if transform_knobs:
+        current = {f.name: getattr(base.transform, f.name) for f in fields(base.transform)}
+        checked = dataclass_from_dict(TransformConfig, {**current, **changes, **transform_knobs}, "--set")
+        changes.update({k: getattr(checked, k) for k in transform_knobs})
     chosen = base.replace(
         scheme=parse_scheme(o["scheme"]) if o["scheme"] else base.scheme,
         transform=replace(base.transform, **changes) if changes else base.transform,

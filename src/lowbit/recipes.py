@@ -115,7 +115,21 @@ NAMED: dict[str, dict] = {
     "vllm-w8a8-smoothquant-gptq": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
     "vllm-fp8-kv-fp8": {"scheme": "Wfp8Afp8KVfp8s"},
 }
-TRANSFORM_KNOBS = ("smooth_all", "r1", "r2", "r3", "r4", "seed", "fuse_r1", "fold_norms", "rotation_block")
+TRANSFORM_KNOBS = (
+    "smooth_all",
+    "r1",
+    "r2",
+    "r3",
+    "r4",
+    "seed",
+    "fuse_r1",
+    "fold_norms",
+    "rotation_block",
+    "learn_rotation",
+    "learn_steps",
+    "learn_lr",
+    "learn_per_layer",
+)
 
 
 def load_recipe(name_or_file: str) -> Recipe:

@@ -204,6 +204,8 @@ def quantize_onloaded(
     check_complete(model, checkpoint, spec.moe)
     check_scheme(model, spec, scheme)
     check_transform(model, spec, transform, calibration)
+    if transform.learn_rotation is not None:  # every layer's activations come before the first layer's edit
+        raise UserError("a learned rotation (learn_rotation) is fitted to every layer's activations at once: load the model whole (--no-onload)")
     algo.check(algo_config, scheme.weights)
     if algo.calibrated:
         check_fp_inputs(algo, algo_config, spec)

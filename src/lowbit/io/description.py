@@ -160,6 +160,12 @@ def _check_rotation(entry, path: str, seen: set[str], bad, version: int) -> None
         if not isinstance(entry["same_as"], str) or entry["same_as"] not in seen:
             raise bad(f"{path} shares the rotation of unknown {entry['same_as']!r}")
         return
+    if "dense" in entry:  # version 6: a dense (learned) rotation, its matrix in the weights file
+        if version < 6 or set(entry) != {"size", "dense"} or entry["dense"] is not True:
+            raise bad(f"the rotation of {path}")
+        if not isinstance(entry["size"], int) or isinstance(entry["size"], bool) or entry["size"] < 1:
+            raise bad(f"the rotation size of {path}")
+        return
     # version 5 records the base order of H (a writer always does); older versions never did, and
     # their reader rotates with the base the legacy rule picks
     required = {"size", "random_signs"} | ({"base"} if version >= 5 else set())

@@ -147,7 +147,8 @@ def check_gguf_exportable(model: nn.Module) -> dict[str, str]:
     if rotated:
         raise UserError(
             f"cannot export {name} to GGUF: {len(rotated)} modules rotate their input online (e.g. {rotated[0]}); llama.cpp's "
-            "graphs have no place for lowbit's online Hadamard rotations (transform 'smooth', or 'rotate' fused with r2, r3 and r4 off, exports)"
+            "graphs have no place for lowbit's online rotations, Hadamard or learned (transform 'smooth', or 'rotate' fused "
+            "with r2, r3 and r4 off, exports)"
         )
     for n, m in model.named_modules():
         if getattr(m, KEY_QUANT, None) is not None or getattr(m, VALUE_QUANT, None) is not None:

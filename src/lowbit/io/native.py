@@ -40,6 +40,10 @@ without is written as before, which older lowbit reads):
   constructions past prime-field Paley were added (104 was Paley I of order 104, now 2 x 52), so
   the size alone no longer says which matrix the model was quantized with. An entry without
   `base` (versions 1-4) rotates with `hadamard.legacy_base`, the choice of the lowbit that wrote it.
+
+Format version 6 added dense online rotations (a learned R1, `OnlineRotation`): the entry
+`{"size": n, "dense": true}`, its matrix stored in the weights file as `<path>.input_rotation.matrix`
+(once, when several linears share it). A model without one is written as before.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from ..runtime.kv import (
 from ..runtime.linear import CODES, GLOBAL_SCALE, SCALE, ZERO, QuantLinear
 from ..runtime.prefix import install_prefix_hooks
 from ..runtime.quantizer import TensorQuantizer
-from ..runtime.rotation import OnlineHadamard
+from ..runtime.rotation import OnlineHadamard, OnlineRotation
 from ..runtime.state import QuantizationState, require_state, set_quantization_state
 from ..scheme import Scheme, args_from_dict, args_to_dict
 from ..version import __version__
@@ -79,7 +83,8 @@ from .tensorfile import SafetensorsSpill, write_safetensors
 log = logging.getLogger("lowbit")
 
 FORMAT = "lowbit-quantized"
-FORMAT_VERSION = 5  # the newest version this lowbit reads and writes
+FORMAT_VERSION = 6  # the newest version this lowbit reads and writes
+DENSE_ROTATION_VERSION = 6  # a dense (learned) online rotation
 ROTATION_BASE_VERSION = 5  # rotation entries record their base order from this version on
 PREFIX_FORMAT_VERSION = 5  # a scheme with full-precision prefix tokens (P<N>)
 EXPERTS_FORMAT_VERSION = 4  # what a model with experts (and neither of the above) is written as
@@ -87,7 +92,7 @@ DENSE_FORMAT_VERSION = 3  # what a model without experts, prefix or online rotat
 CONFIG_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
 RUN_SUBDIR = "model"  # where a run folder (`lowbit quantize --out DIR`) keeps the saved model
-LOWBIT_MODULES = (QuantLinear, TensorQuantizer, OnlineHadamard, QuantExperts, ExpertMLP)
+LOWBIT_MODULES = (QuantLinear, TensorQuantizer, OnlineHadamard, OnlineRotation, QuantExperts, ExpertMLP)
 
 
 def is_saved_model(path: str | Path) -> bool:
@@ -114,6 +119,8 @@ def _rotation_entry(rotation: nn.Module | None, owners: dict[int, str], path: st
     if id(rotation) in owners:
         return {"same_as": owners[id(rotation)]}
     owners[id(rotation)] = path
+    if isinstance(rotation, OnlineRotation):  # its matrix is a tensor of the weights file
+        return {"size": rotation.size, "dense": True}
     entry = {"size": rotation.size, "base": rotation.base, "random_signs": rotation.signs is not None}
     if rotation.block is not None:
         entry["block"] = rotation.block
@@ -215,12 +222,15 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, *, overwri
 
 
 def saved_format_version(model: nn.Module) -> int:
-    """The oldest format version that describes `model`, so older lowbit reads what it can: 5 with
-    full-precision prefix tokens or an online rotation (its base order), 4 with experts, else 3."""
-    if require_state(model, "save").scheme.fp_prefix:
-        return PREFIX_FORMAT_VERSION
+    """The oldest format version that describes `model`, so older lowbit reads what it can: 6 with
+    a dense online rotation, 5 with full-precision prefix tokens or an online rotation (its base
+    order), 4 with experts, else 3."""
     modules = describe_modules(model)
     rotations = [e["input_rotation"] for e in modules["linears"].values()] + [e["qk_rotation"] for e in modules["attention"].values()]
+    if any(r is not None and r.get("dense") for r in rotations):
+        return DENSE_ROTATION_VERSION
+    if require_state(model, "save").scheme.fp_prefix:
+        return PREFIX_FORMAT_VERSION
     if any(r is not None for r in rotations):
         return ROTATION_BASE_VERSION
     return EXPERTS_FORMAT_VERSION if "experts" in modules else DENSE_FORMAT_VERSION
@@ -301,13 +311,16 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-def _rotation(entry: dict | None, built: dict[str, OnlineHadamard], path: str) -> OnlineHadamard | None:
+def _rotation(entry: dict | None, built: dict[str, nn.Module], path: str) -> nn.Module | None:
     if entry is None:
         return None
     if "same_as" in entry:
         if entry["same_as"] not in built:
             raise UserError(f"saved model config is damaged: {path} shares the rotation of unknown {entry['same_as']}")
         return built[entry["same_as"]]
+    if entry.get("dense"):
+        built[path] = OnlineRotation(torch.empty(entry["size"], entry["size"]))  # its matrix is loaded from the file
+        return built[path]
     signs = torch.ones(entry["size"]) if entry["random_signs"] else None  # loaded from the file
     block = entry.get("block")
     try:
@@ -339,7 +352,7 @@ def _build_model(config: dict) -> nn.Module:
 def _swap_modules(model: nn.Module, modules: dict, stored: dict[str, torch.Tensor], dtype: torch.dtype, fp_prefix: int = 0) -> None:
     """Swap the saved lowbit modules in; quantized linears take their codes and scales from `stored`;
     input and KV quantizers keep the scheme's first `fp_prefix` tokens in full precision."""
-    rotations: dict[str, OnlineHadamard] = {}
+    rotations: dict[str, nn.Module] = {}
     if modules.get("experts"):  # first: the per-expert linears below live inside these
         moe = get_arch(model).moe
         if moe is None:

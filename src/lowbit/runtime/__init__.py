@@ -4,13 +4,14 @@ online rotations, integer kernels, and the quantization state a model carries.""
 from .int_linear import Int4Linear, Int8Linear, convert_to_int_kernels
 from .linear import QuantLinear
 from .quantizer import TensorQuantizer
-from .rotation import OnlineHadamard
+from .rotation import OnlineHadamard, OnlineRotation
 from .state import QuantizationState, quantization_state
 
 __all__ = [
     "Int4Linear",
     "Int8Linear",
     "OnlineHadamard",
+    "OnlineRotation",
     "QuantLinear",
     "QuantizationState",
     "TensorQuantizer",

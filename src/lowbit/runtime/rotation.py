@@ -1,5 +1,5 @@
-"""Online Hadamard rotation: x -> x diag(signs) H / sqrt(n), applied where it cannot be fused
-(H block-diagonal with blocks of `block` channels if set)."""
+"""Online rotations, applied where they cannot be fused: the Hadamard x -> x diag(signs) H / sqrt(n)
+(H block-diagonal with blocks of `block` channels if set), or a dense learned rotation x -> x R."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..hadamard import check_base, check_block, factor_order, hadamard_transform
+from ..quant.fake import at_least_float32
 
 
 class OnlineHadamard(nn.Module):
@@ -32,3 +33,22 @@ class OnlineHadamard(nn.Module):
     def extra_repr(self) -> str:
         block = f", block={self.block}" if self.block is not None else ""
         return f"{self.size}, random_signs={self.signs is not None}{block}, base={self.base}"
+
+
+class OnlineRotation(nn.Module):
+    """x -> x R for a dense orthogonal R (a learned rotation, which has no fast transform): a
+    matrix product computed in at least float32, whatever x's dtype."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"a rotation is a square matrix; got shape {tuple(matrix.shape)}")
+        self.size = matrix.shape[0]
+        self.register_buffer("matrix", matrix.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = at_least_float32(x)
+        return (wide @ self.matrix.to(wide.dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, dense"

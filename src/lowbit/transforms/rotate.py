@@ -43,29 +43,35 @@ def _edit_rows(weight: torch.Tensor, edit) -> None:
         _write(block, edit(block.double()))
 
 
-def _rotate_rows(weight: torch.Tensor, signs: torch.Tensor | None, block: int | None) -> None:
+def _rotate(x: torch.Tensor, signs: torch.Tensor | None, block: int | None, matrix: torch.Tensor | None) -> torch.Tensor:
+    """x R (rows of x): the Hadamard R, or the dense orthogonal `matrix` in its place (a learned rotation)."""
+    return x @ matrix.to(x.dtype) if matrix is not None else hadamard_transform(x, signs, block)
+
+
+def _rotate_rows(weight: torch.Tensor, signs: torch.Tensor | None, block: int | None, matrix: torch.Tensor | None = None) -> None:
     """Each row w <- w R."""
-    _edit_rows(weight, lambda rows: hadamard_transform(rows, signs, block))
+    _edit_rows(weight, lambda rows: _rotate(rows, signs, block, matrix))
 
 
-# R = diag(signs) H / sqrt(n) below, H block-diagonal with blocks of `block` channels if set.
+# R = diag(signs) H / sqrt(n) below, H block-diagonal with blocks of `block` channels if set; or R
+# = `matrix`, a dense orthogonal matrix (float64), when one is given.
 
 
-def rotate_input_columns(linear: nn.Linear, signs: torch.Tensor | None, block: int | None = None) -> None:
+def rotate_input_columns(linear: nn.Linear, signs: torch.Tensor | None, block: int | None = None, matrix: torch.Tensor | None = None) -> None:
     """W <- W R: the linear now expects its input times R."""
-    _rotate_rows(linear.weight, signs, block)
+    _rotate_rows(linear.weight, signs, block, matrix)
 
 
-def rotate_output_rows(linear: nn.Module, signs: torch.Tensor | None, block: int | None = None) -> None:
+def rotate_output_rows(linear: nn.Module, signs: torch.Tensor | None, block: int | None = None, matrix: torch.Tensor | None = None) -> None:
     """W <- R^T W, b <- b R: the linear's output becomes y R."""
-    _write(linear.weight, hadamard_transform(linear.weight.double().T, signs, block).T)
+    _write(linear.weight, _rotate(linear.weight.double().T, signs, block, matrix).T)
     if linear.bias is not None:
-        _write(linear.bias, hadamard_transform(linear.bias.double(), signs, block))
+        _write(linear.bias, _rotate(linear.bias.double(), signs, block, matrix))
 
 
-def rotate_embedding(embedding: nn.Embedding, signs: torch.Tensor | None, block: int | None = None) -> None:
+def rotate_embedding(embedding: nn.Embedding, signs: torch.Tensor | None, block: int | None = None, matrix: torch.Tensor | None = None) -> None:
     """Each embedding vector e <- e R."""
-    _rotate_rows(embedding.weight, signs, block)
+    _rotate_rows(embedding.weight, signs, block, matrix)
 
 
 def rotate_head_outputs(linear: nn.Linear, head_dim: int, block: int | None = None) -> None:
