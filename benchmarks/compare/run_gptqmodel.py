@@ -12,7 +12,6 @@ the numbers differ from the other tools' by the weights alone. Prints one JSON l
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as metadata
 import json
 import os
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anchor_eval import peak_rss_gib, perplexity  # noqa: E402
+from anchor_eval import evaluate_into, row_parser  # noqa: E402
 from rows import BY_KEY  # noqa: E402
 
 
@@ -94,18 +93,11 @@ def run(data: Path, row_key: str, threads: int) -> dict:
             quantizing.save(saved)
             del quantizing
             load_dequantized(model, Path(saved))
-    result["peak_rss_gib_quant"] = peak_rss_gib()
-    start = time.perf_counter()
-    ppl, nll = perplexity(model, eval_ids)
-    result.update(ppl=ppl, nll=nll, windows=int(eval_ids.shape[0]), eval_seconds=time.perf_counter() - start)
-    return result
+    return evaluate_into(result, model, eval_ids)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--row", required=True, choices=["fp", *BY_KEY])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = row_parser(__doc__, BY_KEY)
     args = parser.parse_args()
     data = args.data.resolve()
     with tempfile.TemporaryDirectory() as scratch:

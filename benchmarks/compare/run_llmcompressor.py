@@ -12,7 +12,6 @@ predicting its last 2047 tokens. Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as metadata
 import json
 import sys
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anchor_eval import peak_rss_gib, perplexity  # noqa: E402
+from anchor_eval import evaluate_into, row_parser  # noqa: E402
 from rows import BY_KEY  # noqa: E402
 
 
@@ -99,18 +98,11 @@ def run(data: Path, row_key: str, threads: int) -> dict:
             shuffle_calibration_samples=False,
         )
         result["quant_seconds"] = time.perf_counter() - start
-    result["peak_rss_gib_quant"] = peak_rss_gib()
-    start = time.perf_counter()
-    ppl, nll = perplexity(model, eval_ids)
-    result.update(ppl=ppl, nll=nll, windows=int(eval_ids.shape[0]), eval_seconds=time.perf_counter() - start)
-    return result
+    return evaluate_into(result, model, eval_ids)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--row", required=True, choices=["fp", *BY_KEY])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = row_parser(__doc__, BY_KEY)
     args = parser.parse_args()
     print(json.dumps(run(args.data, args.row, args.threads)))
 

@@ -8,9 +8,7 @@ evaluation windows. Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -19,11 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anchor_eval import peak_rss_gib, row_parser  # noqa: E402
 from rows import BY_KEY  # noqa: E402
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def zero_shot(model, tokenizer, limit: int) -> dict:
@@ -72,10 +67,7 @@ def run(data: Path, row_key: str, threads: int, zero_shot_limit: int | None = No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--row", required=True, choices=["fp", *BY_KEY])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = row_parser(__doc__, BY_KEY)
     parser.add_argument("--zero-shot-limit", type=int, default=None, help="Also run the offline zero-shot tasks on N examples each.")
     args = parser.parse_args()
     print(json.dumps(run(args.data, args.row, args.threads, args.zero_shot_limit)))
