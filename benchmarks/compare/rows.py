@@ -224,6 +224,17 @@ ROWS: list[dict] = [
         "llmcompressor": None,
     },
     {
+        "key": "w4a4kv4-auto-gptq-p1-mse",
+        "setting": "W4A4KV4",
+        "method": "auto transform + GPTQ with MSE-searched weight scales, first token in FP",
+        "w_bits": 4,
+        "group": None,
+        "a_bits": 4,
+        "kv_bits": 4,
+        "lowbit": {"scheme": "W4fmA4fKV4fP1", "transform": "auto", "algorithm": "gptq"},
+        "llmcompressor": None,
+    },
+    {
         "key": "w4a4kv4-online-gptaq",
         "setting": "W4A4KV4",
         "method": "online R1, norms kept + GPTAQ (alpha 0.25)",
