@@ -175,7 +175,7 @@ ROWS: list[dict] = [
     {
         "key": "w4a4kv4-online-learn-gptq",
         "setting": "W4A4KV4",
-        "method": "recommended + learned R1 (KurTail, shared)",
+        "method": "online learned R1 (KurTail, shared), norms kept + GPTQ",
         "w_bits": 4,
         "group": None,
         "a_bits": 4,
