@@ -1,7 +1,8 @@
 """The layering of the package, read from its source: a module imports (at any level, inside
 functions included) only from its own layer or the layers below it. Bottom up:
 
- 1 leaf math and utilities: scheme, quant, hadamard, errors, fields, files, memory, progress, version
+ 1 leaf math and utilities: scheme, quant, hadamard, errors, fields, files, memory, progress, version,
+   pausable
  2 arch            3 runtime (modules only)     4 transforms        5 algorithms
  6 pipeline        7 the public API: api, recipes
  8 io, evaluation, analysis, qat, data, models    9 jobs, report    10 cli
@@ -24,6 +25,7 @@ LAYERS = {
     "memory": 1,
     "version": 1,
     "progress": 1,
+    "pausable": 1,
     "activations": 1,
     "distributed": 1,
     "arch": 2,

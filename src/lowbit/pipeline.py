@@ -5,11 +5,21 @@
    (masks, rotary embeddings), captured from the stock model with each layer's forward replaced
    by a recorder.
 2. For each layer, each input group in order (q/k/v, o, gate/up, down): run the layer on all
-   samples, stopping right after the group's input is seen, with the groups before it already
-   quantized (weights, activations, KV cache); feed that input to the algorithm; swap in the
-   quantized linears, which hold the algorithm's `QuantizedWeight` (codes and scales), so float
-   weights of only one layer are resident at a time. Then run the whole quantized layer to
-   produce the next layer's inputs, written over the same buffer.
+   samples up to where the group's input is read, with the groups before it already quantized
+   (weights, activations, KV cache); feed that input to the algorithm; swap in the quantized
+   linears, which hold the algorithm's `QuantizedWeight` (codes and scales), so float weights of
+   only one layer are resident at a time. Then run the rest of the quantized layer to produce the
+   next layer's inputs, written over the same buffer.
+
+One pass per layer: every batch's forward runs on its own paused thread (`lowbit.pausable`),
+paused at each group's input until the group is quantized, then resumed with the quantized
+linears in place. The layer runs once, the cost of one forward, where restarting it for each
+group costs ~2.6 forwards (each partial run repeats everything before its group); the results are
+identical (the same operations in the same order). It holds every batch's live activations at
+once, so it is chosen only where they fit (a quarter of the available memory) and where nothing
+computed before a pause changes later: not for mixtures of experts, GPTAQ's paired streams,
+algorithms that fold input scales into the producer (AWQ), or static KV-cache ranges; those
+restart the layer per group (`PipelineConfig.single_pass` forces either way).
 
 The algorithm comes from the registry (`lowbit.algorithms.registry`): its statistics object sees
 every calibration batch of an input, its function turns the stacked weights of the linears
@@ -74,7 +84,8 @@ from .arch import (
 )
 from .distributed import all_reduce_, assign_by_size, broadcast_object, check_device, check_processes, rank, share, world_size
 from .errors import UserError
-from .memory import release_freed_memory, release_mapped_pages
+from .memory import available_memory_bytes, release_freed_memory, release_mapped_pages
+from .pausable import PausableCall
 from .progress import progress_bar
 from .runtime.experts import swap_in_experts
 from .runtime.kv import KEY_QUANT, VALUE_QUANT
@@ -104,6 +115,9 @@ class PipelineConfig:
     # (and reported). None: its widest input (hidden or expert inner size), the fewest tokens for
     # which its inputs' X^T X can have full rank.
     min_expert_tokens: int | None = None
+    # One pass per layer with paused forwards (module docstring): None chooses it where it applies
+    # and fits in memory; True requires it, False restarts the layer for each input group.
+    single_pass: bool | None = None
 
     def check(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -155,6 +169,8 @@ def quantize_sequential(
         for x in hidden:
             fp_hidden.append(x)
     log.debug("captured layer-0 inputs for %d samples in %.1f s", ids.shape[0], time.time() - t0)
+    single_pass = _single_pass(model, spec, scheme, algorithm, algorithm_config, config, ids, feed)
+    log.info("%s: %s", algorithm.name, "one pass per layer" if single_pass else "one pass per input group of each layer")
     dim, n_rep = head_dim(model.config), kv_groups(model.config)
     report = []
     bar = progress_bar(layers, desc=f"{algorithm.name} layer by layer", unit="layer", disable=not progress or rank() != 0, leave=False)
@@ -164,9 +180,12 @@ def quantize_sequential(
         reference = None
         if fp_hidden is not None:
             reference = _LayerRunner(fp_twin(layer), fp_hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before)
-        runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before, reference)
-        entry = quantize_layer(i, layer, spec, scheme, algorithm, algorithm_config, runner, dim, n_rep, config.min_expert_tokens)
-        runner.run_all()  # and the full-precision twin's, if any
+        runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before, reference, single_pass)
+        try:
+            entry = quantize_layer(i, layer, spec, scheme, algorithm, algorithm_config, runner, dim, n_rep, config.min_expert_tokens)
+            runner.run_all()  # and the full-precision twin's, if any
+        finally:
+            runner.close()
         del runner, reference
         drop_dense_caches(layer)
         layer.to(home)
@@ -199,6 +218,51 @@ def quantize_layer(
             args = (scheme, algorithm, algorithm_config, runner, n_rep, dim, min_expert_tokens, i)
             entry[group.role] = _quantize_experts(layer, spec, same, *args)
     return entry
+
+
+SINGLE_PASS_MEMORY_SHARE = 0.25  # of the available memory, for every batch's paused activations
+SINGLE_PASS_MAX_BATCHES = 1024  # one thread each
+
+
+def _single_pass(model, spec, scheme, algorithm: Algorithm, algorithm_config, config: PipelineConfig, ids: torch.Tensor, feed: torch.dtype) -> bool:
+    """Whether each layer runs in one pass with paused forwards (module docstring); with
+    `config.single_pass` True, a reason it cannot is a UserError."""
+    if config.single_pass is False:
+        return False
+    reason = None
+    if spec.moe is not None:
+        reason = "a mixture of experts routes each batch's tokens in its own pass"
+    elif needs_fp_inputs(algorithm, algorithm_config):
+        reason = "GPTAQ pairs each batch with the full-precision layer's"
+    elif algorithm.input_scales:
+        reason = f"{algorithm.name} folds input scales into producers that already ran"
+    elif any(a is not None and not a.dynamic for a in (scheme.keys, scheme.values)):
+        reason = "static KV-cache ranges are observed before the attention output is read"
+    elif -(-ids.shape[0] // config.batch_size) > SINGLE_PASS_MAX_BATCHES:
+        reason = f"more than {SINGLE_PASS_MAX_BATCHES} calibration batches (one thread each)"
+    else:
+        needed, available = _paused_bytes(model, spec, ids, feed), available_memory_bytes()
+        if available is not None and needed > SINGLE_PASS_MEMORY_SHARE * available:
+            reason = f"every batch's paused activations (~{needed / 2**30:.1f} GiB) exceed a quarter of the available memory"
+    if reason is not None and config.single_pass:
+        raise UserError(f"single_pass is not possible here: {reason}; leave it unset or False")
+    if reason is not None:
+        log.debug("one pass per input group: %s", reason)
+    return reason is None
+
+
+def _paused_bytes(model, spec, ids: torch.Tensor, feed: torch.dtype) -> int:
+    """What every batch's forward holds while paused, estimated: per token, about eight
+    hidden-sized tensors at the attention output (residual, normed input, q, k, v, their rotary
+    copies, the output) or two of the widest group input at the MLP's, and the attention
+    probabilities where attention runs eagerly."""
+    layer = decoder_layers(model, spec)[0]
+    widths = [get_module(layer, g.linears[0]).in_features for g in layer_input_groups(layer, spec)]
+    hidden, widest = widths[0], max(widths)
+    per_token = torch.empty(0, dtype=feed).element_size() * max(8 * hidden, 3 * hidden + 2 * widest)
+    if getattr(model.config, "_attn_implementation", None) == "eager":
+        per_token += 4 * (getattr(model.config, "num_attention_heads", 1) or 1) * ids.shape[1]
+    return ids.numel() * per_token
 
 
 def _log_layer(entry: dict, algorithm: Algorithm) -> str:
@@ -310,23 +374,89 @@ class _LayerRunner:
         bf16: bool = False,
         tokens_before: int = 0,
         reference: _LayerRunner | None = None,
+        single_pass: bool = False,
     ) -> None:
         self.layer, self.hidden, self.kwargs, self.device = layer, hidden, kwargs, device
         self.feed_dtype, self.bf16 = feed_dtype, bf16
         self.tokens_before = tokens_before  # calibration tokens the ranks before this one run (torchrun)
         self.reference = reference
+        self.single_pass = single_pass
+        self._calls: list[PausableCall] | None = None  # single pass: every batch's forward, paused
+        self._running: PausableCall | None = None
+        self._redirected: list[nn.Module] = []
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def run_until(self, module: nn.Module, on_input: Callable[[torch.Tensor], None]) -> None:
-        """Forward every batch until `module` is about to run; `on_input` sees its input."""
+    def run_until(self, modules: Sequence[nn.Module], on_input: Callable[[torch.Tensor], None]) -> None:
+        """Forward every batch until the first of `modules` (linears sharing one input) is about to
+        run; `on_input` sees its input. Single pass: the forwards pause there, and resume later
+        with whatever module then sits at that place in the layer."""
+        if self.single_pass:
+            self._pause_at(modules, on_input)
+            return
 
         def hook(_, args):
             on_input(args[0])
             raise _StopForward
 
-        self._run_stopped(module.register_forward_pre_hook(hook))
+        handles = [m.register_forward_pre_hook(hook) for m in modules]
+        try:
+            for j in range(len(self.kwargs)):
+                self._forward_stopped(j)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _pause_at(self, modules: Sequence[nn.Module], on_input: Callable[[torch.Tensor], None]) -> None:
+        if self._calls is None:
+            self._calls = [PausableCall(self._batch_forward(j)) for j in range(len(self.kwargs))]
+        for module in modules:
+            self._redirect(module)
+
+        def hook(_, args):
+            on_input(args[0])
+            self._running.pause()
+
+        handles = [m.register_forward_pre_hook(hook) for m in modules]
+        try:
+            for call in self._calls:
+                self._running = call
+                call.resume()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _redirect(self, module: nn.Module) -> None:
+        """A forward paused in `module`'s pre-hook goes on into `module.forward`, bound before the
+        hook ran; by then the quantized linear may have replaced it in the layer, so its forward
+        hands the call to whatever sits at its place when it runs."""
+        path = next(name for name, m in self.layer.named_modules() if m is module)
+        own = module.forward
+
+        def forward(*args, **kwargs):
+            current = get_module(self.layer, path)
+            return own(*args, **kwargs) if current is module else current(*args, **kwargs)
+
+        module.forward = forward
+        self._redirected.append(module)
+
+    def _batch_forward(self, j: int) -> Callable[[], torch.Tensor]:
+        def forward() -> torch.Tensor:
+            with torch.no_grad(), self._autocast():  # grad mode and autocast are per thread
+                out = self.layer(self.hidden[j].to(self.device, self.feed_dtype), **self.kwargs[j])
+            return out[0] if isinstance(out, tuple) else out
+
+        return forward
+
+    def close(self) -> None:
+        """End paused forwards (after an error) and undo the redirections."""
+        for call in self._calls or ():
+            call.cancel()
+        self._calls = None
+        for module in self._redirected:
+            module.__dict__.pop("forward", None)
+        self._redirected = []
 
     def run_through(self, module: nn.Module) -> None:
         """Forward every batch until `module` has run (the caller's hooks see inside it); the rest of
@@ -379,8 +509,15 @@ class _LayerRunner:
             handle.remove()
 
     def run_all(self) -> None:
-        """The whole layer on every batch; its outputs overwrite its inputs (the next layer's).
-        The full-precision twin, if any, does the same on its stream."""
+        """The whole layer on every batch (single pass: the rest of it); its outputs overwrite its
+        inputs (the next layer's). The full-precision twin, if any, does the same on its stream."""
+        if self._calls is not None:
+            for j, call in enumerate(self._calls):
+                self._running = call
+                call.resume()
+                self.hidden[j], call.result = call.result, None
+            self._calls = None
+            return
         for j, kw in enumerate(self.kwargs):
             x = self.hidden[j]
             with self._autocast():
@@ -426,7 +563,7 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
     if getattr(stats, "fp_inputs", False):
         runner.run_until_paired(first, get_module(runner.reference.layer, group.linears[0]) if runner.reference else first, on_input)
     else:
-        runner.run_until(first, on_input)
+        runner.run_until(linears, on_input)
     if world_size() > 1:
         _reduce_group_statistics(stats, channel_range if static_inputs else None, columns, runner.device)
     scales = None
@@ -447,6 +584,8 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
             parts, errors, scales = result.qweight.split_rows([lin.out_features for lin in linears]), result.errors, result.input_scales
         del stats
         if scales is not None:
+            if runner.single_pass:  # its producer already ran in the paused forwards
+                raise RuntimeError(f"{algorithm.name} returned input scales but is registered with input_scales=False")
             _fold_input_scales(layer, spec, group, scales, n_rep, dim)
     for name, lin, part in zip(group.linears, linears, parts):
         new = QuantLinear(part, lin.bias, None, scheme.inputs, rotation, fp_prefix=scheme.fp_prefix).to(runner.device)
@@ -480,7 +619,7 @@ def _observe_static_kv(attention: nn.Module, o_proj: nn.Module, runner: _LayerRu
         q.observed_max.fill_(float("-inf"))
         q.observing = True
     try:
-        runner.run_until(o_proj, lambda x: None)
+        runner.run_until([o_proj], lambda x: None)
     finally:
         for q in static:
             q.observing = False

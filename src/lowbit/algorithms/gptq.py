@@ -100,7 +100,8 @@ class GPTQ:
         # sum x x^T in float64 over fp32 batch products: the sum no longer depends on how the
         # batches are grouped (one process or several, `reduce`) beyond float64 rounding, which
         # the fp32 Hessian does not see; a fp32 running mean differed in its last bits, enough to
-        # move GPTQ's codes on an ill-conditioned Hessian
+        # move GPTQ's codes on an ill-conditioned Hessian. Only its upper triangle (diagonal
+        # included) is summed, ~0.6x the products; the lower one is filled in when it is read.
         self._sum: torch.Tensor | None = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self._hessian: torch.Tensor | None = None
         self.samples = 0
@@ -115,6 +116,7 @@ class GPTQ:
         """H = 2/n sum x x^T in fp32, made from the sum once, which it replaces (GPTQ's peak
         memory is the quantizing, not the summing); setting it replaces the sum too."""
         if self._hessian is None:  # scaled in place: a second float64 matrix would be the peak
+            _mirror_upper(self._sum)
             self._hessian = self._sum.mul_(2 / max(self.samples, 1)).float()
             self._sum = None
         return self._hessian
@@ -157,7 +159,7 @@ class GPTQ:
             dx = (dx * weights if weights is not None else dx) - x
             _add_products(self._cross_sum, dx, x)
             del dx
-        _add_products(self._summed(), x, x)
+        _add_gram(self._summed(), x)
         self.samples += x.shape[0]
 
     @torch.no_grad()
@@ -186,6 +188,32 @@ def _add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
     step = max(1, (1 << 24) // columns)
     for start in range(0, columns, step):
         total[start : start + step] += a[:, start : start + step].T @ b
+
+
+def _gram_block(columns: int) -> int:
+    """Rows per strip of the upper triangle: about a sixth of the columns (fewer strips waste
+    more of the lower triangle, more are smaller, slower products), in multiples of 64, and
+    a temporary of at most ~64 MB."""
+    return max(64, min(-(-columns // 6 // 64) * 64, (1 << 24) // columns // 64 * 64))
+
+
+def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """The upper triangle (diagonal included) of total += x^T x, strip by strip, fp32 products."""
+    columns = total.shape[0]
+    step = _gram_block(columns)
+    for start in range(0, columns, step):
+        total[start : start + step, start:] += x[:, start : start + step].T @ x[:, start:]
+
+
+def _mirror_upper(total: torch.Tensor) -> None:
+    """Fill the lower triangle of a square matrix from its upper one, in place, strip by strip."""
+    columns = total.shape[0]
+    step = _gram_block(columns)
+    for start in range(0, columns, step):
+        end = min(start + step, columns)
+        block = total[start:end, start:end]
+        block.copy_(block.triu() + block.triu(1).T)
+        total[end:, start:end] = total[start:end, end:].T
 
 
 def gptq_quantize(
@@ -316,7 +344,7 @@ def _gptq_statistics(columns: int, config: GPTQConfig, device) -> GPTQ:
 
 
 # rows are independent given the Hessian: a group's linears may be quantized apart (on different ranks)
-@register_algorithm("gptq", GPTQConfig, statistics=_gptq_statistics, separable_rows=True)
+@register_algorithm("gptq", GPTQConfig, statistics=_gptq_statistics, separable_rows=True, input_scales=False)
 def gptq(weight: torch.Tensor, stats: GPTQ, args: QuantArgs, config: GPTQConfig, context: GroupContext) -> AlgorithmResult:
     qweight = stats.quantize(weight, args, config)
     h = stats.hessian

@@ -17,7 +17,9 @@ would. A statistics object that draws a random number per row may also have `ski
 before the first batch with the rows the ranks before this one see, to draw the numbers one
 process would. An algorithm registered with `separable_rows=True` quantizes each output row on
 its own given the statistics (GPTQ): the pipeline may then quantize a group's linears apart, on
-different ranks, and combines their errors weighted by `AlgorithmResult.error_weight`.
+different ranks, and combines their errors weighted by `AlgorithmResult.error_weight`. An
+algorithm registered with `input_scales=False` never returns input scales (GPTQ): the pipeline may
+then run each layer in one pass (`lowbit.pipeline`).
 
 The pipeline, recipes, CLI and reports learn the names
 and knobs from here (knobs are the config's dataclass fields, type-checked), as torchao's handler
@@ -64,6 +66,8 @@ class Algorithm:
     quantize: Callable[..., AlgorithmResult]
     statistics: Callable | None = None  # (columns, config, device) -> collector with add_batch(x)
     separable_rows: bool = False  # each output row quantized on its own given the statistics
+    # may return input scales to fold into the input's producer (which then must run again)
+    input_scales: bool = True
 
     @property
     def calibrated(self) -> bool:
@@ -88,9 +92,11 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
-def register_algorithm(name: str, config_type: type, *, statistics: Callable | None = None, separable_rows: bool = False):
+def register_algorithm(
+    name: str, config_type: type, *, statistics: Callable | None = None, separable_rows: bool = False, input_scales: bool = True
+):
     """Register the decorated function as algorithm `name` with config dataclass `config_type`
-    (`statistics` and `separable_rows`: the module docstring)."""
+    (`statistics`, `separable_rows` and `input_scales`: the module docstring)."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"algorithm names are letters, digits, '-' and '_'; got {name!r}")
 
@@ -98,7 +104,7 @@ def register_algorithm(name: str, config_type: type, *, statistics: Callable | N
         for other in ALGORITHMS.values():
             if other.config_type is config_type and other.name != name:
                 raise ValueError(f"{config_type.__name__} is already the config of algorithm {other.name!r}")
-        ALGORITHMS[name] = Algorithm(name, config_type, fn, statistics, separable_rows)
+        ALGORITHMS[name] = Algorithm(name, config_type, fn, statistics, separable_rows, input_scales)
         return fn
 
     return decorate
