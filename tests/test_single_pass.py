@@ -232,5 +232,5 @@ def test_hessian_from_the_upper_triangle_equals_the_full_product(columns):
     direct = (2 / x.shape[0]) * x.T @ x
     assert torch.equal(gptq.hessian, gptq.hessian.T)
     assert torch.allclose(gptq.hessian.double(), direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
-    x2 = x[: 160].double()
+    x2 = x[:160].double()
     assert torch.allclose(first.double(), (2 / 160) * x2.T @ x2, rtol=1e-5, atol=1e-5 * direct.abs().max().item())

@@ -92,9 +92,7 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
-def register_algorithm(
-    name: str, config_type: type, *, statistics: Callable | None = None, separable_rows: bool = False, input_scales: bool = True
-):
+def register_algorithm(name: str, config_type: type, *, statistics: Callable | None = None, separable_rows: bool = False, input_scales: bool = True):
     """Register the decorated function as algorithm `name` with config dataclass `config_type`
     (`statistics`, `separable_rows` and `input_scales`: the module docstring)."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
