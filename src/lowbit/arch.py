@@ -400,6 +400,12 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(get_module(root, parent) if parent else root, name, new)
 
 
+def backbone(model: nn.Module, spec: ArchSpec) -> nn.Module:
+    """The module holding the decoder layers (embeddings, layers, final norm): calibration passes
+    run it rather than the whole model, whose LM head would cost more than the layers."""
+    return get_module(model, spec.layers.rsplit(".", 1)[0])
+
+
 def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     try:
         return get_module(model, spec.layers)

@@ -71,6 +71,7 @@ from .algorithms.rtn import rtn_weight
 from .arch import (
     ArchSpec,
     InputGroup,
+    backbone,
     decoder_layers,
     expert_dims,
     get_module,
@@ -281,10 +282,6 @@ def _stack(calibration: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(rows).long()
 
 
-def _backbone(model: nn.Module, spec: ArchSpec) -> nn.Module:
-    return get_module(model, spec.layers.rsplit(".", 1)[0])
-
-
 def _capture_layer_inputs(model, spec, ids, batch_size, store_dtype=None, hidden=None):
     """Layer-0 inputs, one CPU tensor per batch of samples (in `store_dtype`, default their own),
     appended to `hidden` (a list or an `ActivationStore`; default a new list), and per layer the keyword arguments
@@ -312,7 +309,7 @@ def _capture_layer_inputs(model, spec, ids, batch_size, store_dtype=None, hidden
 
         return forward
 
-    backbone = _backbone(model, spec)
+    stem = backbone(model, spec)
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)  # instance attribute shadows the class's forward
     try:
@@ -321,7 +318,7 @@ def _capture_layer_inputs(model, spec, ids, batch_size, store_dtype=None, hidden
             current["record"] = shape not in by_shape
             current["kwargs"] = [None] * len(layers)
             try:
-                backbone(input_ids=batch.to(device), use_cache=False)
+                stem(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
             if current["record"]:

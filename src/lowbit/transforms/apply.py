@@ -56,6 +56,7 @@ from torch import nn
 
 from ..arch import (
     ArchSpec,
+    backbone,
     decoder_layers,
     get_module,
     head_dim,
@@ -239,19 +240,20 @@ class InputStats:
             self.keys[key] = (get_module(layer, group.linears[0]).in_features, seed)
 
             def hook(module, args, key=key, seed=seed):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
                 entry = self.stats.get(key)
                 if entry is None:
                     # One buffer per group, allocated once: appending a small tensor per batch
                     # instead pinned the allocator's heap between the forward's temporaries.
                     rows = torch.empty(self.share * self.local_batches if self.keep_rows else 0, x.shape[-1], dtype=torch.float64)
                     entry = self.stats[key] = {"absmax": torch.zeros(x.shape[-1], dtype=torch.float64), "rows": rows, "filled": 0}
-                torch.maximum(entry["absmax"], x.abs().amax(0), out=entry["absmax"])
+                # the maximum in x's precision is exact; float64 copies of every batch cost as much as the forward
+                torch.maximum(entry["absmax"], x.abs().amax(0).double(), out=entry["absmax"])
                 if self.keep_rows:
                     gen = torch.Generator().manual_seed(seed + calls["batch"])
                     pick = torch.randperm(x.shape[0], generator=gen)[: self.share]
                     start = entry["filled"]
-                    entry["rows"][start : start + len(pick)] = x[pick]
+                    entry["rows"][start : start + len(pick)] = x[pick].double()
                     entry["filled"] = start + len(pick)
 
             # the router reads every token of its input; an expert's linear only those routed to it
@@ -300,9 +302,10 @@ def collect_input_stats(
     collector = InputStats(spec, len(batches), keep_rows, mine.start, mine.stop - mine.start)
     hooks = [h for i, layer in enumerate(decoder_layers(model, spec)) for h in collector.attach(i, layer)]
     device = next(model.parameters()).device
+    stem = backbone(model, spec)  # the LM head's output is not needed
     try:
         for batch in progress_bar(batches[mine], desc="calibration statistics", unit="sample", disable=not progress, leave=False):
-            model(input_ids=batch.to(device), use_cache=False)
+            stem(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
