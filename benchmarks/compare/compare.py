@@ -90,7 +90,8 @@ def measure(args, manifest: dict, jsonl: Path) -> None:
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
             wants_zero_shot = args.zero_shot_limit and r["tool"] == "lowbit" and is_recommended(r["row"])
-            if current(r, manifest) and not (wants_zero_shot and "zero_shot" not in r):
+            again = args.again and r["row"] in args.rows
+            if current(r, manifest) and not again and not (wants_zero_shot and "zero_shot" not in r):
                 done.add((r["tool"], r["row"]))
     todo = [(tool, row) for row in ["fp", *args.rows] for tool in args.tools if row == "fp" or BY_KEY[row].get(tool.replace("-", "")) is not None]
     for tool, row in todo:
@@ -350,6 +351,11 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--zero-shot-limit", type=int, default=25, help="Examples per zero-shot task for FP and the recommended recipes (0: none).")
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="Measure the given rows again even if measured (the newest counts): e.g. both tools' times on a quiet machine.",
+    )
     parser.add_argument("--render", action="store_true", help="Only write the table and plot from results/NAME.jsonl.")
     args = parser.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]
