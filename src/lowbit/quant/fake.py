@@ -33,8 +33,14 @@ SCALE_DTYPES = {
     "float8_e4m3": torch.float8_e4m3fn,
     "e8m0": torch.float8_e8m0fnu,
 }
-MSE_GRID = 40  # ratios 1.0, 0.9875, ... down to 0.5125
-MSE_MIN_RATIO = 0.5
+# The MSE observer: ratios 1.0, 0.995, ... 0.805 of the range, the one with the least sum |error|^2.4
+# per row, as GPTQ's reference quantizer and llm-compressor's MSE observer (norm 2.4, shrinking
+# to 0.8). Measured on SmolLM2-135M W4 per channel, RTN, 3 WikiText-2 windows: minmax 58.7; ratios
+# down to 0.5 with squared error 79.1 (outlier weights clipped away); down to 0.8: norm 2 48.6,
+# 2.4 46.4, 3 43.6 (benchmarks/compare has the full comparison with GPTQ).
+MSE_GRID = 40
+MSE_MIN_RATIO = 0.8
+MSE_NORM = 2.4
 # MX scales are powers of two: the candidates are the specification's exponent and its neighbours
 # (one up never saturates the block's maximum; one down trades it for a finer step)
 MX_MSE_RATIOS = (1.0, 2.0, 0.5)
@@ -177,14 +183,14 @@ def mse_ratios(args: QuantArgs) -> list[float]:
 
 
 def mse_qparams(rows: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None = None) -> QParams:
-    """Per-row range ratio from a grid that minimises the squared quantization error of the row
+    """Per-row range ratio from a grid that minimises the row's sum of |quantization error|^MSE_NORM
     (for NVFP4 the block scales are searched under a fixed global scale)."""
     if global_scale is None:
         global_scale = _global_of(rows, args)
     best = best_err = None
     for ratio in mse_ratios(args):
         cand = minmax_qparams(rows, args, ratio, global_scale)
-        err = (fake_rows(rows, cand, args) - rows).pow(2).sum(dim=1, keepdim=True)
+        err = (fake_rows(rows, cand, args) - rows).abs_().pow_(MSE_NORM).sum(dim=1, keepdim=True)
         if best is None:
             best, best_err = cand, err
             continue
