@@ -137,10 +137,15 @@ def current(result: dict, manifest: dict) -> bool:
 
 
 def latest(results: list[dict], manifest: dict) -> dict[tuple[str, str], dict]:
-    """The newest current measurement of each (tool, row)."""
+    """The newest current measurement of each (tool, row). A newer one without zero-shot scores
+    (measured again for its time) keeps an older one's when both gave the same perplexity to the
+    last bit, i.e. the same quantized model."""
     found = {}
     for r in results:
         if current(r, manifest):
+            older = found.get((r["tool"], r["row"]))
+            if older and older.get("zero_shot") and "zero_shot" not in r and older["ppl"] == r["ppl"]:
+                r = {**r, "zero_shot": older["zero_shot"]}
             found[(r["tool"], r["row"])] = r
     return found
 
