@@ -155,6 +155,11 @@ def test_recipes_and_config():
     assert load_recipe("w4a4kv4-auto-rtn").transform.kind == "auto"
     config = TransformConfig("auto", fuse_r1=True, fold_norms=True)  # a choice per group: R1 online, norms in place
     assert (config.fuse_r1, config.fold_norms, config.rotates, config.needs_calibration) == (False, False, True, True)
+    # from Python as from recipes and the CLI: auto searches alpha unless given, smoothing takes 0.5
+    assert config.alpha is None and TransformConfig("auto", alpha=0.3).alpha == 0.3
+    assert TransformConfig("smooth").alpha == 0.5 and TransformConfig("smoothrot", alpha=None).alpha is None
+    with pytest.raises(UserError, match="alpha must be a number"):
+        TransformConfig("smooth", alpha="serch")
 
 
 def test_bad_input():

@@ -107,7 +107,9 @@ class TransformConfig:
     """Which equivalent transformation, and its knobs. `alpha=None` searches alpha per layer."""
 
     kind: str = "none"
-    alpha: float | None = 0.5  # also auto's smoothing candidates (recipes and the CLI default to search there)
+    # smoothing strength, also of auto's smoothing candidates; left at "default": 0.5, and a
+    # search per input group for auto (as recipes and the CLI)
+    alpha: float | str | None = "default"
     smooth_all: bool = False  # smoothrot: smooth every rotated input, not only down_proj
     r1: bool = True  # rotate the inputs of q/k/v and gate/up
     r2: bool = True  # per-head rotation of v/o and a full rotation of o_proj's input
@@ -131,6 +133,10 @@ class TransformConfig:
     def __post_init__(self) -> None:
         if self.kind not in TRANSFORMS:
             raise UserError(f"unknown transform {self.kind!r}; available: {', '.join(TRANSFORMS)}")
+        if isinstance(self.alpha, str):
+            if self.alpha != "default":
+                raise UserError(f"alpha must be a number in [0, 1], None (search per layer) or left at its default; got {self.alpha!r}")
+            object.__setattr__(self, "alpha", None if self.kind == "auto" else 0.5)
         check_alpha(self.alpha)
         if self.kind == "auto":  # a choice per group: R1 in front of each group, norms as they are (module docstring)
             object.__setattr__(self, "fuse_r1", False)
