@@ -234,3 +234,8 @@ def test_hessian_from_the_upper_triangle_equals_the_full_product(columns):
     assert torch.allclose(gptq.hessian.double(), direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
     x2 = x[:160].double()
     assert torch.allclose(first.double(), (2 / 160) * x2.T @ x2, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
+
+
+def test_default_batch_size_follows_the_mode():
+    assert PipelineConfig().batch(single_pass=True) == 16 and PipelineConfig().batch(single_pass=False) == 4
+    assert PipelineConfig(batch_size=3).batch(single_pass=True) == 3

@@ -36,9 +36,10 @@ def _malloc_trim():
     return getattr(_libc(), "malloc_trim", None)  # glibc only; elsewhere nothing to do
 
 
-def release_freed_memory() -> None:
-    """Collect garbage and return free heap pages to the OS (a no-op without glibc)."""
-    gc.collect()
+def release_freed_memory(generation: int = 2) -> None:
+    """Collect garbage (up to `generation`: 2 is all, ~0.15 s with a model's objects alive; 1 the
+    young objects only, ~0.1 ms) and return free heap pages to the OS (a no-op without glibc)."""
+    gc.collect(generation)
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

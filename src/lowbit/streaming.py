@@ -244,12 +244,12 @@ def quantize_onloaded(
     store_dtype = torch.bfloat16 if pipeline.dtype == "bfloat16" else None
     observe = scheme.needs_calibration and not algo.calibrated  # RTN with static quantizers: observe as calibrate_static does
     calib = (
-        _capture(model, spec, calib_ids, pipeline.batch_size if algo.calibrated else 1, budget, store_dtype) if (algo.calibrated or observe) else None
+        _capture(model, spec, calib_ids, pipeline.batch() if algo.calibrated else 1, budget, store_dtype) if (algo.calibrated or observe) else None
     )
     # GPTAQ: the calibration samples' full-precision stream, in the transformed basis like `calib`
     calib_fp = None
     if algo.calibrated and needs_fp_inputs(algo, algo_config):
-        calib_fp = _capture(model, spec, calib_ids, pipeline.batch_size, budget, store_dtype)
+        calib_fp = _capture(model, spec, calib_ids, pipeline.batch(), budget, store_dtype)
     eval_q = _capture(model, spec, windows_ids, 1, budget, targets=windows_ids) if windows_ids is not None else None
     # the output's tensors go to a staging folder beside it as each layer finishes (a killed run's
     # is removed by the next run writing there), and into the saved model at the end
