@@ -139,7 +139,9 @@ def current(result: dict, manifest: dict) -> bool:
 def latest(results: list[dict], manifest: dict) -> dict[tuple[str, str], dict]:
     """The newest current measurement of each (tool, row). A newer one without zero-shot scores
     (measured again for its time) keeps an older one's when both gave the same perplexity to the
-    last bit, i.e. the same quantized model."""
+    last bit, i.e. the same quantized model. A row naming a recommended recipe that has no
+    measurement of its own takes the newest lowbit measurement of the same recipe under another
+    row (marked `measured_as`)."""
     found = {}
     for r in results:
         if current(r, manifest):
@@ -147,6 +149,14 @@ def latest(results: list[dict], manifest: dict) -> dict[tuple[str, str], dict]:
             if older and older.get("zero_shot") and "zero_shot" not in r and older["ppl"] == r["ppl"]:
                 r = {**r, "zero_shot": older["zero_shot"]}
             found[(r["tool"], r["row"])] = r
+    from lowbit.recipes import NAMED
+
+    for row in ROWS:
+        spec = row["lowbit"]
+        if isinstance(spec, str) and ("lowbit", row["key"]) not in found:
+            same = [r for r in results if r["tool"] == "lowbit" and current(r, manifest) and r.get("recipe") == NAMED[spec]]
+            if same:
+                found[("lowbit", row["key"])] = {**same[-1], "row": row["key"], "measured_as": same[-1]["row"]}
     return found
 
 
@@ -171,6 +181,7 @@ def build_table(found: dict, manifest: dict, config: dict) -> dict:
                 "peak_rss_gib": r["peak_rss_gib_quant"],
                 "load_avg_5min": r["load_avg_5min"],
                 "recipe": r["recipe"],
+                "measured_as": r.get("measured_as"),
             }
         if "lowbit" in entry and "llm-compressor" in entry:
             lowbit, llmc = entry["lowbit"], entry["llm-compressor"]
@@ -240,7 +251,8 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         lowbit, llmc = r.get("lowbit", {}), r.get("llm-compressor", {})
         setting = r["setting"] + (" (lowbit only)" if BY_KEY[r["key"]]["llmcompressor"] is None else "")
         load = max(x.get("load_avg_5min", 0) for x in (lowbit, llmc) if x)
-        cells = [setting, r["method"], f"{r['bits_per_weight']:.2f}", num(lowbit.get("ppl")), num(llmc.get("ppl")), num(lowbit.get("gap"))]
+        method = r["method"] + (f" (the same recipe measured as row {lowbit['measured_as']})" if lowbit.get("measured_as") else "")
+        cells = [setting, method, f"{r['bits_per_weight']:.2f}", num(lowbit.get("ppl")), num(llmc.get("ppl")), num(lowbit.get("gap"))]
         cells += [num(llmc.get("gap")), num(r.get("gap_ratio")), num(lowbit.get("quant_seconds"), "{:.1f}"), num(llmc.get("quant_seconds"), "{:.1f}")]
         cells += [num(r.get("time_ratio")), num(lowbit.get("peak_rss_gib")), num(llmc.get("peak_rss_gib")), f"{load:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
