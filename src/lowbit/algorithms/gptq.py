@@ -279,7 +279,8 @@ def gptq_quantize(
             w = W1[:, i : i + 1]
             c = quantize_rows(w, qp, args)
             codes[:, col : col + 1] = c
-            err = (w - dequantize_rows(c, qp)) / Hinv1[i, i]
+            # symmetric offsets are zero: adding them would be a pass for nothing, as in fake_rows
+            err = (w - (c * qp.step if args.symmetric else dequantize_rows(c, qp))) / Hinv1[i, i]
             W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
             Err1[:, i : i + 1] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]

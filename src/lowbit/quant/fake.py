@@ -74,22 +74,36 @@ def as_rows(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def minmax_qparams(
-    rows: torch.Tensor, args: QuantArgs, ratio: torch.Tensor | float | None = None, global_scale: torch.Tensor | None = None
-) -> QParams:
-    """Scales from the per-row range, shrunk by `ratio` (default `args.clip_ratio`). NVFP4's global
-    scale is `global_scale`, or the one of all of `rows` (a weight: one per tensor), never clipped."""
-    ratio = args.clip_ratio if ratio is None else ratio
+def row_range(rows: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's range as `minmax_qparams` reads it: its largest magnitude (symmetric grids and
+    floating-point elements) and None, or its minimum and maximum."""
     if args.is_float:
-        return float_qparams(rows.abs().amax(dim=1, keepdim=True) * ratio, args, global_scale if global_scale is not None else _global_of(rows, args))
+        return rows.abs().amax(dim=1, keepdim=True), None
+    if args.symmetric:  # amin and amax: no |rows| copy, and 3x faster than torch.aminmax's one pass on CPU
+        return torch.maximum(-rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)), None
+    return rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+
+
+def minmax_qparams(
+    rows: torch.Tensor,
+    args: QuantArgs,
+    ratio: torch.Tensor | float | None = None,
+    global_scale: torch.Tensor | None = None,
+    span: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> QParams:
+    """Scales from the per-row range (`span`, default `row_range(rows, args)`), shrunk by `ratio`
+    (default `args.clip_ratio`). NVFP4's global scale is `global_scale`, or the one of all of
+    `rows` (a weight: one per tensor), never clipped."""
+    ratio = args.clip_ratio if ratio is None else ratio
+    low, high = span if span is not None else row_range(rows, args)
+    if args.is_float:
+        return float_qparams(low * ratio, args, global_scale if global_scale is not None else _global_of(rows, args))
     if args.symmetric:
-        # amin and amax: no |rows| copy, and 3x faster than torch.aminmax's one pass on CPU
-        amax = torch.maximum(-rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)) * ratio
-        scale = amax / args.max_steps
+        scale = low * ratio / args.max_steps
         zero = torch.zeros_like(scale)
     else:
-        lo = rows.amin(dim=1, keepdim=True) * ratio
-        hi = rows.amax(dim=1, keepdim=True) * ratio
+        lo = low * ratio
+        hi = high * ratio
         scale = (hi - lo) / args.qmax
         zero = lo
     return in_scale_format(scale, zero, args)
@@ -188,8 +202,9 @@ def mse_qparams(rows: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor 
     if global_scale is None:
         global_scale = _global_of(rows, args)
     best = best_err = None
+    span = row_range(rows, args)  # the same for every candidate
     for ratio in mse_ratios(args):
-        cand = minmax_qparams(rows, args, ratio, global_scale)
+        cand = minmax_qparams(rows, args, ratio, global_scale, span)
         err = (fake_rows(rows, cand, args) - rows).abs_().pow_(MSE_NORM).sum(dim=1, keepdim=True)
         if best is None:
             best, best_err = cand, err
