@@ -30,7 +30,7 @@ ROWS: list[dict] = [
     {
         "key": "w4a16-gptq",
         "setting": "W4A16 per channel",
-        "method": "GPTQ",
+        "method": "GPTQ (lowbit: the recommended w4a16, MSE-searched scales)",
         "w_bits": 4,
         "group": None,
         "a_bits": 16,
@@ -193,7 +193,7 @@ ROWS: list[dict] = [
     {
         "key": "rec-w4a8kv4",
         "setting": "W4A8KV4",
-        "method": "recommended: auto transform + GPTQ, first token in FP",
+        "method": "recommended: auto transform + GPTQ on MSE-searched scales, first token in FP",
         "w_bits": 4,
         "group": None,
         "a_bits": 8,
@@ -204,7 +204,7 @@ ROWS: list[dict] = [
     {
         "key": "rec-w4a4kv4",
         "setting": "W4A4KV4",
-        "method": "recommended: auto transform + GPTQ, first token in FP",
+        "method": "recommended: auto transform + GPTQ on MSE-searched scales, first token in FP",
         "w_bits": 4,
         "group": None,
         "a_bits": 4,
