@@ -20,6 +20,7 @@ from .arch import (
     ArchSpec,
     arch_for_model_type,
     attention_modules,
+    backbone,
     decoder_layers,
     get_arch,
     get_module,
@@ -231,12 +232,17 @@ def calibrate_static(model: nn.Module, batches: Iterable[torch.Tensor], progress
     if not static:
         return
     device = next(model.parameters()).device
+    # the decoder backbone alone when every static quantizer is inside it: the LM head's output
+    # over every calibration token is not needed (unless the head itself is quantized)
+    stem = backbone(model, get_arch(model))
+    inside = {id(m) for m in stem.modules()}
+    runner = stem if all(id(q) in inside for q in static) else model
     for q in static:
         q.observing = True
     batches = list(batches)
     try:
         for batch in progress_bar(batches[share(len(batches))], desc="calibrating", unit="sample", disable=not progress, leave=False):
-            model(input_ids=batch.to(device), use_cache=False)
+            runner(input_ids=batch.to(device), use_cache=False)
     finally:
         for q in static:
             q.observing = False
