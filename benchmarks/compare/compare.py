@@ -129,35 +129,44 @@ def current(result: dict, manifest: dict) -> bool:
         return False
     if result["tool"] != "lowbit" or result["row"] == "fp":
         return True
-    from lowbit.recipes import NAMED
-
-    spec = BY_KEY[result["row"]]["lowbit"]
-    wanted = NAMED[spec] if isinstance(spec, str) else spec
-    return result.get("recipe_resolved", result.get("recipe")) == wanted
+    return result.get("recipe_resolved", result.get("recipe")) == resolved_recipe(BY_KEY[result["row"]])
 
 
 def latest(results: list[dict], manifest: dict) -> dict[tuple[str, str], dict]:
-    """The newest current measurement of each (tool, row). A newer one without zero-shot scores
-    (measured again for its time) keeps an older one's when both gave the same perplexity to the
-    last bit, i.e. the same quantized model. A row naming a recommended recipe that has no
-    measurement of its own takes the newest lowbit measurement of the same recipe under another
-    row (marked `measured_as`)."""
+    """The newest current measurement of each (tool, row). Rows whose lowbit recipes are identical
+    (a recommended recipe and the explicit row it was chosen from) share the newest measurement of
+    that recipe under any of them, marked `measured_as` when it was taken under another row. A newer
+    measurement without zero-shot scores (measured again for its time) keeps an older one's when
+    both gave the same perplexity to the last bit, i.e. the same quantized model."""
     found = {}
     for r in results:
-        if current(r, manifest):
-            older = found.get((r["tool"], r["row"]))
-            if older and older.get("zero_shot") and "zero_shot" not in r and older["ppl"] == r["ppl"]:
-                r = {**r, "zero_shot": older["zero_shot"]}
-            found[(r["tool"], r["row"])] = r
+        if current(r, manifest) and not (r["tool"] == "lowbit" and r["row"] != "fp"):
+            found[(r["tool"], r["row"])] = carry_zero_shot(r, found.get((r["tool"], r["row"])))
+    by_recipe = {}  # lowbit: the recipe as JSON -> its newest measurement under any row
+    for r in results:
+        if r["tool"] == "lowbit" and r["row"] != "fp" and current(r, manifest):
+            key = json.dumps(resolved_recipe(BY_KEY[r["row"]]), sort_keys=True)
+            by_recipe[key] = carry_zero_shot(r, by_recipe.get(key))
+    for row in ROWS:
+        r = by_recipe.get(json.dumps(resolved_recipe(row), sort_keys=True))
+        if r is not None:
+            found[("lowbit", row["key"])] = {**r, "row": row["key"]} | ({"measured_as": r["row"]} if r["row"] != row["key"] else {})
+    return found
+
+
+def resolved_recipe(row: dict) -> dict:
+    """The row's lowbit recipe as a recipe file's keys (a named recipe resolved to its content)."""
     from lowbit.recipes import NAMED
 
-    for row in ROWS:
-        spec = row["lowbit"]
-        if isinstance(spec, str) and ("lowbit", row["key"]) not in found:
-            same = [r for r in results if r["tool"] == "lowbit" and current(r, manifest) and r.get("recipe") == NAMED[spec]]
-            if same:
-                found[("lowbit", row["key"])] = {**same[-1], "row": row["key"], "measured_as": same[-1]["row"]}
-    return found
+    spec = row["lowbit"]
+    return NAMED[spec] if isinstance(spec, str) else spec
+
+
+def carry_zero_shot(newer: dict, older: dict | None) -> dict:
+    """`newer`, with `older`'s zero-shot scores if it has none and quantized the same model."""
+    if older and older.get("zero_shot") and "zero_shot" not in newer and older["ppl"] == newer["ppl"]:
+        return {**newer, "zero_shot": older["zero_shot"]}
+    return newer
 
 
 def build_table(found: dict, manifest: dict, config: dict) -> dict:
@@ -180,7 +189,7 @@ def build_table(found: dict, manifest: dict, config: dict) -> dict:
                 "quant_seconds": r["quant_seconds"],
                 "peak_rss_gib": r["peak_rss_gib_quant"],
                 "load_avg_5min": r["load_avg_5min"],
-                "recipe": r["recipe"],
+                "recipe": row[tool.replace("-", "")],  # the row's own (a shared lowbit measurement may name another row's)
                 "measured_as": r.get("measured_as"),
             }
         if "lowbit" in entry and "llm-compressor" in entry:
@@ -257,7 +266,8 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         cells += [num(r.get("time_ratio")), num(lowbit.get("peak_rss_gib")), num(llmc.get("peak_rss_gib")), f"{load:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += gptqmodel_table(table, num)
-    zero_shot = [(r["key"], r["lowbit"]["zero_shot"]) for r in table["rows"] if r.get("lowbit", {}).get("zero_shot")]
+    # the recommended recipes' rows (an explicit row sharing one's measurement would repeat it)
+    zero_shot = [(r["key"], r["lowbit"]["zero_shot"]) for r in table["rows"] if r.get("lowbit", {}).get("zero_shot") and isinstance(BY_KEY[r["key"]]["lowbit"], str)]
     if table.get("fp_zero_shot"):
         zero_shot.insert(0, ("FP32", table["fp_zero_shot"]))
     if zero_shot:
@@ -274,7 +284,11 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         for name, z in zero_shot:
             lines.append(f"| {name} | " + " | ".join(f"{z['scores'][t]:.3f}" for t in tasks) + f" | {z['mean']:.3f} |")
     lines += ["", "lowbit recipes per row:", ""]
-    lines += [f"- {r['key']}: `{json.dumps(r['lowbit']['recipe'])}`" for r in table["rows"] if "lowbit" in r]
+    for r in table["rows"]:
+        if "lowbit" in r:
+            spec = r["lowbit"]["recipe"]
+            named = f"`{spec}` = " if isinstance(spec, str) else ""
+            lines.append(f"- {r['key']}: {named}`{json.dumps(resolved_recipe(BY_KEY[r['key']]))}`")
     missing = [f"{tool} {row['key']}" for row in ROWS for tool in TOOLS if row.get(tool.replace("-", "")) is not None and not any(
         r["key"] == row["key"] and tool in r for r in table["rows"])]  # fmt: skip
     if missing:

@@ -64,13 +64,13 @@ ROWS: list[dict] = [
     {
         "key": "w4a16-gptq-mse",
         "setting": "W4A16 per channel",
-        "method": "GPTQ, MSE-searched scales",
+        "method": "GPTQ, MSE-searched scales (llm-compressor: its `mse` observer)",
         "w_bits": 4,
         "group": None,
         "a_bits": 16,
         "kv_bits": 16,
         "lowbit": {"scheme": "W4fmA16", "algorithm": "gptq"},
-        "llmcompressor": None,
+        "llmcompressor": {"weights": {"bits": 4, "observer": "mse"}, "method": "gptq"},
     },
     {
         "key": "w4g64a16-rtn",

@@ -28,8 +28,11 @@ from rows import BY_KEY  # noqa: E402
 
 def scheme_groups(spec: dict) -> dict:
     """compressed-tensors config groups for the row: symmetric integer weights per channel or
-    group, optional dynamic per-token symmetric integer activations."""
+    group (with the row's weight observer if it names one, else llm-compressor's default MinMax),
+    optional dynamic per-token symmetric integer activations."""
     weights = {"num_bits": spec["weights"]["bits"], "type": "int", "symmetric": True, "dynamic": False}
+    if spec["weights"].get("observer"):
+        weights["observer"] = spec["weights"]["observer"]
     if spec["weights"].get("group"):
         weights.update(strategy="group", group_size=spec["weights"]["group"])
     else:
@@ -61,8 +64,21 @@ def modifiers(spec: dict) -> list:
     return chain
 
 
+def cpu_only_pinning() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations for faster host-to-device copies,
+    which raises on a machine without an accelerator; pinning changes no value, so on such a
+    machine it is skipped."""
+    if torch.accelerator.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
 def run(data: Path, row_key: str, threads: int) -> dict:
     from transformers import AutoModelForCausalLM
+
+    cpu_only_pinning()
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
