@@ -189,3 +189,17 @@ def test_cli_transform_auto_searches_alpha_unless_given():
     options.update(transform="auto", smooth_all=False, random_hadamard=False, online_r1=False, no_fold_norms=False, settings=(), seed=0)
     assert _recipe_from_options(options).transform.alpha is None
     assert _recipe_from_options({**options, "alpha": "0.3"}).transform.alpha == 0.3
+
+
+@torch.no_grad()
+def test_the_search_error_takes_minmax_weight_scales_whatever_the_observer():
+    """Candidates are ranked with MinMax weight scales (the MSE observer's search per candidate would
+    cost ~9x); the chosen weights get the scheme's own observer when they are quantized."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 32, generator=g), torch.randn(48, 32, generator=g)
+    w[:, 3] *= 30  # outliers, so that MSE-searched scales differ from MinMax
+    mse, minmax = parse_scheme("W4mA4"), parse_scheme("W4A4")
+    assert quantized_output_error(x, w, mse.weights, mse.inputs) == quantized_output_error(x, w, minmax.weights, minmax.inputs)
+    from lowbit.quant import fake_quantize
+
+    assert not torch.equal(fake_quantize(w, mse.weights), fake_quantize(w, minmax.weights))

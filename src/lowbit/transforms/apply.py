@@ -17,8 +17,9 @@ norm -> gate,up; up -> down). For a group reading X with weights W:
              search, `search_alpha`, which also picks the smoothing alphas). "Turning LLM
              Activations Quantization-Friendly" shows rotation alone can be worse than nothing
              where massive outliers live; which input has them differs by model and layer, so it is
-             measured instead of assumed. Weights are measured after round-to-nearest even when
-             GPTQ follows: simple, and GPTQ then lowers the weight part of the chosen one. A choice
+             measured instead of assumed. Weights are measured after round-to-nearest with MinMax
+             scales even when GPTQ or MSE-searched scales follow: simple and fast, and those then
+             lower the weight part of the chosen one. A choice
              per group needs R1 online in front of each group (not fused into the residual stream)
              and the norms' gains left in place, so auto sets fuse_r1 and fold_norms off; R3 is as
              in rotate.
