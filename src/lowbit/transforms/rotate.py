@@ -16,7 +16,7 @@ from ..hadamard import hadamard_transform
 
 def _write(param: torch.Tensor, value: torch.Tensor) -> None:
     with torch.no_grad():
-        param.copy_(value.to(param.dtype))
+        param.copy_(value)  # converts to param's dtype in the same pass (rounds as .to() does)
 
 
 def scale_input_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
