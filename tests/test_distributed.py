@@ -29,6 +29,7 @@ from lowbit.algorithms.awq import AWQ
 from lowbit.algorithms.gptq import GPTQ, GPTQConfig
 from lowbit.arch import get_arch
 from lowbit.distributed import assign_by_size, share
+from lowbit.pipeline import PipelineConfig
 from lowbit.runtime import QuantLinear
 from lowbit.runtime.quantizer import TensorQuantizer
 from lowbit.transforms.apply import TransformConfig, collect_input_stats
@@ -80,7 +81,9 @@ def quantize_case(name: str) -> dict:
     case = dict(CASES[name])
     family = case.pop("family", "llama")
     model = tiny_model(family) if family == "llama" else tiny_moe(family)
-    return outcome(lowbit.quantize(model, case.pop("scheme"), calibration=calibration(), progress=False, **case))
+    # batches of 4 in both (the default is larger for one process in one pass): the split stays batch-aligned
+    pipeline = PipelineConfig(batch_size=4)
+    return outcome(lowbit.quantize(model, case.pop("scheme"), calibration=calibration(), pipeline=pipeline, progress=False, **case))
 
 
 @torch.no_grad()

@@ -155,10 +155,39 @@ def test_one_pass_in_bfloat16_calibration():
     assert_same_model(*runs)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_awq_in_one_pass_gives_the_restarting_pipelines_model(family, monkeypatch):
+    """AWQ's input scales fold into producers the paused forwards already ran, so the quantized
+    linears divide the paused inputs instead: the same model up to float rounding (float64 here, so
+    that rounding cannot flip a search; the codes are float32 scales' multiples)."""
+    model = tiny_model(family).double()
+    used = []
+    original = pipeline_module._LayerRunner.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        used.append(self.single_pass)
+
+    monkeypatch.setattr(pipeline_module._LayerRunner, "__init__", spy)
+    one = quantize(model, "W4g16A16", None, algorithm="awq")
+    assert used and all(used)
+    restarted = quantize(model, "W4g16A16", False, algorithm="awq")
+    x = probe()
+    torch.testing.assert_close(one(x).logits, restarted(x).logits, rtol=0, atol=1e-5)
+    for a, b in zip(lowbit.quantization_state(one).layer_errors, lowbit.quantization_state(restarted).layer_errors):
+        assert a.keys() == b.keys() and all(a[k]["scaled"] for k in a if k != "layer")
+        for k in a:
+            if k != "layer":
+                assert a[k]["awq"] == pytest.approx(b[k]["awq"], rel=1e-5)
+    for layer in one.model.layers:  # no dividing hook left behind
+        assert all(not m._forward_pre_hooks for m in layer.modules())
+
+
 def test_where_one_pass_does_not_apply(monkeypatch):
-    """AWQ (input scales folded into producers that already ran), GPTAQ (paired streams) and
-    static KV ranges restart the layer per group; forcing one pass names the reason; a budget
-    below the paused activations falls back too."""
+    """AWQ in front of a quantized V cache (an input scale folded into v_proj), GPTAQ (paired
+    streams) and static KV ranges restart the layer per group; forcing one pass names the reason;
+    a budget below the paused activations falls back too."""
     model = tiny_model("llama")
     used = []
     original = pipeline_module._LayerRunner.__init__
@@ -169,7 +198,7 @@ def test_where_one_pass_does_not_apply(monkeypatch):
 
     monkeypatch.setattr(pipeline_module._LayerRunner, "__init__", spy)
     cases = [
-        ("W4A16", "awq", "awq folds input scales"),
+        ("W4A16KV4", "awq", "awq folds input scales into v_proj"),
         ("W4A16", GPTQConfig(asymmetric=True), "GPTAQ pairs each batch"),
         ("W4A8KV8s", "gptq", "static KV-cache ranges"),
     ]

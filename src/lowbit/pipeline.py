@@ -15,11 +15,13 @@ One pass per layer: every batch's forward runs on its own paused thread (`lowbit
 paused at each group's input until the group is quantized, then resumed with the quantized
 linears in place. The layer runs once, the cost of one forward, where restarting it for each
 group costs ~2.6 forwards (each partial run repeats everything before its group); the results are
-identical (the same operations in the same order). It holds every batch's live activations at
-once, so it is chosen only where they fit (a quarter of the available memory) and where nothing
-computed before a pause changes later: not for mixtures of experts, GPTAQ's paired streams,
-algorithms that fold input scales into the producer (AWQ), or static KV-cache ranges; those
-restart the layer per group (`PipelineConfig.single_pass` forces either way).
+identical (the same operations in the same order). Input scales (AWQ) fold into a producer the
+paused forwards already ran, so they divide the paused input on resuming instead: the same values
+up to float rounding, not to the bit. It holds every batch's live activations at once, so it is
+chosen only where they fit (a quarter of the available memory) and where nothing computed before
+a pause changes later: not for mixtures of experts, GPTAQ's paired streams, input scales folded
+into v_proj behind a quantized V cache, or static KV-cache ranges; those restart the layer per
+group (`PipelineConfig.single_pass` forces either way).
 
 The algorithm comes from the registry (`lowbit.algorithms.registry`): its statistics object sees
 every calibration batch of an input, its function turns the stacked weights of the linears
@@ -246,8 +248,10 @@ def _single_pass(model, spec, scheme, algorithm: Algorithm, algorithm_config, co
         reason = "a mixture of experts routes each batch's tokens in its own pass"
     elif needs_fp_inputs(algorithm, algorithm_config):
         reason = "GPTAQ pairs each batch with the full-precision layer's"
-    elif algorithm.input_scales:
-        reason = f"{algorithm.name} folds input scales into producers that already ran"
+    elif algorithm.input_scales and scheme.values is not None:
+        # dividing a paused input equals folding into its producer only where nothing in between
+        # depends on the scale: the quantized V cache between v_proj and o_proj does
+        reason = f"{algorithm.name} folds input scales into v_proj, in front of the quantized V cache the paused forwards already ran"
     elif any(a is not None and not a.dynamic for a in (scheme.keys, scheme.values)):
         reason = "static KV-cache ranges are observed before the attention output is read"
     elif -(-ids.shape[0] // config.batch(True)) > SINGLE_PASS_MAX_BATCHES:
@@ -392,6 +396,7 @@ class _LayerRunner:
         self._calls: list[PausableCall] | None = None  # single pass: every batch's forward, paused
         self._running: PausableCall | None = None
         self._redirected: list[nn.Module] = []
+        self._dividing: list = []  # single pass: hooks dividing the inputs of quantized linears (AWQ)
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -449,6 +454,17 @@ class _LayerRunner:
         module.forward = forward
         self._redirected.append(module)
 
+    def divide_inputs(self, modules: Sequence[nn.Module], scales: torch.Tensor) -> None:
+        """Single pass: `modules` (the quantized linears of a group) expect their input divided by
+        `scales`, now folded into its producer, which the paused forwards ran before the fold; for
+        the rest of this pass they divide it themselves (each batch reaches them once per pass)."""
+
+        def divide(_, args):
+            x = args[0]
+            return ((x / scales.to(x.device)).to(x.dtype), *args[1:])
+
+        self._dividing += [m.register_forward_pre_hook(divide) for m in modules]
+
     def _batch_forward(self, j: int) -> Callable[[], torch.Tensor]:
         def forward() -> torch.Tensor:
             with torch.no_grad(), self._autocast():  # grad mode and autocast are per thread
@@ -465,6 +481,9 @@ class _LayerRunner:
         for module in self._redirected:
             module.__dict__.pop("forward", None)
         self._redirected = []
+        for handle in self._dividing:
+            handle.remove()
+        self._dividing = []
 
     def run_through(self, module: nn.Module) -> None:
         """Forward every batch until `module` has run (the caller's hooks see inside it); the rest of
@@ -592,9 +611,10 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
             parts, errors, scales = result.qweight.split_rows([lin.out_features for lin in linears]), result.errors, result.input_scales
         del stats
         if scales is not None:
-            if runner.single_pass:  # its producer already ran in the paused forwards
+            if not algorithm.input_scales:
                 raise RuntimeError(f"{algorithm.name} returned input scales but is registered with input_scales=False")
             _fold_input_scales(layer, spec, group, scales, n_rep, dim)
+    quantized = []
     for name, lin, part in zip(group.linears, linears, parts):
         new = QuantLinear(part, lin.bias, None, scheme.inputs, rotation, fp_prefix=scheme.fp_prefix).to(runner.device)
         new.cache_dense = True  # the layer runs again for every later group: dequantize once (dropped with the layer)
@@ -605,8 +625,11 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
             new.input_quant.observed_min.copy_(lo.min())
             new.input_quant.observed_max.copy_(hi.max())
         set_module(layer, name, new)
+        quantized.append(new)
         if w_args is not None:
             release_mapped_pages(lin.weight)  # a memory-mapped checkpoint's pages stay resident otherwise
+    if scales is not None and runner.single_pass:  # the producer already ran in the paused forwards
+        runner.divide_inputs(quantized, scales)
     if group.reads_attention_output and scales is not None:
         _observe_static_kv(attention, get_module(layer, group.linears[0]), runner)  # v_proj rows changed
     return errors

@@ -19,7 +19,7 @@ process would. An algorithm registered with `separable_rows=True` quantizes each
 its own given the statistics (GPTQ): the pipeline may then quantize a group's linears apart, on
 different ranks, and combines their errors weighted by `AlgorithmResult.error_weight`. An
 algorithm registered with `input_scales=False` never returns input scales (GPTQ): the pipeline may
-then run each layer in one pass (`lowbit.pipeline`).
+then run each layer in one pass in front of a quantized V cache too (`lowbit.pipeline`).
 
 The pipeline, recipes, CLI and reports learn the names
 and knobs from here (knobs are the config's dataclass fields, type-checked), as torchao's handler
@@ -66,7 +66,7 @@ class Algorithm:
     quantize: Callable[..., AlgorithmResult]
     statistics: Callable | None = None  # (columns, config, device) -> collector with add_batch(x)
     separable_rows: bool = False  # each output row quantized on its own given the statistics
-    # may return input scales to fold into the input's producer (which then must run again)
+    # may return input scales to fold into the input's producer
     input_scales: bool = True
 
     @property
