@@ -98,6 +98,19 @@ def quantize(model, scheme, single_pass, **kwargs):
     return lowbit.quantize(model, scheme, calibration=calib(), pipeline=config, progress=False, **kwargs)
 
 
+def modes_used(monkeypatch) -> list[bool]:
+    """Filled with `single_pass` of every layer runner the pipeline builds from now on."""
+    used = []
+    original = pipeline_module._LayerRunner.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        used.append(self.single_pass)
+
+    monkeypatch.setattr(pipeline_module._LayerRunner, "__init__", spy)
+    return used
+
+
 def assert_same_model(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -162,14 +175,7 @@ def test_awq_in_one_pass_gives_the_restarting_pipelines_model(family, monkeypatc
     linears divide the paused inputs instead: the same model up to float rounding (float64 here, so
     that rounding cannot flip a search; the codes are float32 scales' multiples)."""
     model = tiny_model(family).double()
-    used = []
-    original = pipeline_module._LayerRunner.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        used.append(self.single_pass)
-
-    monkeypatch.setattr(pipeline_module._LayerRunner, "__init__", spy)
+    used = modes_used(monkeypatch)
     one = quantize(model, "W4g16A16", None, algorithm="awq")
     assert used and all(used)
     restarted = quantize(model, "W4g16A16", False, algorithm="awq")
@@ -189,14 +195,7 @@ def test_where_one_pass_does_not_apply(monkeypatch):
     streams) and static KV ranges restart the layer per group; forcing one pass names the reason;
     a budget below the paused activations falls back too."""
     model = tiny_model("llama")
-    used = []
-    original = pipeline_module._LayerRunner.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        used.append(self.single_pass)
-
-    monkeypatch.setattr(pipeline_module._LayerRunner, "__init__", spy)
+    used = modes_used(monkeypatch)
     cases = [
         ("W4A16KV4", "awq", "awq folds input scales into v_proj"),
         ("W4A16", GPTQConfig(asymmetric=True), "GPTAQ pairs each batch"),
