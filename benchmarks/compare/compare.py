@@ -38,7 +38,7 @@ ANCHORS = {
 }
 TOOLS = ("lowbit", *ANCHORS)
 COLUMNS = ["setting", "method", "bits/w", "lowbit PPL", "llm-c PPL", "lowbit gap", "llm-c gap", "gap ratio", "lowbit quantize (s)"]
-COLUMNS += ["llm-c quantize (s)", "time ratio", "lowbit peak (GiB)", "llm-c peak (GiB)", "load"]
+COLUMNS += ["llm-c quantize (s)", "time ratio", "lowbit peak (GiB)", "llm-c peak (GiB)", "load", "lowbit commit"]
 W4A16, W8A8 = "w4a16-gptq", "w8a8-smoothquant-gptq"  # the rows whose lowbit recipe is the recommended one
 
 
@@ -189,6 +189,7 @@ def build_table(found: dict, manifest: dict, config: dict) -> dict:
                 "quant_seconds": r["quant_seconds"],
                 "peak_rss_gib": r["peak_rss_gib_quant"],
                 "load_avg_5min": r["load_avg_5min"],
+                "commit": r.get("commit"),
                 "recipe": row[tool.replace("-", "")],  # the row's own (a shared lowbit measurement may name another row's)
                 "measured_as": r.get("measured_as"),
             }
@@ -251,7 +252,9 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         "gap = PPL - FP PPL of the same tool on the same windows; gap ratio = lowbit gap / llm-compressor gap (below 1: lowbit closer to FP). "
         "Quantize = wall time of the quantization call (lowbit `quantize`, llm-compressor `oneshot`) after the model loaded; peak = the process's "
         "peak resident memory up to the end of quantization, model load included. Bits/weight: codes plus a 16-bit scale per channel or group, "
-        "decoder linears. Load = 5-minute load average after the row (2 cores).",
+        "decoder linears. Load = 5-minute load average after the row (2 cores). lowbit commit = the commit lowbit's "
+        "row was measured at (a row is re-measured when its recipe changes; code changes that keep the recipe, such as "
+        "a different summation order, can move GPTQ rows by ~2%).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -263,7 +266,7 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         method = r["method"] + (f" (the same recipe measured as row {lowbit['measured_as']})" if lowbit.get("measured_as") else "")
         cells = [setting, method, f"{r['bits_per_weight']:.2f}", num(lowbit.get("ppl")), num(llmc.get("ppl")), num(lowbit.get("gap"))]
         cells += [num(llmc.get("gap")), num(r.get("gap_ratio")), num(lowbit.get("quant_seconds"), "{:.1f}"), num(llmc.get("quant_seconds"), "{:.1f}")]
-        cells += [num(r.get("time_ratio")), num(lowbit.get("peak_rss_gib")), num(llmc.get("peak_rss_gib")), f"{load:.1f}"]
+        cells += [num(r.get("time_ratio")), num(lowbit.get("peak_rss_gib")), num(llmc.get("peak_rss_gib")), f"{load:.1f}", lowbit.get("commit") or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += gptqmodel_table(table, num)
     # the recommended recipes' rows (an explicit row sharing one's measurement would repeat it)

@@ -45,9 +45,9 @@ NAMED: dict[str, dict] = {
     # W4A4KV4 with GPTQ), and the first token, where SmolLM2's massive activations sit, keeps its
     # activations and KV in full precision (P1; PrefixQuant, IntactKV). w8a8 stays a SmoothQuant
     # recipe that vLLM serves (compressed-tensors export); `w8a8-auto-rtn` is closer to FP but
-    # rotates online. Weight scales are MSE-searched before GPTQ: w4a16 27.08 against 32.05 with
-    # MinMax scales (llm-compressor's GPTQ: 31.01; the same scale format, so it exports alike),
-    # w4a4kv4 32.31 against 34.74.
+    # rotates online. Weight scales are MSE-searched before GPTQ: w4a16 26.68 against 32.05 with
+    # MinMax scales (llm-compressor's GPTQ: 31.01 with MinMax, 26.77 with its MSE observer; the same
+    # scale format, so it exports alike), w4a4kv4 32.46 against 34.74.
     "w4a16": {"scheme": "W4fmA16", "algorithm": "gptq"},
     "w8a8": {"scheme": "W8fA8f", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
     "w4a8kv4": {"scheme": "W4fmA8fKV4fP1", "transform": "auto", "algorithm": "gptq"},
