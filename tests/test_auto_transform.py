@@ -193,8 +193,8 @@ def test_cli_transform_auto_searches_alpha_unless_given():
 
 @torch.no_grad()
 def test_the_search_error_takes_minmax_weight_scales_whatever_the_observer():
-    """Candidates are ranked with MinMax weight scales (the MSE observer's search per candidate would
-    cost ~9x); the chosen weights get the scheme's own observer when they are quantized."""
+    """Candidates are ranked with MinMax weight scales (an MSE search per candidate was the slow part
+    of the search); the chosen weights get the scheme's own observer when they are quantized."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 32, generator=g), torch.randn(48, 32, generator=g)
     w[:, 3] *= 30  # outliers, so that MSE-searched scales differ from MinMax

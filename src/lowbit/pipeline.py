@@ -617,7 +617,7 @@ def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm
     quantized = []
     for name, lin, part in zip(group.linears, linears, parts):
         new = QuantLinear(part, lin.bias, None, scheme.inputs, rotation, fp_prefix=scheme.fp_prefix).to(runner.device)
-        new.cache_dense = True  # the layer runs again for every later group: dequantize once (dropped with the layer)
+        new.cache_dense = True  # the layer runs again (every later group when restarting, the final pass): dequantize once (dropped with the layer)
         if static_inputs:
             lo, hi = channel_range["lo"], channel_range["hi"]
             if scales is not None:
