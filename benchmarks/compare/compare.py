@@ -266,11 +266,21 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         method = r["method"] + (f" (the same recipe measured as row {lowbit['measured_as']})" if lowbit.get("measured_as") else "")
         cells = [setting, method, f"{r['bits_per_weight']:.2f}", num(lowbit.get("ppl")), num(llmc.get("ppl")), num(lowbit.get("gap"))]
         cells += [num(llmc.get("gap")), num(r.get("gap_ratio")), num(lowbit.get("quant_seconds"), "{:.1f}"), num(llmc.get("quant_seconds"), "{:.1f}")]
-        cells += [num(r.get("time_ratio")), num(lowbit.get("peak_rss_gib")), num(llmc.get("peak_rss_gib")), f"{load:.1f}", lowbit.get("commit") or "-"]
+        cells += [
+            num(r.get("time_ratio")),
+            num(lowbit.get("peak_rss_gib")),
+            num(llmc.get("peak_rss_gib")),
+            f"{load:.1f}",
+            lowbit.get("commit") or "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += gptqmodel_table(table, num)
     # the recommended recipes' rows (an explicit row sharing one's measurement would repeat it)
-    zero_shot = [(r["key"], r["lowbit"]["zero_shot"]) for r in table["rows"] if r.get("lowbit", {}).get("zero_shot") and isinstance(BY_KEY[r["key"]]["lowbit"], str)]
+    zero_shot = [
+        (r["key"], r["lowbit"]["zero_shot"])
+        for r in table["rows"]
+        if r.get("lowbit", {}).get("zero_shot") and isinstance(BY_KEY[r["key"]]["lowbit"], str)
+    ]
     if table.get("fp_zero_shot"):
         zero_shot.insert(0, ("FP32", table["fp_zero_shot"]))
     if zero_shot:
