@@ -302,10 +302,13 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
             spec = r["lowbit"]["recipe"]
             named = f"`{spec}` = " if isinstance(spec, str) else ""
             lines.append(f"- {r['key']}: {named}`{json.dumps(resolved_recipe(BY_KEY[r['key']]))}`")
-    missing = [f"{tool} {row['key']}" for row in ROWS for tool in TOOLS if row.get(tool.replace("-", "")) is not None and not any(
-        r["key"] == row["key"] and tool in r for r in table["rows"])]  # fmt: skip
+    present = {r["key"]: r for r in table["rows"]}
+    missing = [f"{tool} {key}" for key, r in present.items() for tool in TOOLS if tool not in r and BY_KEY[key].get(tool.replace("-", ""))]
     if missing:
         lines += ["", "Not measured yet (the next run of compare.py measures them): " + ", ".join(missing) + "."]
+    absent = [row["key"] for row in ROWS if row["key"] not in present]
+    if absent:
+        lines += ["", "Rows not measured on these windows (by any tool): " + ", ".join(absent) + "."]
     lines += ["", "## Targets", ""]
     for t in table["targets"]:
         lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['lowbit']:.3f} vs {t['bound']:.3f})")
@@ -387,7 +390,7 @@ def versions_of(results: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="compare_llmcompressor")
-    parser.add_argument("--data", type=Path, default=BENCHMARKS / ".cache" / "compare")
+    parser.add_argument("--data", type=Path, help="The prepared inputs (default: a folder per protocol under benchmarks/.cache).")
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
@@ -407,6 +410,8 @@ def main() -> None:
     unknown = [r for r in args.rows if r not in BY_KEY] + [t for t in args.tools if t not in TOOLS]
     if unknown:
         raise SystemExit(f"unknown rows or tools: {', '.join(unknown)}")
+    # one folder per protocol, so a 40-window run never rewrites the inputs a 10-window run reads
+    args.data = args.data or BENCHMARKS / ".cache" / f"compare-w{args.windows}-c{args.calib_samples}x{args.calib_seq_len}"
     jsonl = RESULTS / f"{args.name}.jsonl"
     if args.render:
         manifest = json.loads((args.data / "manifest.json").read_text())

@@ -4,7 +4,7 @@ tokenizer, the evaluation windows and the calibration windows as token ids.
 Run in lowbit's environment (it uses lowbit's loaders and text splits); the files it writes are
 plain safetensors and JSON, so the other tools' runners read them without lowbit.
 
-    python benchmarks/compare/prepare.py --out benchmarks/.cache/compare --windows 10
+    python benchmarks/compare/prepare.py --out benchmarks/.cache/compare-w10-c128x512 --windows 10
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -36,16 +37,21 @@ def prepare(out: Path, model_name: str, eval_text: str, windows: int, seq_len: i
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = lowbit.load_model(model_name)
     model_dir = out / "model"
-    if not (model_dir / "config.json").is_file():
-        model.save_pretrained(model_dir, safe_serialization=True)
-        tokenizer.save_pretrained(model_dir)
+    if not model_dir.is_dir():
+        partial_dir = out / ".model.partial"
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        model.save_pretrained(partial_dir, safe_serialization=True)
+        tokenizer.save_pretrained(partial_dir)
+        partial_dir.rename(model_dir)  # whole or absent: an interrupted run saves it again
     eval_ids = eval_windows(tokenize(tokenizer, load_text(eval_text)), seq_len, windows).contiguous()
     if eval_ids.shape[0] < windows:
         raise SystemExit(f"{eval_text} has only {eval_ids.shape[0]} windows of {seq_len} tokens")
     # the calibration half of lowbit's default corpus: never the evaluation text
     calib_ids = torch.cat(calibration_batches(tokenizer, None, calib_samples, calib_seq_len, seed=0)).contiguous()
-    save_file({"input_ids": eval_ids}, str(out / "eval_ids.safetensors"))
-    save_file({"input_ids": calib_ids}, str(out / "calib_ids.safetensors"))
+    for name, ids in (("eval_ids.safetensors", eval_ids), ("calib_ids.safetensors", calib_ids)):
+        partial = out / f".{name}.partial"
+        save_file({"input_ids": ids}, str(partial))
+        partial.replace(out / name)  # a reader never sees a half-written file
     manifest = {
         "model": model_name,
         "eval_text": str(eval_text),
@@ -56,7 +62,9 @@ def prepare(out: Path, model_name: str, eval_text: str, windows: int, seq_len: i
         "calib_seq_len": calib_seq_len,
         "sha256": {name: file_sha256(out / name) for name in ("eval_ids.safetensors", "calib_ids.safetensors")},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    partial = out / ".manifest.json.partial"
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    partial.replace(out / "manifest.json")
     return manifest
 
 
