@@ -7,7 +7,7 @@ model, which is evaluated on the prepared evaluation windows with lowbit's perpl
 the numbers differ from the other tools' by the weights alone. Prints one JSON line.
 
     GPTQMODEL_CPU_WORKERS=2 benchmarks/.venvs/gptqmodel/bin/python benchmarks/compare/run_gptqmodel.py \
-        --data benchmarks/.cache/compare --row w4a16-gptq
+        --data benchmarks/.cache/compare-w10-c128x512 --row w4a16-gptq
 """
 
 from __future__ import annotations

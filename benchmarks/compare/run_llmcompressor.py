@@ -7,7 +7,7 @@ token-level perplexity as lowbit's: exp(total NLL / predicted tokens), each 2048
 predicting its last 2047 tokens. Prints one JSON line.
 
     benchmarks/.venvs/llmcompressor/bin/python benchmarks/compare/run_llmcompressor.py \
-        --data benchmarks/.cache/compare --row w4a16-gptq
+        --data benchmarks/.cache/compare-w10-c128x512 --row w4a16-gptq
 """
 
 from __future__ import annotations

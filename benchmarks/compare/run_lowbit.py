@@ -2,8 +2,8 @@
 the row's lowbit recipe on the prepared calibration windows, then evaluate on the prepared
 evaluation windows. Prints one JSON line.
 
-    python benchmarks/compare/run_lowbit.py --data benchmarks/.cache/compare --row w4a16-gptq
-    python benchmarks/compare/run_lowbit.py --data benchmarks/.cache/compare --row fp
+    python benchmarks/compare/run_lowbit.py --data benchmarks/.cache/compare-w10-c128x512 --row w4a16-gptq
+    python benchmarks/compare/run_lowbit.py --data benchmarks/.cache/compare-w10-c128x512 --row fp
 """
 
 from __future__ import annotations
