@@ -190,15 +190,42 @@ def test_awq_in_one_pass_gives_the_restarting_pipelines_model(family, monkeypatc
         assert all(not m._forward_pre_hooks for m in layer.modules())
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gptaq_in_one_pass_gives_the_restarting_pipelines_model(family, monkeypatch):
+    """GPTAQ's paired streams: each batch's forward and its full-precision twin's pause at every
+    group, so both run once per layer; the same weights, errors and logits as restarting both."""
+    model = tiny_model(family)
+    gptaq = GPTQConfig(asymmetric=True)
+    used = modes_used(monkeypatch)
+    one = quantize(model, "W4A8KV4", None, algorithm=gptaq)
+    assert used and all(used)  # the quantized layers' runners and their twins'
+    assert_same_model(one, quantize(model, "W4A8KV4", False, algorithm=gptaq))
+    for layer in one.model.layers:
+        assert all("forward" not in m.__dict__ and not m._forward_pre_hooks for m in layer.modules())
+
+
+def test_gptaq_needs_room_for_both_streams_paused(monkeypatch):
+    """The twin's paused forwards hold as much as the quantized layer's: the budget counts both."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(pipeline_module, "_paused_bytes", lambda *args: 10**6)  # one stream's
+    monkeypatch.setattr(pipeline_module, "available_memory_bytes", lambda: 6 * 10**6)  # a quarter: 1.5 streams
+    used = modes_used(monkeypatch)
+    quantize(model, "W4A16", None, algorithm="gptq")
+    assert used and all(used)
+    used.clear()
+    quantize(model, "W4A16", None, algorithm=GPTQConfig(asymmetric=True))
+    assert used and not any(used)
+
+
 def test_where_one_pass_does_not_apply(monkeypatch):
-    """AWQ in front of a quantized V cache (an input scale folded into v_proj), GPTAQ (paired
-    streams) and static KV ranges restart the layer per group; forcing one pass names the reason;
-    a budget below the paused activations falls back too."""
+    """AWQ in front of a quantized V cache (an input scale folded into v_proj) and static KV ranges
+    restart the layer per group; forcing one pass names the reason; a budget below the paused
+    activations falls back too."""
     model = tiny_model("llama")
     used = modes_used(monkeypatch)
     cases = [
         ("W4A16KV4", "awq", "awq folds input scales into v_proj"),
-        ("W4A16", GPTQConfig(asymmetric=True), "GPTAQ pairs each batch"),
         ("W4A8KV8s", "gptq", "static KV-cache ranges"),
     ]
     for scheme, algorithm, reason in cases:

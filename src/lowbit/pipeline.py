@@ -19,9 +19,9 @@ identical (the same operations in the same order). Input scales (AWQ) fold into 
 paused forwards already ran, so they divide the paused input on resuming instead: the same values
 up to float rounding, not to the bit. It holds every batch's live activations at once, so it is
 chosen only where they fit (a quarter of the available memory) and where nothing computed before
-a pause changes later: not for mixtures of experts, GPTAQ's paired streams, input scales folded
-into v_proj behind a quantized V cache, or static KV-cache ranges; those restart the layer per
-group (`PipelineConfig.single_pass` forces either way).
+a pause changes later: not for mixtures of experts, input scales folded into v_proj behind a
+quantized V cache, or static KV-cache ranges; those restart the layer per group
+(`PipelineConfig.single_pass` forces either way).
 
 The algorithm comes from the registry (`lowbit.algorithms.registry`): its statistics object sees
 every calibration batch of an input, its function turns the stacked weights of the linears
@@ -35,7 +35,9 @@ full-precision twin (a copy taken before any of its groups is quantized, without
 KV quantizers), and for each group and batch the twin's input to the group and the quantized
 layer's are handed to `add_batch(x, x_fp)` together (`_LayerRunner.run_until_paired`); the twin
 then produces the next layer's full-precision inputs. The cost: one more [samples, tokens, hidden]
-buffer, one more layer's float weights, and the twin's forwards. Mixtures of experts are refused
+buffer, one more layer's float weights, and the twin's forwards. In one pass the twin's forwards
+pause too, each batch's beside the quantized layer's, so both streams run once per layer (and
+hold twice the paused activations). Mixtures of experts are refused
 (the two streams' routers send different tokens to an expert, so no expert has paired inputs).
 
 Only one layer's activations are alive at a time, and with `device` set only the current layer
@@ -192,7 +194,7 @@ def quantize_sequential(
         kwargs = [_to(k, device) for k in kwargs_by_layer[i]]
         reference = None
         if fp_hidden is not None:
-            reference = _LayerRunner(fp_twin(layer), fp_hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before)
+            reference = _LayerRunner(fp_twin(layer), fp_hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before, None, single_pass)
         runner = _LayerRunner(layer, hidden, kwargs, device, feed, config.dtype == "bfloat16", tokens_before, reference, single_pass)
         try:
             entry = quantize_layer(i, layer, spec, scheme, algorithm, algorithm_config, runner, dim, n_rep, config.min_expert_tokens)
@@ -246,8 +248,6 @@ def _single_pass(model, spec, scheme, algorithm: Algorithm, algorithm_config, co
     reason = None
     if spec.moe is not None:
         reason = "a mixture of experts routes each batch's tokens in its own pass"
-    elif needs_fp_inputs(algorithm, algorithm_config):
-        reason = "GPTAQ pairs each batch with the full-precision layer's"
     elif algorithm.input_scales and scheme.values is not None:
         # dividing a paused input equals folding into its producer only where nothing in between
         # depends on the scale: the quantized V cache between v_proj and o_proj does
@@ -257,7 +257,8 @@ def _single_pass(model, spec, scheme, algorithm: Algorithm, algorithm_config, co
     elif -(-ids.shape[0] // config.batch(True)) > SINGLE_PASS_MAX_BATCHES:
         reason = f"more than {SINGLE_PASS_MAX_BATCHES} calibration batches (one thread each)"
     else:
-        needed, available = _paused_bytes(model, spec, ids, feed), available_memory_bytes()
+        streams = 2 if needs_fp_inputs(algorithm, algorithm_config) else 1  # GPTAQ: the full-precision twin's paused forwards too
+        needed, available = streams * _paused_bytes(model, spec, ids, feed), available_memory_bytes()
         if available is not None and needed > SINGLE_PASS_MEMORY_SHARE * available:
             reason = f"every batch's paused activations (~{needed / 2**30:.1f} GiB) exceed a quarter of the available memory"
     if reason is not None and config.single_pass:
@@ -421,9 +422,17 @@ class _LayerRunner:
             for handle in handles:
                 handle.remove()
 
-    def _pause_at(self, modules: Sequence[nn.Module], on_input: Callable[[torch.Tensor], None]) -> None:
+    def _start_calls(self) -> None:
         if self._calls is None:
             self._calls = [PausableCall(self._batch_forward(j)) for j in range(len(self.kwargs))]
+
+    def _resume(self, j: int) -> None:
+        """Batch j's paused forward, until it pauses again or ends."""
+        self._running = self._calls[j]
+        self._running.resume()
+
+    def _pause_at(self, modules: Sequence[nn.Module], on_input: Callable[[torch.Tensor], None]) -> None:
+        self._start_calls()
         for module in modules:
             self._redirect(module)
 
@@ -433,9 +442,8 @@ class _LayerRunner:
 
         handles = [m.register_forward_pre_hook(hook) for m in modules]
         try:
-            for call in self._calls:
-                self._running = call
-                call.resume()
+            for j in range(len(self._calls)):
+                self._resume(j)
         finally:
             for handle in handles:
                 handle.remove()
@@ -474,7 +482,9 @@ class _LayerRunner:
         return forward
 
     def close(self) -> None:
-        """End paused forwards (after an error) and undo the redirections."""
+        """End paused forwards (after an error) and undo the redirections, the twin's too."""
+        if self.reference is not None:
+            self.reference.close()
         for call in self._calls or ():
             call.cancel()
         self._calls = None
@@ -500,6 +510,9 @@ class _LayerRunner:
         inputs of the batch's tokens."""
         if self.reference is None:
             raise UserError("this algorithm needs the full-precision model's inputs, and this pipeline runs no full-precision stream")
+        if self.single_pass:
+            self._pause_paired(module, twin_module, on_inputs)
+            return
         seen: dict[str, torch.Tensor] = {}
 
         def catcher(key):
@@ -514,6 +527,31 @@ class _LayerRunner:
             for j in range(len(self.kwargs)):
                 self.reference._forward_stopped(j)
                 self._forward_stopped(j)
+                on_inputs(seen.pop("x"), seen.pop("fp"))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _pause_paired(self, module: nn.Module, twin_module: nn.Module, on_inputs: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Single pass: each batch's forward and its twin's pause at the group's input, in turn."""
+        twin = self.reference
+        self._start_calls()
+        twin._start_calls()
+        self._redirect(module)  # the twin's module is never replaced
+        seen: dict[str, torch.Tensor] = {}
+
+        def pauser(key, runner):
+            def hook(_, args):
+                seen[key] = args[0]
+                runner._running.pause()
+
+            return hook
+
+        handles = [module.register_forward_pre_hook(pauser("x", self)), twin_module.register_forward_pre_hook(pauser("fp", twin))]
+        try:
+            for j in range(len(self._calls)):
+                twin._resume(j)
+                self._resume(j)
                 on_inputs(seen.pop("x"), seen.pop("fp"))
         finally:
             for handle in handles:
@@ -540,18 +578,20 @@ class _LayerRunner:
         inputs (the next layer's). The full-precision twin, if any, does the same on its stream."""
         if self._calls is not None:
             for j, call in enumerate(self._calls):
-                self._running = call
-                call.resume()
+                self._resume(j)
                 self.hidden[j], call.result = call.result, None
             self._calls = None
-            return
+        else:
+            self._run_all_restarting()
+        if self.reference is not None:
+            self.reference.run_all()
+
+    def _run_all_restarting(self) -> None:
         for j, kw in enumerate(self.kwargs):
             x = self.hidden[j]
             with self._autocast():
                 out = self.layer(x.to(self.device, self.feed_dtype), **kw)
             self.hidden[j] = out[0] if isinstance(out, tuple) else out
-        if self.reference is not None:
-            self.reference.run_all()
 
 
 def _quantize_group(layer, spec, group: InputGroup, scheme, algorithm: Algorithm, algorithm_config, runner: _LayerRunner, n_rep, dim) -> dict:
