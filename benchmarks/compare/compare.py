@@ -39,7 +39,9 @@ ANCHORS = {
 TOOLS = ("lowbit", *ANCHORS)
 COLUMNS = ["setting", "method", "bits/w", "lowbit PPL", "llm-c PPL", "lowbit gap", "llm-c gap", "gap ratio", "lowbit quantize (s)"]
 COLUMNS += ["llm-c quantize (s)", "time ratio", "lowbit peak (GiB)", "llm-c peak (GiB)", "load", "lowbit commit"]
-W4A16, W8A8 = "w4a16-gptq", "w8a8-smoothquant-gptq"  # the rows whose lowbit recipe is the recommended one
+RECOMMENDED = ("w4a16", "w8a8", "w4a8kv4", "w4a4kv4")  # lowbit's recommended recipes, one per target
+W8A8 = "w8a8-smoothquant-gptq"  # the W8A8 row whose lowbit recipe is the recommended one
+W4A16, W4A16_ANCHOR = "rec-w4a16", "w4a16-gptq"  # the recommended w4a16, and the anchors' GPTQ row it is held against
 
 
 def source_commit() -> str | None:
@@ -80,8 +82,8 @@ def run_one(tool: str, row: str, args) -> dict:
 
 
 def is_recommended(row: str) -> bool:
-    """FP and the rows measuring a recommended recipe (a named one) get the zero-shot column."""
-    return row == "fp" or isinstance(BY_KEY[row]["lowbit"], str)
+    """FP and the rows measuring a recommended recipe get the zero-shot column."""
+    return row == "fp" or BY_KEY[row]["lowbit"] in RECOMMENDED
 
 
 def measure(args, manifest: dict, jsonl: Path) -> None:
@@ -219,8 +221,8 @@ def targets(rows: list[dict]) -> list[dict]:
     checks = [
         ("recommended w4a4kv4 gap <= half of llm-compressor's best W4A4 KV16 gap", gap("rec-w4a4kv4", "lowbit"), best_llmc_w4a4),
         ("recommended w8a8 gap <= llm-compressor SmoothQuant + GPTQ gap", gap(W8A8, "lowbit"), gap(W8A8, "llm-compressor")),
-        ("recommended w4a16 gap <= llm-compressor GPTQ W4A16 per-channel gap", gap(W4A16, "lowbit"), gap(W4A16, "llm-compressor")),
-        ("recommended w4a16 gap <= GPTQModel GPTQ W4A16 per-channel gap", gap(W4A16, "lowbit"), gap(W4A16, "gptqmodel")),
+        ("recommended w4a16 gap <= llm-compressor GPTQ W4A16 per-channel gap", gap(W4A16, "lowbit"), gap(W4A16_ANCHOR, "llm-compressor")),
+        ("recommended w4a16 gap <= GPTQModel GPTQ W4A16 per-channel gap", gap(W4A16, "lowbit"), gap(W4A16_ANCHOR, "gptqmodel")),
     ]
     for what, value, bound in checks:
         if value is not None and bound is not None:
@@ -276,11 +278,7 @@ def render_markdown(table: dict, manifest: dict, versions: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += gptqmodel_table(table, num)
     # the recommended recipes' rows (an explicit row sharing one's measurement would repeat it)
-    zero_shot = [
-        (r["key"], r["lowbit"]["zero_shot"])
-        for r in table["rows"]
-        if r.get("lowbit", {}).get("zero_shot") and isinstance(BY_KEY[r["key"]]["lowbit"], str)
-    ]
+    zero_shot = [(r["key"], r["lowbit"]["zero_shot"]) for r in table["rows"] if r.get("lowbit", {}).get("zero_shot") and is_recommended(r["key"])]
     if table.get("fp_zero_shot"):
         zero_shot.insert(0, ("FP32", table["fp_zero_shot"]))
     if zero_shot:
