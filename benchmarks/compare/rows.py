@@ -226,7 +226,7 @@ ROWS: list[dict] = [
     {
         "key": "rec-w4a4kv4",
         "setting": "W4A4KV4",
-        "method": "recommended: auto transform + GPTQ on MSE-searched scales, first token in FP",
+        "method": "recommended: auto transform + GPTAQ (alpha 0.25) on MSE-searched scales, first token in FP",
         "w_bits": 4,
         "group": None,
         "a_bits": 4,
