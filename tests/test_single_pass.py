@@ -242,8 +242,10 @@ def test_where_one_pass_does_not_apply(monkeypatch):
         quantize(model, "W4A16", True, algorithm="gptq")
 
 
-def test_one_pass_cleans_up_after_an_error(monkeypatch):
-    """An error while a group is quantized (forwards paused) ends every paused forward's thread."""
+@pytest.mark.parametrize("algorithm", ["gptq", GPTQConfig(asymmetric=True)], ids=["gptq", "gptaq"])
+def test_one_pass_cleans_up_after_an_error(monkeypatch, algorithm):
+    """An error while a group is quantized (forwards paused) ends every paused forward's thread,
+    the full-precision twin's too (GPTAQ)."""
     calls = {"n": 0}
     original = gptq_module.gptq_quantize
 
@@ -256,7 +258,7 @@ def test_one_pass_cleans_up_after_an_error(monkeypatch):
     monkeypatch.setattr(gptq_module, "gptq_quantize", failing)
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="boom"):
-        quantize(tiny_model("llama"), "W4A16", True, algorithm="gptq")
+        quantize(tiny_model("llama"), "W4A16", True, algorithm=algorithm)
     assert threading.active_count() == before
 
 

@@ -262,7 +262,7 @@ def _single_pass(model, spec, scheme, algorithm: Algorithm, algorithm_config, co
         streams = 2 if needs_fp_inputs(algorithm, algorithm_config) else 1  # GPTAQ: the full-precision twin's paused forwards too
         needed, available = streams * _paused_bytes(model, spec, ids, feed), available_memory_bytes()
         if available is not None and needed > SINGLE_PASS_MEMORY_SHARE * available:
-            reason = f"every batch's paused activations (~{needed / 2**30:.1f} GiB) exceed 40% of the available memory"
+            reason = f"every batch's paused activations (~{needed / 2**30:.1f} GiB) exceed {SINGLE_PASS_MEMORY_SHARE:.0%} of the available memory"
     if reason is not None and config.single_pass:
         raise UserError(f"single_pass is not possible here: {reason}; leave it unset or False")
     if reason is not None:
