@@ -163,8 +163,9 @@ def test_generated_calibration_is_seeded_and_hybrid():
 
 
 def test_every_named_recipe_builds():
-    from lowbit.recipes import NAMED, load_recipe
+    from lowbit.recipes import NAMED, RECOMMENDED, load_recipe
 
+    assert list(NAMED)[: len(RECOMMENDED)] == list(RECOMMENDED)
     for name in NAMED:
         recipe = load_recipe(name)
         assert recipe.scheme.name and recipe.algorithm in ("rtn", "gptq", "awq")

@@ -209,7 +209,8 @@ def test_gptaq_needs_room_for_both_streams_paused(monkeypatch):
     """The twin's paused forwards hold as much as the quantized layer's: the budget counts both."""
     model = tiny_model("llama")
     monkeypatch.setattr(pipeline_module, "_paused_bytes", lambda *args: 10**6)  # one stream's
-    monkeypatch.setattr(pipeline_module, "available_memory_bytes", lambda: int(3.75 * 10**6))  # 40%: 1.5 streams
+    room = int(1.5 * 10**6 / pipeline_module.SINGLE_PASS_MEMORY_SHARE)  # the share of it: 1.5 streams
+    monkeypatch.setattr(pipeline_module, "available_memory_bytes", lambda: room)
     used = modes_used(monkeypatch)
     quantize(model, "W4A16", None, algorithm="gptq")
     assert used and all(used)

@@ -39,7 +39,6 @@ ANCHORS = {
 TOOLS = ("lowbit", *ANCHORS)
 COLUMNS = ["setting", "method", "bits/w", "lowbit PPL", "llm-c PPL", "lowbit gap", "llm-c gap", "gap ratio", "lowbit quantize (s)"]
 COLUMNS += ["llm-c quantize (s)", "time ratio", "lowbit peak (GiB)", "llm-c peak (GiB)", "load", "lowbit commit"]
-RECOMMENDED = ("w4a16", "w8a8", "w4a8kv4", "w4a4kv4")  # lowbit's recommended recipes, one per target
 W8A8 = "w8a8-smoothquant-gptq"  # the W8A8 row whose lowbit recipe is the recommended one
 W4A16, W4A16_ANCHOR = "rec-w4a16", "w4a16-gptq"  # the recommended w4a16, and the anchors' GPTQ row it is held against
 
@@ -83,6 +82,8 @@ def run_one(tool: str, row: str, args) -> dict:
 
 def is_recommended(row: str) -> bool:
     """FP and the rows measuring a recommended recipe get the zero-shot column."""
+    from lowbit.recipes import RECOMMENDED
+
     return row == "fp" or BY_KEY[row]["lowbit"] in RECOMMENDED
 
 

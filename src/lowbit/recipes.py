@@ -124,6 +124,7 @@ NAMED: dict[str, dict] = {
     "vllm-w8a8-smoothquant-gptq": {"scheme": "W8A8", "transform": "smooth", "alpha": 0.5, "algorithm": "gptq"},
     "vllm-fp8-kv-fp8": {"scheme": "Wfp8Afp8KVfp8s"},
 }
+RECOMMENDED = ("w4a16", "w8a8", "w4a8kv4", "w4a4kv4")  # one per target, the first four of NAMED
 TRANSFORM_KNOBS = (
     "smooth_all",
     "r1",
